@@ -1,0 +1,1 @@
+"""bundlesync: signed, file-based sync of partitioned SQLite data (see README.md)."""
