@@ -1,0 +1,499 @@
+"""Sync profiles: which app tables sync, how a row maps to its partition, which scopes exist.
+
+A profile is YAML (``fixtures/facility_profile.yaml`` is the reference): ``name`` ([A-Za-z0-9_.-]+),
+``version`` (integer >= 1); ``facility``: ``table``, ``id_column`` (default ``id``), ``dataset_column``
+(default ``dataset_id``), ``where`` (optional SQL condition); ``scopes``: ``full`` (required, variable
+``${dataset_id}``) and ``user`` (optional, also ``${user_id}``), each with optional ``read``, ``write``,
+``read_write`` lists of partition prefix templates; ``tables``: a list, in any order, of ``name``,
+``primary_key``, ``partition`` (a template or a list of alternatives: the first whose columns are all
+non-NULL applies) and optionally ``dataset_column`` (default ``dataset_id``), ``self_reference``,
+``foreign_keys`` (column -> profile table) and ``exclude``. Lists may also be given as one string.
+
+Templates use ``${name}`` placeholders only. Every partition and scope template must start with the dataset
+(``${dataset_column}`` / ``${dataset_id}``) so a facility's scopes can cover it; duplicate YAML keys,
+``sqlite_*``/``bundlesync_*`` tables and excluded columns that the profile relies on are refused.
+:func:`bind_profile` refuses REAL partition columns: partitions are built with ``str()`` in Python and
+``||`` in SQL, which agree for TEXT and INTEGER values only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import sqlite3
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from bundlesync.errors import ProfileError
+
+__all__ = ["FacilityLookup", "Profile", "ScopeTemplate", "TableSpec", "bind_profile", "load_profile", "parse_profile"]
+
+_PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_SCOPE_VARIABLES = {"full": ("dataset_id",), "user": ("dataset_id", "user_id")}
+_TOP_KEYS = ("name", "version", "facility", "scopes", "tables")
+_FACILITY_KEYS = ("table", "id_column", "dataset_column", "where")
+_SCOPE_KEYS = ("read", "write", "read_write")
+_TABLE_KEYS = ("name", "primary_key", "partition", "dataset_column", "self_reference", "foreign_keys", "exclude")
+
+_Split = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+def _q(name: str) -> str:
+    """Quote an SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _split_template(template: str) -> _Split:
+    """Split into literals and variables (one more literal); ValueError for a stray ``$`` or a NUL."""
+    if "\x00" in template:
+        raise ValueError("contains a NUL character; remove it")
+    pieces = _PLACEHOLDER.split(template)  # literal, name, literal, ..., literal
+    literals, names = pieces[0::2], pieces[1::2]
+    if any("$" in lit for lit in literals):
+        raise ValueError("has a '$' outside a ${name} placeholder; write variables as ${column}")
+    return tuple(literals), tuple(names)
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One syncable table of a profile (see the module docstring for the meaning of each key)."""
+
+    name: str
+    primary_key: str  # one globally unique column (a UUID): the record's identity
+    partitions: tuple[str, ...]  # templates, alternatives in order of preference
+    dataset_column: str
+    foreign_keys: Mapping[str, str]  # column -> syncable parent table
+    self_reference: str | None  # column referencing this same table
+    exclude: frozenset[str]  # columns not synced
+    columns: tuple[str, ...] = ()  # synced columns in table order, filled by bind_profile
+    _split: tuple[_Split, ...] = field(init=False, repr=False, compare=False)
+    # Per alternative (variables, %-format): partition_of runs once per synced row.
+    _formats: tuple[tuple[tuple[str, ...], str], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.partitions:
+            raise ProfileError(f"table {self.name!r} has no partition template; add one")
+        split = []
+        for template in self.partitions:
+            try:
+                split.append(_split_template(template))
+            except ValueError as exc:
+                raise ProfileError(f"table {self.name!r}: partition template {template!r} {exc}") from None
+        object.__setattr__(self, "_split", tuple(split))
+        object.__setattr__(self, "_formats", tuple(
+            (names, "%s".join(lit.replace("%", "%%") for lit in literals)) for literals, names in split))
+
+    def __hash__(self) -> int:  # the generated hash would fail on the foreign_keys mapping
+        return hash((self.name, self.primary_key, self.partitions, self.columns))
+
+    def template_columns(self) -> tuple[str, ...]:
+        """Every column the partition templates use, in order of first use."""
+        return tuple(dict.fromkeys(n for _, names in self._split for n in names))
+
+    def partition_of(self, row: Mapping[str, object]) -> str:
+        """The partition of ``row`` (a dict or ``sqlite3.Row``): the first alternative whose columns are non-None.
+
+        Raises:
+            ProfileError: Every alternative uses a column that is None in ``row``.
+        """
+        for names, fmt in self._formats:
+            values = tuple([row[n] for n in names])
+            if None not in values:
+                return fmt % values
+        nulls = sorted({n for n in self.template_columns() if row[n] is None})
+        raise ProfileError(
+            f"table {self.name!r}: a row has NULL in {', '.join(nulls)}, so no partition template of "
+            f"{list(self.partitions)} applies; fix the row or add a template without those columns to the profile")
+
+    def partition_sql(self, alias: str | None = None) -> str:
+        """An SQL expression equal to :meth:`partition_of` (NULL where it raises), columns qualified by ``alias``."""
+        prefix = _q(alias) + "." if alias else ""
+        whens: list[str] = []
+        for literals, names in self._split:
+            parts = []
+            for i, literal in enumerate(literals):
+                if literal:
+                    parts.append("'" + literal.replace("'", "''") + "'")
+                if i < len(names):
+                    parts.append(prefix + _q(names[i]))
+            # A lone column keeps its storage type; Python's str() always gives text.
+            expr = " || ".join(parts) if len(parts) > 1 else f"CAST({parts[0]} AS TEXT)" if parts else "''"
+            if not names or len(self._split) == 1:
+                # A constant always applies; a lone template is NULL when one of its columns is.
+                return f"CASE {' '.join(whens)} ELSE {expr} END" if whens else expr
+            test = " AND ".join(f"{prefix}{_q(n)} IS NOT NULL" for n in dict.fromkeys(names))
+            whens.append(f"WHEN {test} THEN {expr}")
+        return f"CASE {' '.join(whens)} END"
+
+
+@dataclass(frozen=True)
+class ScopeTemplate:
+    """The partition prefix templates of one certificate scope (Morango's ScopeDefinition)."""
+
+    read: tuple[str, ...]
+    write: tuple[str, ...]
+    read_write: tuple[str, ...]
+
+    def read_prefixes(self, **params: str) -> tuple[str, ...]:
+        """Prefixes the holder may read: ``read_write`` + ``read``, substituted."""
+        return _substitute(self.read_write + self.read, params)
+
+    def write_prefixes(self, **params: str) -> tuple[str, ...]:
+        """Prefixes the holder may write: ``read_write`` + ``write``, substituted."""
+        return _substitute(self.read_write + self.write, params)
+
+
+def _substitute(templates: Iterable[str], params: Mapping[str, str]) -> tuple[str, ...]:
+    out: dict[str, None] = {}
+    for template in templates:
+        try:
+            out[string.Template(template).substitute(params)] = None
+        except KeyError as exc:
+            raise ProfileError(f"scope template {template!r} needs the parameter {exc.args[0]!r}; "
+                               "pass it (a user scope needs a user id)") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class FacilityLookup:
+    """Where ``--facility ID`` is found: ``dataset_column`` of the ``table`` row with that id."""
+
+    table: str
+    id_column: str
+    dataset_column: str
+    where: str | None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated profile; :func:`bind_profile` fills in the tables' columns."""
+
+    name: str
+    version: int
+    source: Path | None
+    tables: tuple[TableSpec, ...]
+    facility: FacilityLookup
+    scopes: Mapping[str, ScopeTemplate]
+    digest: str
+    _by_name: Mapping[str, TableSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {t.name: t for t in self.tables})
+
+    def table(self, name: str) -> TableSpec:
+        """The spec of table ``name``; ProfileError if the profile does not sync it."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise ProfileError(f"table {name!r} is not in profile {self.name!r} version {self.version}; "
+                               "use a profile that lists it") from None
+
+    def has_table(self, name: str) -> bool:
+        """Whether the profile syncs table ``name``."""
+        return name in self._by_name
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, which PyYAML would silently overwrite."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile YAML file (not yet checked against a database).
+
+    Raises:
+        ProfileError: The file is missing, unreadable, not YAML or not a valid profile.
+    """
+    source = Path(path)
+    try:
+        text = source.read_bytes()  # YAML decodes UTF-8/16 itself and reports bad bytes as a YAMLError
+    except FileNotFoundError:
+        raise ProfileError(f"profile {source} does not exist; check the path "
+                           "(fixtures/facility_profile.yaml is an example)") from None
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {source}: {exc.strerror or exc}; pass a readable file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ProfileError(f"profile {source} is not valid YAML{where}: {problem}; fix the syntax") from None
+    return parse_profile(data, source)
+
+
+class _Parser:
+    """Typed access to the loaded YAML; every failure names the file and the place."""
+
+    def __init__(self, source: Path | None) -> None:
+        self.label = f"profile {source}" if source else "profile"
+
+    def fail(self, where: str, message: str) -> ProfileError:
+        return ProfileError(f"{self.label}: {where}{message}")
+
+    def mapping(self, value: object, where: str, allowed: tuple[str, ...],
+                required: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(where, f"must be a mapping with keys {', '.join(allowed)}, "
+                                   f"not {type(value).__name__}; fix its layout")
+        for key in value:
+            if key not in allowed:
+                hint = difflib.get_close_matches(str(key), allowed, 1)
+                fix = f"did you mean {hint[0]!r}?" if hint else f"allowed: {', '.join(allowed)}"
+                raise self.fail(where, f"unknown key {key!r}; {fix}")
+        for key in required:
+            if key not in value:
+                raise self.fail(where, f"missing key {key!r}; add it")
+        return value
+
+    def text(self, value: object, where: str, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.fail(where, f"{key!r} must be a non-empty string, got {value!r}; fix it")
+        return value
+
+    def texts(self, value: object, where: str, key: str) -> tuple[str, ...]:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+            raise self.fail(where, f"{key!r} must be a string or a list of non-empty strings, got {value!r}; fix it")
+        return tuple(items)
+
+    def template(self, template: str, where: str, first: str, allowed: tuple[str, ...] | None) -> tuple[str, ...]:
+        try:
+            literals, names = _split_template(template)
+        except ValueError as exc:
+            raise self.fail(where, f"template {template!r} {exc}") from None
+        for name in names:
+            if allowed is not None and name not in allowed:
+                raise self.fail(where, f"template {template!r} uses unknown variable ${{{name}}}; "
+                                       f"only {', '.join(allowed)} exist here")
+        if literals[0] or not names or names[0] != first:
+            raise self.fail(where, f"template {template!r} must start with ${{{first}}} so that the "
+                                   "dataset's scopes cover it; put it first")
+        return names
+
+
+def parse_profile(data: object, source: Path | None = None) -> Profile:
+    """Validate loaded YAML data and build a :class:`Profile`.
+
+    Args:
+        data: The YAML document as Python objects.
+        source: The file it came from, for messages and :attr:`Profile.source`.
+
+    Raises:
+        ProfileError: A key is missing, unknown or mistyped, a template is malformed, a table is listed
+            twice, a foreign key leaves the profile or the foreign keys form a cycle.
+    """
+    p = _Parser(source)
+    top = p.mapping(data, "", _TOP_KEYS, _TOP_KEYS)
+    name = p.text(top["name"], "", "name")
+    if not _NAME.fullmatch(name):
+        raise p.fail("", f"name {name!r} may only use letters, digits, '.', '-' and '_'; rename it")
+    version = top["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise p.fail("", f"version must be an integer >= 1, got {version!r}; fix it")
+
+    fac = p.mapping(top["facility"], "facility: ", _FACILITY_KEYS, ("table",))
+    where = fac.get("where")
+    if where is not None and (not isinstance(where, str) or not where.strip()):
+        raise p.fail("facility: ", f"'where' must be an SQL condition, got {where!r}; fix it")
+    facility = FacilityLookup(
+        table=p.text(fac["table"], "facility: ", "table"),
+        id_column=p.text(fac.get("id_column", "id"), "facility: ", "id_column"),
+        dataset_column=p.text(fac.get("dataset_column", "dataset_id"), "facility: ", "dataset_column"), where=where)
+
+    scopes: dict[str, ScopeTemplate] = {}
+    for scope, raw in p.mapping(top["scopes"], "scopes: ", tuple(_SCOPE_VARIABLES), ("full",)).items():
+        at = f"scope {scope!r}: "
+        body = p.mapping(raw, at, _SCOPE_KEYS, ())
+        lists = {key: p.texts(body.get(key, []), at, key) for key in _SCOPE_KEYS}
+        for template in (t for templates in lists.values() for t in templates):
+            p.template(template, at, "dataset_id", _SCOPE_VARIABLES[scope])
+        scopes[scope] = ScopeTemplate(lists["read"], lists["write"], lists["read_write"])
+
+    if not isinstance(top["tables"], list) or not top["tables"]:
+        raise p.fail("", "'tables' must be a non-empty list; list the synced tables")
+    specs: dict[str, TableSpec] = {}
+    for index, raw in enumerate(top["tables"]):
+        spec = _parse_table(p, raw, index)
+        if spec.name in specs:
+            raise p.fail("", f"table {spec.name!r} is listed twice; merge the entries")
+        specs[spec.name] = spec
+    for spec in specs.values():
+        for column, parent in spec.foreign_keys.items():
+            why = ("points at the table itself; declare it as 'self_reference' instead" if parent == spec.name
+                   else None if parent in specs
+                   else f"references {parent!r}, which is not in the profile; add that table or drop the key")
+            if why:
+                raise p.fail(f"table {spec.name!r}: ", f"foreign key {column!r} {why}")
+
+    # The digest covers the meaning, not the YAML's spelling (comments, quoting, defaults).
+    canonical = {
+        "name": name, "version": version, "facility": dataclasses.asdict(facility),
+        "scopes": {k: dataclasses.asdict(v) for k, v in scopes.items()},
+        "tables": [{"name": s.name, "primary_key": s.primary_key, "partitions": s.partitions,
+                    "dataset_column": s.dataset_column, "foreign_keys": dict(s.foreign_keys),
+                    "self_reference": s.self_reference, "exclude": sorted(s.exclude)} for s in specs.values()]}
+    text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return Profile(name=name, version=version, source=source, tables=_order(p, specs), facility=facility,
+                   scopes=MappingProxyType(scopes), digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def _parse_table(p: _Parser, raw: object, index: int) -> TableSpec:
+    at = f"tables[{index}]: "
+    body = p.mapping(raw, at, _TABLE_KEYS, ("name", "primary_key", "partition"))
+    name = p.text(body["name"], at, "name")
+    at = f"table {name!r}: "
+    if name.lower().startswith(("sqlite_", "bundlesync_")):
+        raise p.fail(at, "SQLite's and bundlesync's own tables cannot be synced; remove it")
+    primary_key = p.text(body["primary_key"], at, "primary_key")
+    dataset_column = p.text(body.get("dataset_column", "dataset_id"), at, "dataset_column")
+    self_ref = body.get("self_reference")
+    self_ref = None if self_ref is None else p.text(self_ref, at, "self_reference")
+    partitions = p.texts(body["partition"], at, "partition")
+    used = [n for t in partitions for n in p.template(t, at, dataset_column, None)]
+    fks = body.get("foreign_keys") or {}
+    if not isinstance(fks, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                            for k, v in fks.items()):
+        raise p.fail(at, f"'foreign_keys' must map columns to table names, got {fks!r}; fix it")
+    if self_ref is not None and self_ref in fks:
+        raise p.fail(at, f"column {self_ref!r} is both 'self_reference' and a foreign key; "
+                         "keep it in 'self_reference' only")
+    exclude = frozenset(p.texts(body.get("exclude") or [], at, "exclude"))
+    roles = {**{c: "a foreign key" for c in fks}, **{c: "used by the partition template" for c in used},
+             **({self_ref: "the self-reference"} if self_ref else {}), dataset_column: "the dataset column",
+             primary_key: "the primary key"}
+    for column in sorted(exclude & roles.keys()):
+        raise p.fail(at, f"excluded column {column!r} is {roles[column]} and must be synced; "
+                         "remove it from 'exclude'")
+    return TableSpec(name=name, primary_key=primary_key, partitions=partitions, dataset_column=dataset_column,
+                     foreign_keys=MappingProxyType(dict(fks)), self_reference=self_ref, exclude=exclude)
+
+
+def _order(p: _Parser, specs: Mapping[str, TableSpec]) -> tuple[TableSpec, ...]:
+    """Parents before children, otherwise in listed order; a cycle is an error."""
+    placed: dict[str, None] = {}
+    remaining = list(specs.values())
+    while remaining:
+        ready = next((s for s in remaining if all(v in placed for v in s.foreign_keys.values())), None)
+        if ready is None:
+            # Every remaining table waits for another remaining one: walk up until a table repeats.
+            path = [remaining[0].name]
+            while (parent := next(v for v in specs[path[-1]].foreign_keys.values() if v not in placed)) not in path:
+                path.append(parent)
+            cycle = " -> ".join(path[path.index(parent):] + [parent])
+            raise p.fail("", f"the foreign keys form a cycle {cycle}; rows must be applied parents first, "
+                             "so remove one of these foreign keys")
+        placed[ready.name] = None
+        remaining.remove(ready)
+    return tuple(specs[n] for n in placed)
+
+
+def bind_profile(profile: Profile, conn: sqlite3.Connection) -> Profile:
+    """Check ``profile`` against the database schema and fill each table's ``columns``.
+
+    Args:
+        profile: A profile from :func:`load_profile` or :func:`parse_profile`.
+        conn: Connection to the app database.
+
+    Returns:
+        A copy of ``profile`` whose tables list their synced columns.
+
+    Raises:
+        ProfileError: A table or column is missing or wrong (see the module docstring); the message says which.
+    """
+    db, label, lookup = "the database", f"profile {profile.source or profile.name}", profile.facility
+    try:
+        files = _rows(conn, "PRAGMA database_list")
+        db = str(files[0][2] or ":memory:") if files else db
+        tables = {str(r[0]) for r in _rows(conn, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        bound = tuple(_bind_table(label, conn, db, tables, t) for t in profile.tables)
+        names = [c[0] for c in _columns(label, conn, db, tables, lookup.table)]
+        for column, role in ((lookup.id_column, "id_column"), (lookup.dataset_column, "dataset_column")):
+            if column not in names:
+                raise ProfileError(f"{label}: facility {role} {column!r} is not a column of {lookup.table!r} "
+                                   f"({db}); {_suggest(column, names)}fix the profile")
+        if lookup.where:
+            try:
+                conn.execute(f"SELECT 1 FROM {_q(lookup.table)} WHERE ({lookup.where}) LIMIT 0")
+            except sqlite3.Error as exc:
+                raise ProfileError(f"{label}: facility 'where' {lookup.where!r} is not a valid condition on "
+                                   f"{lookup.table!r}: {exc}; fix the SQL") from None
+    except sqlite3.Error as exc:
+        raise ProfileError(f"cannot read the schema of {db}: {exc}; check that it is the app's SQLite database"
+                           ) from None
+    return dataclasses.replace(profile, tables=bound)
+
+
+def _rows(conn: sqlite3.Connection, sql: str) -> list[Any]:
+    """Plain tuples whatever the connection's row factory is."""
+    cursor = conn.cursor()
+    cursor.row_factory = None
+    return cursor.execute(sql).fetchall()
+
+
+def _suggest(name: str, options: Iterable[str]) -> str:
+    options = list(options)
+    close = [o for o in options if o.lower() == name.lower()] or difflib.get_close_matches(name, options, 1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _columns(label: str, conn: sqlite3.Connection, db: str, tables: set[str],
+             table: str) -> list[tuple[str, str, int]]:
+    """``(name, declared type, position in the PRIMARY KEY)`` of each column of ``table``."""
+    if table not in tables:
+        raise ProfileError(f"{label}: table {table!r} is not a table of {db}; "
+                           f"{_suggest(table, tables)}create it or fix the profile")
+    return [(str(r[1]), str(r[2] or ""), int(r[5])) for r in _rows(conn, f"PRAGMA table_info({_q(table)})")]
+
+
+def _bind_table(label: str, conn: sqlite3.Connection, db: str, tables: set[str], spec: TableSpec) -> TableSpec:
+    info = _columns(label, conn, db, tables, spec.name)
+    names = [c[0] for c in info]
+    at = f"{label}: table {spec.name!r}"
+    wanted = [(spec.primary_key, "primary_key"), (spec.dataset_column, "dataset_column")]
+    wanted += [(c, "foreign_keys") for c in spec.foreign_keys]
+    wanted += [(spec.self_reference, "self_reference")] if spec.self_reference else []
+    wanted += [(c, "exclude") for c in sorted(spec.exclude)]
+    wanted += [(c, "partition template variable") for c in spec.template_columns()]
+    for column, role in wanted:
+        if column not in names:
+            raise ProfileError(f"{at}: column {column!r} ({role}) is not in the table ({db}); "
+                               f"{_suggest(column, names)}fix the profile or the schema")
+    types = {c[0]: c[1].upper() for c in info}
+    for column in spec.template_columns():
+        # SQLite's affinity rules (sqlite.org/datatype3.html 3.1): INT, then CHAR/CLOB/TEXT, BLOB, then REAL.
+        if re.search("REAL|FLOA|DOUB", types[column]) and not re.search("INT|CHAR|CLOB|TEXT|BLOB", types[column]):
+            raise ProfileError(f"{at}: partition column {column!r} has type {types[column]}, whose text differs "
+                               "between SQL and Python; build partitions from TEXT or INTEGER columns")
+    unique = [c[0] for c in info if c[2] > 0] == [spec.primary_key]
+    for index in [] if unique else _rows(conn, f"PRAGMA index_list({_q(spec.name)})"):
+        # (seq, name, unique, origin, partial): a partial index leaves the other rows unconstrained.
+        if index[2] and not index[4]:
+            unique = [r[2] for r in _rows(conn, f"PRAGMA index_info({_q(str(index[1]))})")] == [spec.primary_key]
+            if unique:
+                break
+    if not unique:
+        raise ProfileError(
+            f"{at}: primary_key {spec.primary_key!r} is neither the table's single-column PRIMARY KEY nor covered "
+            "by a single-column UNIQUE index: a table without a globally unique primary key cannot sync; "
+            "give it a UUID primary key or a UNIQUE index")
+    return dataclasses.replace(spec, columns=tuple(n for n in names if n not in spec.exclude))

@@ -1,0 +1,101 @@
+"""Shared fixtures: fixture databases, device homes, and a subprocess CLI runner."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = ROOT / "fixtures" / "facility_profile.yaml"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import make_facility_db  # noqa: E402
+
+
+def make_db(path: Path, *, users: int = 8, logs: int = 200, seed: int = 1, schema_only: bool = False) -> str:
+    """Write a fixture facility database; return its facility id ('' for schema only)."""
+    conn = sqlite3.connect(path)
+    try:
+        make_facility_db.create_schema(conn)
+        facility = "" if schema_only else make_facility_db.populate(conn, users, logs, seed)
+        conn.commit()
+    finally:
+        conn.close()
+    return facility
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def last_line(self) -> str:
+        lines = self.out.strip().splitlines()
+        return lines[-1] if lines else ""
+
+
+def run_cli(home: Path | None, *args: str, check: bool = True, env: dict[str, str] | None = None) -> CliResult:
+    """Run ``python -m bundlesync`` as a real subprocess."""
+    full_env = {k: v for k, v in os.environ.items() if k != "BUNDLESYNC_HOME"}
+    if home is not None:
+        full_env["BUNDLESYNC_HOME"] = str(home)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "bundlesync", *args], capture_output=True, text=True,
+                          env=full_env, cwd=ROOT, timeout=300)
+    result = CliResult(proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"bundlesync {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")
+    return result
+
+
+def dump_tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every app table (not bundlesync's) of a database, rows sorted, for exact comparison."""
+    conn = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'bundlesync_%' "
+            "AND name NOT LIKE 'sqlite_%' AND name NOT LIKE '\\_sqlite%' ESCAPE '\\' ORDER BY name")]
+        return {n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
+    finally:
+        conn.close()
+
+
+@dataclass
+class Pair:
+    """Two initialised devices: A holds the facility and is its authority, B trusts it with a full cert."""
+
+    tmp: Path
+    facility: str
+    a_db: Path
+    b_db: Path
+    a: Path
+    b: Path
+    usb: Path
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Pair:
+    a_db, b_db = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
+    facility = make_db(a_db, users=8, logs=200, seed=1)
+    make_db(b_db, schema_only=True)
+    a, b, usb = tmp_path / "devA", tmp_path / "devB", tmp_path / "usb"
+    usb.mkdir()
+    run_cli(a, "init", "--db", str(a_db), "--profile", str(PROFILE))
+    run_cli(a, "facility", "provision", "--facility", facility)
+    run_cli(b, "init", "--db", str(b_db), "--profile", str(PROFILE))
+    request = run_cli(b, "cert", "request", "--facility", facility, "--scope", "full", "--out", str(usb)).last_line
+    grant = run_cli(a, "cert", "issue", request, "--out", str(usb)).last_line
+    run_cli(b, "cert", "install", grant)
+    return Pair(tmp_path, facility, a_db, b_db, a, b, usb)
+
+
+Runner = Callable[..., CliResult]
