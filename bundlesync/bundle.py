@@ -156,6 +156,9 @@ MIN_HASH_LOG: Final = 18
 WRITE_BATCH: Final = 4096
 """Records joined into one compressor call by :meth:`BundleWriter.write_records`."""
 
+WRITE_BUFFER: Final = 256 << 10
+"""Bytes of single records (:meth:`BundleWriter.write_record`) joined per compressor call."""
+
 DECOMPRESS_SLICE: Final = 1024
 """Compressed bytes fed to the decompressor per call. zstd can expand ~32768x (RLE
 blocks), so 1 KiB bounds one call's output to ~32 MiB; measured cost vs 64 KiB: none
@@ -484,6 +487,8 @@ class BundleWriter:
         self._hasher = hashlib.sha256()
         self._compress = _compressor(level).compressobj()
         self._records = 0
+        self._pending: list[bytes] = []  # single records not yet given to the compressor
+        self._pending_len = 0
         self._raw_bytes = 0
         self._payload_len = 0
         try:
@@ -528,7 +533,11 @@ class BundleWriter:
             raise ValueError("a record must end with b'\\n' and contain no other b'\\n'")
         if len(line) > MAX_RECORD:
             raise ValueError(f"a record is {len(line)} bytes, over the {MAX_RECORD} limit")
-        self._compress_data(line, 1)
+        self._pending.append(line)
+        self._pending_len += len(line)
+        self._records += 1
+        if self._pending_len >= WRITE_BUFFER:
+            self._flush_pending()
 
     def write_records(self, lines: Iterable[bytes]) -> None:
         """Append many records, joining up to :data:`WRITE_BATCH` per compressor call.
@@ -543,6 +552,7 @@ class BundleWriter:
             SyncError: Writing failed; the writer has been aborted.
         """
         self._check_open()
+        self._flush_pending()
         iterator = iter(lines)
         endswith = bytes.endswith
         while True:
@@ -559,7 +569,8 @@ class BundleWriter:
                 )
             if len(data) > MAX_RECORD and max(map(len, batch)) > MAX_RECORD:
                 raise ValueError(f"a record is over the {MAX_RECORD} byte limit")
-            self._compress_data(data, len(batch))
+            self._compress_data(data)
+            self._records += len(batch)
 
     def finish(self, summary: Mapping[str, object]) -> Path:
         """Write summary and footer, make the file durable and publish it.
@@ -582,6 +593,7 @@ class BundleWriter:
             reserved = {_SUMMARY_RECORDS, _SUMMARY_RAW_BYTES} & set(summary)
             if reserved:
                 raise ValueError(f"summary keys {sorted(reserved)} are added by the writer")
+            self._flush_pending()
             full = dict(summary)
             full[_SUMMARY_RECORDS] = self._records
             full[_SUMMARY_RAW_BYTES] = self._raw_bytes
@@ -615,7 +627,7 @@ class BundleWriter:
             self._file = None
             _fsync_dir(self._path.parent)
         except BaseException:
-            self.abort()
+            self._abort_quietly()
             raise
         return self._path
 
@@ -672,24 +684,33 @@ class BundleWriter:
                 ResourceWarning,
                 stacklevel=2,
             )
-            try:
-                self.abort()
-            except SyncError:
-                pass  # nothing more can be done from a finaliser
+            self._abort_quietly()
 
     # -- internals
+
+    def _abort_quietly(self) -> None:
+        """Abort on an error path: the error being raised matters more than cleanup's."""
+        try:
+            self.abort()
+        except SyncError:
+            pass
 
     def _check_open(self) -> None:
         if self._state != "open":
             raise ValueError(f"BundleWriter is {self._state}; it cannot write any more")
 
-    def _compress_data(self, data: bytes, count: int) -> None:
+    def _flush_pending(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending, self._pending_len = [], 0
+            self._compress_data(data)
+
+    def _compress_data(self, data: bytes) -> None:
         try:
             out = self._compress.compress(data)
         except zstd.ZstdError as exc:
-            self.abort()
+            self._abort_quietly()
             raise SyncError(f"compressing the bundle failed: {exc}") from exc
-        self._records += count
         self._raw_bytes += len(data)
         if out:
             self._emit_payload(out)
@@ -708,7 +729,7 @@ class BundleWriter:
         try:
             file.write(data)
         except OSError as exc:
-            self.abort()
+            self._abort_quietly()
             raise _write_error(self._partial, exc) from exc
 
 
