@@ -24,6 +24,7 @@ from .device import Device, init_device, resolve_home
 from .errors import BundlesyncError
 from .exporter import export_bundle
 from .importer import import_bundle, verify_bundle
+from .plugins import PluginSet
 from .status import device_status
 
 __all__ = ["cli", "main"]
@@ -49,11 +50,21 @@ def _device(ctx: click.Context) -> Iterator[Device]:
 @click.version_option(__version__, prog_name="bundlesync")
 @click.option("--home", type=click.Path(file_okay=False), envvar="BUNDLESYNC_HOME",
               help="Device home (config, keys, state). Default: $BUNDLESYNC_HOME.")
+@click.option("--no-plugins", is_flag=True, help="Load no plugins (entry points or config.yaml).")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None) -> None:
+def cli(ctx: click.Context, home: str | None, no_plugins: bool) -> None:
     """Sync a facility's SQLite data between devices through signed bundle files."""
     ctx.ensure_object(dict)
     ctx.obj["home"] = home
+    ctx.obj["plugins"] = not no_plugins
+
+
+def _plugins(ctx: click.Context, device: Device) -> PluginSet:
+    return PluginSet.load(device.config.plugins, enabled=ctx.obj["plugins"])
+
+
+def _warn(message: str) -> None:
+    click.echo(message, err=True)
 
 
 @cli.command()
@@ -141,7 +152,8 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
                quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
     with _device(ctx) as device:
-        result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id)
+        result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
+                               plugins=_plugins(ctx, device), warn=_warn)
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path) if result.path else None, "bundle_id": result.bundle_id,
@@ -165,8 +177,9 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], quiet: bool, as_jso
     """Verify, then apply bundles (in the order given); re-importing is a no-op."""
     reports = []
     with _device(ctx) as device:
+        plugins = _plugins(ctx, device)
         for name in bundles:
-            r = import_bundle(device, Path(name))
+            r = import_bundle(device, Path(name), plugins=plugins, warn=_warn)
             dq, ds = r.dequeue, r.deserialize
             reports.append({
                 "path": name, "bundle_id": r.bundle_id, "already_imported": r.already,
@@ -269,6 +282,25 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     for t in st["last_transfers"]:
         lines.append(f"{t['direction']:<10} {t['at']} {t['records']} records {t['path']}")
     click.echo("\n".join(lines))
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
+    """List the loaded plugins, their versions and operations."""
+    with _device(ctx) as device:
+        loaded = [p.describe() for p in _plugins(ctx, device).plugins]
+    if as_json:
+        click.echo(json.dumps(loaded, indent=2, sort_keys=True))
+        return
+    if not loaded:
+        _say("no plugins loaded" + ("" if ctx.obj["plugins"] else " (--no-plugins)"))
+        return
+    for p in loaded:
+        ops = "; ".join(f"{stage}: {', '.join(names)}" for stage, names in sorted(p["operations"].items()))
+        click.echo(f"{p['name']} {p['version'] or '(no version)'} [{p['source']}] hooks: {', '.join(p['hooks'])}"
+                   + (f"; operations: {ops}" if ops else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

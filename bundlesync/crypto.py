@@ -11,7 +11,7 @@ Signatures are domain separated: the signed bytes are
 never be replayed as a bundle or receipt signature (and vice versa).
 
 Private keys are stored as unencrypted PKCS#8 PEM files with mode 0600, written atomically
-(``*.partial`` + fsync + rename) so a crash or a pulled power cord never leaves half a key.
+(:func:`bundlesync.fsutil.atomic_write_bytes`) so a crash never leaves half a key.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from bundlesync.errors import CertError, TrustError
+from bundlesync.fsutil import TargetExistsError, atomic_write_bytes
 
 __all__ = [
     "PUBLIC_KEY_SIZE",
@@ -179,62 +180,6 @@ def key_fingerprint(public_key: bytes) -> str:
     return hashlib.sha256(public_key).hexdigest()[:16]
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename durable on POSIX; directories cannot be opened like this on Windows.
-    if os.name != "posix":
-        return
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-class _KeyExists(Exception):
-    """The target of an exclusive key write already exists."""
-
-
-def _write_key_file(path: Path, data: bytes, *, exclusive: bool) -> None:
-    partial = path.with_name(path.name + ".partial")
-    # A stale partial from a crash may carry wider permissions; O_CREAT would keep them.
-    partial.unlink(missing_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
-    fd = os.open(partial, flags, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if os.name == "posix":
-                os.fchmod(f.fileno(), 0o600)  # umask can only narrow it; be explicit anyway
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            # link() fails if the target exists, so two processes racing to create the
-            # device key cannot silently replace each other's key.
-            try:
-                os.link(partial, path)
-            except FileExistsError:
-                raise _KeyExists from None
-            except OSError:
-                # Filesystems without hard links (FAT, some FUSE mounts): check, then
-                # rename; the window for a race is tiny and only on such filesystems.
-                if os.path.lexists(path):
-                    raise _KeyExists from None
-                os.replace(partial, path)
-            else:
-                partial.unlink()
-        else:
-            os.replace(partial, path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_private_key(path: Path, key: SigningKey, *, exclusive: bool = False) -> None:
     """Write ``key`` to ``path`` atomically, readable by the owner only (mode 0600).
 
@@ -253,8 +198,8 @@ def save_private_key(path: Path, key: SigningKey, *, exclusive: bool = False) ->
     """
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_key_file(path, key.to_pem(), exclusive=exclusive)
-    except _KeyExists as exc:
+        atomic_write_bytes(path, key.to_pem(), mode=0o600, exclusive=exclusive)
+    except TargetExistsError as exc:
         raise CertError(
             f"key file {path} already exists; it was not replaced (load it instead)"
         ) from exc
@@ -280,15 +225,6 @@ def load_private_key(path: Path) -> SigningKey:
     """
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-    except FileNotFoundError as exc:
-        raise CertError(
-            f"key file {path} does not exist; restore it from a backup or set the device up again"
-        ) from exc
-    except OSError as exc:
-        raise CertError(
-            f"cannot read key file {path}: {exc.strerror or exc}; check its owner and permissions"
-        ) from exc
-    try:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
@@ -300,6 +236,10 @@ def load_private_key(path: Path) -> SigningKey:
                     f"(mode {stat.S_IMODE(st.st_mode):04o}); run `chmod 600 {path}` and retry"
                 )
             data = f.read(_MAX_KEY_FILE_SIZE + 1)
+    except FileNotFoundError as exc:
+        raise CertError(
+            f"key file {path} does not exist; restore it from a backup or set the device up again"
+        ) from exc
     except OSError as exc:
         raise CertError(
             f"cannot read key file {path}: {exc.strerror or exc}; check its owner and permissions"

@@ -183,6 +183,9 @@ def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN")
     try:
         yield conn
-    finally:
+    except BaseException:
         if conn.in_transaction:
-            conn.execute("COMMIT")
+            conn.execute("ROLLBACK")
+        raise
+    if conn.in_transaction:
+        conn.execute("COMMIT")

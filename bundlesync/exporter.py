@@ -1,15 +1,17 @@
 """Export: from tracked app changes to a verified bundle file in the output folder.
 
-Stages (DESIGN "How the stages map onto files"):
+The pipeline is :class:`ExportWork`: one built-in operation per stage, run after
+the plugins' operations of that stage (:meth:`PluginSet.run_stage`):
 
-INITIALIZING   resolve the facility, load the certificate chain, fix the filter and the basis.
-SERIALIZING    turn logged app changes into store versions with a new counter (one write txn).
-QUEUING        in one read snapshot, compute the result FSIC and stream the versions the
-               receiver lacks (above the basis, inside the filter) into the bundle writer.
+INITIALIZING   fix the filter (from the certificate scope) and the basis.
+SERIALIZING    (write txn) turn logged app changes into store versions with a new counter.
+QUEUING        (read snapshot) compute the result FSIC and stream the versions the receiver
+               lacks — above the basis, inside the filter — into ``<name>.partial``.
 TRANSFERRING   finish the file (fsync + rename), then read it back and verify it completely.
-CLEANUP        record the transfer; remove temporaries.
+CLEANUP        (write txn) record the transfer.
 
-Changes committed after SERIALIZING stay in the change log for the next export.
+Changes committed after SERIALIZING stay in the change log for the next export. If
+any stage fails, no bundle is left in the output folder.
 """
 
 from __future__ import annotations
@@ -18,25 +20,25 @@ import datetime
 import json
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from . import __version__
 from . import bundle as container
 from . import fsic as fsic_mod
+from .crypto import verify
 from .db import read_transaction, write_transaction
 from .device import Device
-from .crypto import verify
 from .errors import StateError, SyncError
+from .hooks import FacilityDataSyncHook
 from .manifest import Manifest
+from .operations import EXPORT_STAGES, Stage, Step, SyncContext
+from .plugins import PluginSet, Warn
 from .scope import covered, scope_filters
 from .store import current_counter, serialize_changes
 
-__all__ = ["ExportResult", "choose_basis", "export_bundle", "outgoing_lines"]
-
-ProgressFn = Callable[[str, int], None]
+__all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
 
 @dataclass
@@ -46,7 +48,7 @@ class ExportResult:
     path: Path | None
     bundle_id: str
     dataset_id: str
-    filter: tuple[str, ...]
+    filter: tuple[str, ...] = ()
     records: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     serialized: int = 0
@@ -58,8 +60,7 @@ class ExportResult:
 
 def _prefix_sql(prefixes: Sequence[str]) -> tuple[str, list[object]]:
     clauses = " OR ".join("substr(partition, 1, ?) = ?" for _ in prefixes)
-    params: list[object] = [x for p in prefixes for x in (len(p), p)]
-    return f"({clauses})", params
+    return f"({clauses})", [x for p in prefixes for x in (len(p), p)]
 
 
 def _instances(conn: sqlite3.Connection) -> Iterator[str]:
@@ -80,7 +81,7 @@ _LINE_SQL = (
 def outgoing_lines(
     conn: sqlite3.Connection, prefixes: Sequence[str], basis: Mapping[str, int], counts: dict[str, int]
 ) -> Iterator[list[bytes]]:
-    """Batches of record lines for every version above ``basis`` inside the filter."""
+    """Batches of record lines (``head JSON \\t data JSON \\n``) above ``basis`` inside the filter."""
     where, params = _prefix_sql(prefixes)
     sql = _LINE_SQL.format(prefixes=where)
     for inst in list(_instances(conn)):
@@ -91,22 +92,121 @@ def outgoing_lines(
             yield [line for line, _ in rows]
 
 
-def choose_basis(device: Device, dataset_id: str, prefixes: Sequence[str], *, full: bool) -> tuple[dict[str, int], str]:
-    """What the receiver is assumed to hold already, and why.
+class ExportWork(FacilityDataSyncHook):
+    """bundlesync's own export work, one operation per stage."""
 
-    ``--full``: nothing. Otherwise the result of this device's last export for the
-    same facility and filter (the receiver reports a gap if it missed that one).
-    """
-    if full:
-        return {}, "full"
-    row = device.conn.execute(
-        "SELECT result_fsic, bundle_id FROM bundlesync_transfers WHERE direction = 'export' AND dataset_id = ? "
-        "AND filter = ? ORDER BY id DESC LIMIT 1",
-        (dataset_id, "\n".join(prefixes)),
-    ).fetchone()
-    if row is None:
-        return {}, "first export"
-    return json.loads(row[0]), f"since last export {row[1]}"
+    def __init__(self, device: Device, out_dir: Path, *, full: bool, user: str | None,
+                 basis: tuple[dict[str, int], str] | None, plugins: PluginSet, now: datetime.datetime | None) -> None:
+        self.device, self.out_dir, self.full, self.user = device, out_dir, full, user
+        self.basis_override, self.plugins, self.now = basis, plugins, now
+        self.writer: container.BundleWriter | None = None
+        self.path: Path | None = None
+        self.result = ExportResult(None, uuid.uuid4().hex, "")
+        self.initializing_operations = [Step("choose filter and basis", self.initialize)]
+        self.serializing_operations = [Step("serialize changes", self.serialize)]
+        self.queuing_operations = [Step("queue records into the bundle", self.queue)]
+        self.transferring_operations = [Step("finish and read back the bundle", self.transfer)]
+        self.cleanup_operations = [Step("record the transfer", self.record)]
+
+    # INITIALIZING
+    def initialize(self, ctx: SyncContext) -> None:
+        assert ctx.dataset_id is not None
+        chain = self.device.keyring.device_chain(ctx.dataset_id)
+        assert chain is not None  # checked by export_bundle before pre_transfer
+        mine = scope_filters(ctx.profile, ctx.dataset_id, chain[0].scope)
+        if self.user is not None:
+            prefixes = scope_filters(ctx.profile, ctx.dataset_id, f"user:{self.user}").read
+            if not covered(prefixes, mine.read):
+                raise StateError(f"this device's certificate ({mine.scope}) may not read user {self.user}'s data")
+        elif chain[0].scope == "full":
+            prefixes = mine.read
+        else:
+            prefixes = mine.write  # a single-user device only sends what it may sign for
+        if not self.out_dir.is_dir():
+            raise StateError(f"output folder {self.out_dir} does not exist: create it or mount the drive")
+        ctx.filter = tuple(prefixes)
+        self.result.dataset_id, self.result.filter = ctx.dataset_id, ctx.filter
+        basis, source = self.basis_override or self._last_export(ctx)
+        self.result.basis, self.result.basis_source = dict(basis), source
+
+    def _last_export(self, ctx: SyncContext) -> tuple[dict[str, int], str]:
+        """``--full``: nothing. Else the result of this device's last export of the same filter."""
+        if self.full:
+            return {}, "full"
+        row = ctx.connection.execute(
+            "SELECT result_fsic, bundle_id FROM bundlesync_transfers WHERE direction = 'export' AND dataset_id = ? "
+            "AND filter = ? ORDER BY id DESC LIMIT 1",
+            (ctx.dataset_id, "\n".join(ctx.filter)),
+        ).fetchone()
+        if row is None:
+            return {}, "first export"
+        return dict(json.loads(row[0])), f"since last export {row[1][:8]}"
+
+    # SERIALIZING
+    def serialize(self, ctx: SyncContext) -> None:
+        self.result.serialized = serialize_changes(ctx.connection, ctx.profile).versions
+        ctx.counts["serialized"] = self.result.serialized
+
+    # QUEUING
+    def queue(self, ctx: SyncContext) -> None:
+        conn, me = ctx.connection, ctx.instance_id
+        assert ctx.dataset_id is not None and ctx.facility_id is not None
+        chain = self.device.keyring.device_chain(ctx.dataset_id) or ()
+        offered = fsic_mod.offered(fsic_mod.read_rows(conn), ctx.filter)
+        counter = current_counter(conn)
+        created = (self.now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        manifest = Manifest(
+            bundle_id=self.result.bundle_id, created_at=created, generator=f"bundlesync/{__version__}",
+            profile_name=ctx.profile.name, profile_version=ctx.profile.version, profile_digest=ctx.profile.digest,
+            dataset_id=ctx.dataset_id, facility_id=ctx.facility_id, filter=ctx.filter,
+            sender_instance=me, sender_counter=counter, chain=tuple(c.to_dict() for c in chain),
+            basis_fsic=self.result.basis, result_fsic=offered,
+            operations=tuple(self.plugins.manifest_entries(EXPORT_STAGES)),
+        )
+        ctx.manifest = manifest
+        self.result.result = offered
+        name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
+        key = self.device.keyring.device_key()
+        self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
+        counts = self.result.counts
+        for lines in outgoing_lines(conn, ctx.filter, self.result.basis, counts):
+            self.writer.write_records(lines)
+        self.result.records = self.writer.records
+        ctx.counts["records"], ctx.counts["by_model"] = self.result.records, counts
+
+    # TRANSFERRING
+    def transfer(self, ctx: SyncContext) -> None:
+        assert self.writer is not None and ctx.dataset_id is not None
+        self.path = self.writer.finish({"counts": self.result.counts})
+        ctx.bundle_path = self.path
+        info = container.read_info(self.path)
+        container.verify_digest(info)
+        chain = self.device.keyring.device_chain(ctx.dataset_id) or ()
+        verify(chain[0].subject_key, "bundle", info.digest, info.signature)
+        seen = sum(len(batch) for batch in container.iter_record_batches(info))
+        if seen != self.result.records:
+            raise SyncError(f"bundle {self.path.name} read back {seen} records, wrote {self.result.records}: "
+                            "the medium may be faulty; try another drive")
+        self.result.size = info.size
+
+    # CLEANUP
+    def record(self, ctx: SyncContext) -> None:
+        r = self.result
+        stats = {"counts": r.counts, "basis": r.basis, "basis_source": r.basis_source}
+        ctx.connection.execute(
+            "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, "
+            "records, stats, result_fsic) VALUES (?, 'export', ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), "
+            "?, ?, ?)",
+            (r.bundle_id, r.dataset_id, "\n".join(r.filter), ctx.instance_id, str(self.path), r.records,
+             json.dumps(stats), json.dumps(r.result)),
+        )
+
+    def discard(self) -> None:
+        """Leave no bundle behind after a failure."""
+        if self.writer is not None:
+            self.writer.abort()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def export_bundle(
@@ -117,11 +217,13 @@ def export_bundle(
     full: bool = False,
     user: str | None = None,
     basis_override: tuple[dict[str, int], str] | None = None,
-    progress: ProgressFn | None = None,
+    plugins: PluginSet | None = None,
+    warn: Warn | None = None,
     now: datetime.datetime | None = None,
 ) -> ExportResult:
     """Export what the receiver lacks as one signed bundle in ``out_dir``."""
-    conn, profile = device.conn, device.profile
+    plugins = plugins or PluginSet()
+    conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
     chain = device.keyring.device_chain(dataset_id)
     if chain is None:
@@ -129,77 +231,26 @@ def export_bundle(
             f"this device holds no certificate for facility {facility}: run `bundlesync facility provision` "
             "on the facility's authority, or `bundlesync cert request` here and `cert install` the grant"
         )
-    mine = scope_filters(profile, dataset_id, chain[0].scope)
-    if user is not None:
-        prefixes = scope_filters(profile, dataset_id, f"user:{user}").read
-        if not covered(prefixes, mine.read):
-            raise StateError(f"this device's certificate ({mine.scope}) may not read user {user}'s data")
-    elif chain[0].scope == "full":
-        prefixes = mine.read
-    else:
-        prefixes = mine.write  # a single-user device only sends what it may sign for
-    if not out_dir.is_dir():
-        raise StateError(f"output folder {out_dir} does not exist: create it or mount the drive")
-
-    with write_transaction(conn):
-        serialized = serialize_changes(conn, profile)
-    basis, source = basis_override if basis_override is not None else choose_basis(device, dataset_id, prefixes, full=full)
-
-    bundle_id = uuid.uuid4().hex
-    me = device.instance_id
-    created = (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    result = ExportResult(None, bundle_id, dataset_id, tuple(prefixes), serialized=serialized.versions,
-                          basis=dict(basis), basis_source=source)
-    key = device.keyring.device_key()
-    with read_transaction(conn):
-        offered = fsic_mod.offered(fsic_mod.read_rows(conn), prefixes)
-        counter = current_counter(conn)
-        manifest = Manifest(
-            bundle_id=bundle_id, created_at=created, generator=f"bundlesync/{__version__}",
-            profile_name=profile.name, profile_version=profile.version, profile_digest=profile.digest,
-            dataset_id=dataset_id, facility_id=facility_id, filter=tuple(prefixes),
-            sender_instance=me, sender_counter=counter, chain=tuple(c.to_dict() for c in chain),
-            basis_fsic=dict(basis), result_fsic=offered,
-        )
-        name = f"bundle-{dataset_id[:8]}-{me[:8]}-{counter:06d}-{bundle_id[:8]}.bsync"
-        counts: dict[str, int] = {}
-        with container.BundleWriter(out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d)) as writer:
-            for lines in outgoing_lines(conn, prefixes, basis, counts):
-                writer.write_records(lines)
-                if progress:
-                    progress("queuing", writer.records)
-            if writer.records == 0:
-                writer.abort()
-                result.result = offered
-                return result
-            path = writer.finish({"counts": counts})
-    result.records, result.counts, result.result = sum(counts.values()), counts, offered
+    ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
+                      facility_id=facility_id, local_scope=chain[0].scope,
+                      remote_scope=f"user:{user}" if user else None)
+    work = ExportWork(device, out_dir, full=full, user=user, basis=basis_override, plugins=plugins, now=now)
+    plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
-        _read_back(path, chain[0].subject_key, result.records)
+        plugins.run_stage(Stage.INITIALIZING, ctx, work)
         with write_transaction(conn):
-            _record(conn, result, me, path)
+            plugins.run_stage(Stage.SERIALIZING, ctx, work)
+        with read_transaction(conn):
+            plugins.run_stage(Stage.QUEUING, ctx, work)
+        if work.result.records:
+            plugins.run_stage(Stage.TRANSFERRING, ctx, work)
+            with write_transaction(conn):
+                plugins.run_stage(Stage.CLEANUP, ctx, work)
+        else:
+            work.discard()
     except BaseException:
-        path.unlink(missing_ok=True)
+        work.discard()
         raise
-    result.path, result.size = path, path.stat().st_size
-    return result
-
-
-def _read_back(path: Path, public_key: bytes, expected: int) -> None:
-    """TRANSFERRING: re-read what reached the medium, as an importer will."""
-    info = container.read_info(path)
-    container.verify_digest(info)
-    verify(public_key, "bundle", info.digest, info.signature)
-    seen = sum(len(batch) for batch in container.iter_record_batches(info))
-    if seen != expected:
-        raise SyncError(f"bundle {path.name} read back {seen} records, wrote {expected}: the medium may be faulty")
-
-
-def _record(conn: sqlite3.Connection, result: ExportResult, me: str, path: Path) -> None:
-    stats: dict[str, Any] = {"counts": result.counts, "basis": result.basis, "basis_source": result.basis_source}
-    conn.execute(
-        "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, records, stats, result_fsic) "
-        "VALUES (?, 'export', ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), ?, ?, ?)",
-        (result.bundle_id, result.dataset_id, "\n".join(result.filter), me, str(path), result.records,
-         json.dumps(stats), json.dumps(result.result)),
-    )
+    work.result.path = work.path
+    plugins.transfer_hooks("post_transfer", ctx, warn or (lambda _: None))
+    return work.result

@@ -1,29 +1,27 @@
 """Import: verify a bundle completely, then apply it in one transaction.
 
-Stages (DESIGN "How the stages map onto files"):
+The pipeline is :class:`ImportWork`: one built-in operation per stage, run after
+the plugins' operations of that stage:
 
-TRANSFERRING   copy the bundle off the medium into the home's staging folder, hashing as
-               it goes, so what is verified is exactly what is applied (the drive may be
-               pulled or changed afterwards).
-INITIALIZING   check everything before any write: structure, digest, signature,
-               certificate chain to the facility root this device trusts, profile, and a
-               full decompression pass (record count and sizes).
-DEQUEUING      (one write transaction from here) serialize pending local edits first, then
-               merge every acceptable record into the store by version vectors.
-DESERIALIZING  write the changed store rows into the app tables, parents first.
-CLEANUP        advance knowledge (FSIC) where contiguous, record gaps and the transfer;
-               commit; remove the staged copy.
+INITIALIZING   read the bundle's head on the medium; check format, profile, the signer's
+               certificate chain to the facility root this device trusts, the signature.
+TRANSFERRING   copy the bundle into the home's staging folder, hashing as it goes, and
+               decompress it once: what was verified is exactly what gets applied, even
+               if the drive is pulled or changed afterwards.
+SERIALIZING    (one write transaction from here on) pending local edits become versions
+               first, so they meet incoming ones in the merge, not in the app table.
+DEQUEUING      merge every acceptable record into the store by version vectors.
+DESERIALIZING  write changed store rows into the app tables, parents first.
+CLEANUP        advance knowledge (FSIC) where contiguous, record gaps and the transfer.
 
-A crash or ``kill -9`` at any instant leaves the database as before or as after:
-every write above happens in one SQLite transaction.
+Everything from SERIALIZING to CLEANUP, plugin operations included, commits as one
+SQLite transaction: a failure or ``kill -9`` leaves the database as before or as after.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import sqlite3
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,19 +34,20 @@ from .dequeue import DequeueResult, dequeue
 from .deserialize import DeserializeResult, deserialize
 from .device import Device
 from .errors import BundleError, CertError, FormatError, ProfileMismatchError, TrustError
+from .hooks import FacilityDataSyncHook
 from .manifest import Manifest
+from .operations import LocalOperation, Stage, Step, SyncContext
+from .plugins import PluginSet, Warn
 from .scope import ScopeFilters, covered, scope_filters
 from .store import serialize_changes
 from .tracking import suppressed
 
-__all__ = ["ImportResult", "VerifiedBundle", "import_bundle", "verify_bundle"]
-
-ProgressFn = Callable[[str, int], None]
+__all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
 
 
 @dataclass(frozen=True)
 class VerifiedBundle:
-    """A bundle that passed every check, with what the checks established."""
+    """A bundle whose manifest and signer passed every check."""
 
     info: container.BundleInfo
     manifest: Manifest
@@ -68,15 +67,11 @@ class ImportResult:
     deserialize: DeserializeResult = field(default_factory=DeserializeResult)
     gaps: dict[str, tuple[int, int]] = field(default_factory=dict)
     advanced: tuple[str, ...] = ()
+    warnings: list[str] = field(default_factory=list)
 
 
-def verify_bundle(device: Device, path: Path, *, info: container.BundleInfo | None = None) -> VerifiedBundle:
-    """Everything import checks, without writing anything. Raises a :class:`BundleError`."""
-    if info is None:
-        if not path.is_file():
-            raise FormatError(f"{path} is not a file: check the path (a bundle is named bundle-….bsync)")
-        info = container.read_info(path)
-        container.verify_digest(info)
+def check_trust(device: Device, info: container.BundleInfo) -> VerifiedBundle:
+    """Manifest, profile, certificate chain and signature (not the payload bytes)."""
     manifest = Manifest.from_dict(info.manifest)
     profile = device.profile
     if (manifest.profile_name, manifest.profile_version) != (profile.name, profile.version):
@@ -96,106 +91,177 @@ def verify_bundle(device: Device, path: Path, *, info: container.BundleInfo | No
         raise TrustError(f"bundle's certificate chain is malformed ({exc}); refusing it") from exc
     signer = verify_chain(chain, root, dataset_id=manifest.dataset_id)
     verify(signer.subject_key, "bundle", info.digest, info.signature)
-    scope = scope_filters(profile, manifest.dataset_id, signer.scope)
     if not covered(list(manifest.filter), [manifest.dataset_id]):
         raise TrustError(f"bundle filter {list(manifest.filter)} reaches outside its facility: refusing it")
-    # Decompress once before trusting the stream: truncated frames or wrong counts fail here, not mid-apply.
+    return VerifiedBundle(info, manifest, signer, scope_filters(profile, manifest.dataset_id, signer.scope))
+
+
+def _check_payload(info: container.BundleInfo) -> None:
+    """Decompress once before trusting the stream: bad frames or counts fail here, not mid-apply."""
     for _ in container.iter_record_batches(info):
         pass
-    return VerifiedBundle(info, manifest, signer, scope)
 
 
-def _already_imported(device: Device, bundle_id: str) -> bool:
-    row = device.conn.execute(
-        "SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'", (bundle_id,)
-    ).fetchone()
-    return row is not None
+def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
+    """Everything import checks, without writing anything. Raises a :class:`BundleError`."""
+    if not path.is_file():
+        raise FormatError(f"{path} is not a file: check the path (a bundle is named bundle-….bsync)")
+    info = container.read_info(path)
+    verified = check_trust(device, info)
+    container.verify_digest(info)
+    _check_payload(info)
+    return verified
 
 
-def _local_read_scope(device: Device, dataset_id: str) -> tuple[str, ...]:
-    chain = device.keyring.device_chain(dataset_id)
-    if chain is None:
-        # Trusting the root without a certificate of our own (not expected): accept the facility.
-        return (dataset_id,)
-    return scope_filters(device.profile, dataset_id, chain[0].scope).read
+class ImportWork(FacilityDataSyncHook):
+    """bundlesync's own import work, one operation per stage."""
+
+    def __init__(self, device: Device, path: Path, plugins: PluginSet) -> None:
+        self.device, self.source, self.plugins = device, path, plugins
+        self.staged = device.staging / f"{path.name}.importing"
+        self.verified: VerifiedBundle | None = None
+        self.result = ImportResult("", path)
+        self.now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        self.initializing_operations: list[LocalOperation] = [Step("check the signer", self.initialize)]
+        self.transferring_operations: list[LocalOperation] = [Step("copy and verify the bundle", self.transfer)]
+        self.serializing_operations: list[LocalOperation] = [Step("serialize local changes", self.serialize)]
+        self.dequeuing_operations: list[LocalOperation] = [Step("merge records into the store", self.dequeue)]
+        self.deserializing_operations: list[LocalOperation] = [Step("write app rows", self.deserialize)]
+        self.cleanup_operations: list[LocalOperation] = [Step("advance knowledge, record", self.record)]
+
+    def _verified(self) -> VerifiedBundle:
+        assert self.verified is not None
+        return self.verified
+
+    # INITIALIZING
+    def initialize(self, ctx: SyncContext) -> None:
+        if self.verified is None:
+            self.verified = check_trust(self.device, container.read_info(self.source))
+            self.describe(ctx)
+        known = {(op.get("plugin"), op.get("operation")) for op in self.plugins.manifest_entries(list(Stage))}
+        missing: set[tuple[object, object]] = set()
+        for op in self.verified.manifest.operations:
+            key = (op.get("plugin"), op.get("operation"))
+            if key not in known and key not in missing:
+                missing.add(key)
+                self.result.warnings.append(
+                    f"warning: the bundle was exported with operation {op.get('operation')} of plugin "
+                    f"{op.get('plugin')} {op.get('version') or ''}, which is not loaded here; install it if its "
+                    "effects matter on this device"
+                )
+
+    def describe(self, ctx: SyncContext) -> None:
+        """Fill the context from the verified manifest."""
+        verified = self._verified()
+        m = verified.manifest
+        ctx.manifest, ctx.dataset_id, ctx.facility_id, ctx.filter = m, m.dataset_id, m.facility_id, m.filter
+        ctx.remote_scope = verified.signer.scope
+        chain = self.device.keyring.device_chain(m.dataset_id)
+        ctx.local_scope = chain[0].scope if chain else None
+        self.result.bundle_id = m.bundle_id
+
+    # TRANSFERRING
+    def transfer(self, ctx: SyncContext) -> None:
+        head = self._verified().info
+        info = container.copy_verified(self.source, self.staged)
+        if info.digest != head.digest or info.signature != head.signature:
+            raise BundleError(f"{self.source} changed while it was being read: copy it again and retry")
+        _check_payload(info)
+        self.verified = VerifiedBundle(info, *(self._verified().manifest, self._verified().signer,
+                                               self._verified().signer_scope))
+        row = ctx.connection.execute(
+            "SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'", (self.result.bundle_id,)
+        ).fetchone()
+        self.result.already = row is not None
+
+    # SERIALIZING
+    def serialize(self, ctx: SyncContext) -> None:
+        self.result.local_serialized = serialize_changes(ctx.connection, ctx.profile).versions
+
+    # DEQUEUING
+    def dequeue(self, ctx: SyncContext) -> None:
+        verified = self._verified()
+        with suppressed(ctx.connection):
+            self.result.dequeue = dequeue(
+                ctx.connection, ctx.profile, container.iter_record_batches(verified.info),
+                signer_write=verified.signer_scope.write, local_read=self._local_read(ctx),
+                bundle_id=self.result.bundle_id, detected_at=self.now,
+            )
+        ctx.counts["received"] = self.result.dequeue.received
+        ctx.counts["outcomes"] = dict(self.result.dequeue.outcomes)
+
+    def _local_read(self, ctx: SyncContext) -> tuple[str, ...]:
+        assert ctx.dataset_id is not None
+        if ctx.local_scope is None:
+            return (ctx.dataset_id,)
+        return scope_filters(ctx.profile, ctx.dataset_id, ctx.local_scope).read
+
+    # DESERIALIZING
+    def deserialize(self, ctx: SyncContext) -> None:
+        with suppressed(ctx.connection):
+            self.result.deserialize = deserialize(ctx.connection, ctx.profile)
+        ctx.counts["written"] = self.result.deserialize.written
+        ctx.counts["deleted"] = self.result.deserialize.deleted
+
+    # CLEANUP
+    def record(self, ctx: SyncContext) -> None:
+        verified, conn, r = self._verified(), ctx.connection, self.result
+        m = verified.manifest
+        local_read = self._local_read(ctx)
+        r.advanced = tuple(p for p in m.filter if covered([p], verified.signer_scope.write) and covered([p], local_read))
+        if r.advanced:
+            r.gaps = fsic_mod.advance(conn, r.advanced, m.basis_fsic, m.result_fsic)
+        for inst, (have, need) in r.gaps.items():
+            conn.execute(
+                "INSERT INTO bundlesync_gaps (dataset_id, inst, have, need, bundle_id, at) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (dataset_id, inst) DO UPDATE SET have = excluded.have, need = max(need, excluded.need), "
+                "bundle_id = excluded.bundle_id, at = excluded.at",
+                (m.dataset_id, inst, have, need, m.bundle_id, self.now),
+            )
+        held = fsic_mod.held(fsic_mod.read_rows(conn), list(r.advanced or local_read))
+        for inst, need in conn.execute("SELECT inst, need FROM bundlesync_gaps WHERE dataset_id = ?",
+                                       (m.dataset_id,)).fetchall():
+            if held.get(inst, 0) >= need:
+                conn.execute("DELETE FROM bundlesync_gaps WHERE dataset_id = ? AND inst = ?", (m.dataset_id, inst))
+        dq, ds = r.dequeue, r.deserialize
+        stats = {
+            "outcomes": dq.outcomes, "out_of_scope": dq.out_of_scope, "bad_partition": dq.bad_partition,
+            "not_for_us": dq.not_for_us, "written": ds.written, "deleted": ds.deleted, "waiting": ds.waiting,
+            "failed": ds.failed, "gaps": {k: list(v) for k, v in r.gaps.items()},
+        }
+        conn.execute(
+            "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, "
+            "records, stats, result_fsic) VALUES (?, 'import', ?, ?, ?, ?, ?, ?, ?, ?)",
+            (m.bundle_id, m.dataset_id, "\n".join(m.filter), m.sender_instance, str(r.path), self.now, dq.received,
+             json.dumps(stats), json.dumps(dict(m.result_fsic))),
+        )
 
 
-def import_bundle(device: Device, path: Path, *, progress: ProgressFn | None = None) -> ImportResult:
+def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
+                  warn: Warn | None = None) -> ImportResult:
     """Verify, then apply one bundle atomically; a re-import is a no-op."""
     if not path.is_file():
         raise FormatError(f"{path} is not a file: check the path (a bundle is named bundle-….bsync)")
-    head = container.read_info(path)
-    staged = device.staging / f"{path.name}.importing"
+    plugins = plugins or PluginSet()
+    warn = warn or (lambda _: None)
+    conn = device.conn
+    ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
+    work = ImportWork(device, path, plugins)
     try:
-        info = container.copy_verified(path, staged)
-        if info.digest != head.digest:
-            raise BundleError(f"{path} changed while it was being read: copy it again and retry")
-        verified = verify_bundle(device, staged, info=info)
-        manifest = verified.manifest
-        result = ImportResult(manifest.bundle_id, path)
-        if _already_imported(device, manifest.bundle_id):
-            result.already = True
-            return result
-        _apply(device, verified, result, progress)
-        return result
+        # The signer is checked before plugins hear of the bundle (their hooks get its facility).
+        work.verified = check_trust(device, container.read_info(path))
+        work.describe(ctx)
+        plugins.transfer_hooks("pre_transfer", ctx, warn)
+        plugins.run_stage(Stage.INITIALIZING, ctx, work)
+        plugins.run_stage(Stage.TRANSFERRING, ctx, work)
+        if work.result.already:
+            return work.result
+        with write_transaction(conn):
+            for stage in (Stage.SERIALIZING, Stage.DEQUEUING, Stage.DESERIALIZING, Stage.CLEANUP):
+                plugins.run_stage(stage, ctx, work)
     finally:
-        staged.unlink(missing_ok=True)
-
-
-def _apply(device: Device, verified: VerifiedBundle, result: ImportResult, progress: ProgressFn | None) -> None:
-    conn, profile, manifest = device.conn, device.profile, verified.manifest
-    local_read = _local_read_scope(device, manifest.dataset_id)
-    signer_write = verified.signer_scope.write
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    with write_transaction(conn):
-        # Local edits become versions first, so they meet incoming ones in the merge, not in the app table.
-        result.local_serialized = serialize_changes(conn, profile).versions
-        with suppressed(conn):
-            result.dequeue = dequeue(
-                conn, profile, container.iter_record_batches(verified.info),
-                signer_write=signer_write, local_read=local_read, bundle_id=manifest.bundle_id, detected_at=now,
-            )
-            if progress:
-                progress("dequeued", result.dequeue.received)
-            result.deserialize = deserialize(conn, profile)
-        advance = tuple(
-            p for p in manifest.filter if covered([p], list(signer_write)) and covered([p], list(local_read))
-        )
-        result.advanced = advance
-        if advance:
-            result.gaps = fsic_mod.advance(conn, advance, manifest.basis_fsic, manifest.result_fsic)
-        _record(conn, verified, result, now)
-
-
-def _record(conn: sqlite3.Connection, verified: VerifiedBundle, result: ImportResult, now: str) -> None:
-    manifest = verified.manifest
-    for inst, (have, need) in result.gaps.items():
-        conn.execute(
-            "INSERT INTO bundlesync_gaps (dataset_id, inst, have, need, bundle_id, at) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (dataset_id, inst) DO UPDATE SET have = excluded.have, need = max(need, excluded.need), "
-            "bundle_id = excluded.bundle_id, at = excluded.at",
-            (manifest.dataset_id, inst, have, need, manifest.bundle_id, now),
-        )
-    held = fsic_mod.held(fsic_mod.read_rows(conn), [manifest.dataset_id])
-    for inst, need in conn.execute(
-        "SELECT inst, need FROM bundlesync_gaps WHERE dataset_id = ?", (manifest.dataset_id,)
-    ).fetchall():
-        if held.get(inst, 0) >= need:
-            conn.execute("DELETE FROM bundlesync_gaps WHERE dataset_id = ? AND inst = ?", (manifest.dataset_id, inst))
-    stats = {
-        "outcomes": result.dequeue.outcomes,
-        "out_of_scope": result.dequeue.out_of_scope,
-        "bad_partition": result.dequeue.bad_partition,
-        "not_for_us": result.dequeue.not_for_us,
-        "written": result.deserialize.written,
-        "deleted": result.deserialize.deleted,
-        "waiting": result.deserialize.waiting,
-        "failed": result.deserialize.failed,
-        "gaps": {k: list(v) for k, v in result.gaps.items()},
-    }
-    conn.execute(
-        "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, records, stats, result_fsic) "
-        "VALUES (?, 'import', ?, ?, ?, ?, ?, ?, ?, ?)",
-        (manifest.bundle_id, manifest.dataset_id, "\n".join(manifest.filter), manifest.sender_instance,
-         str(result.path), now, result.dequeue.received, json.dumps(stats), json.dumps(manifest.result_fsic)),
-    )
+        work.staged.unlink(missing_ok=True)
+    for line in work.result.warnings:
+        warn(line)
+    plugins.transfer_hooks("post_transfer", ctx, warn)
+    return work.result

@@ -99,3 +99,21 @@ def pair(tmp_path: Path) -> Pair:
 
 
 Runner = Callable[..., CliResult]
+
+
+def state(path: Path) -> dict[str, list[tuple[object, ...]]]:
+    """Every table of a database, bundlesync_* and sqlite_sequence included, rows sorted, plus the schema.
+
+    ``dump_tables`` covers the app tables only; this also catches writes to bundlesync's own
+    state (store, FSICs, transfers, change log) and to triggers or indexes.
+    """
+    conn = sqlite3.connect(path)
+    try:
+        names = [r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+        dump = {n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
+        dump["<schema>"] = sorted(conn.execute("SELECT type, name, tbl_name, sql FROM sqlite_master").fetchall(),
+                                  key=repr)
+        return dump
+    finally:
+        conn.close()

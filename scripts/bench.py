@@ -1,0 +1,582 @@
+#!/usr/bin/env python3
+"""Benchmark bundlesync's export, import, memory and bundle size (a benchmark, not a test).
+
+``bench.py [--logs N | --sizes N1,N2,...] [--users U] [--seed S] [--changes C]
+[--workdir DIR] [--skip-memory] [--skip-zstd] [--profile DIR] [--json]``
+
+For each size it writes a fixture facility (``scripts/make_facility_db.py``), sets up
+two devices the way the CLI does (A: the facility's authority; B: an empty device with
+a full-scope certificate issued by A), then measures, in this process:
+
+1. init: ``init_device`` on A (tracking triggers + queueing every existing row);
+2. the first export of A: serialization (``serialize_changes`` in one write
+   transaction) timed on its own, then ``export_bundle`` (queue + write + read-back
+   check); the wall time is their sum. The read-back check is re-run on its own
+   afterwards so its share can be told apart;
+3. import of that bundle into B;
+4. an incremental export after ``--changes`` rows of ``logger_attemptlog`` are changed
+   with plain SQL (basis: the last export), and its import into B;
+
+then, unless ``--skip-memory``, the peak RSS of ``bundlesync export`` and ``bundlesync
+import`` run as their own processes (``python -m bundlesync``) on a second copy of the
+same two devices; and, unless ``--skip-zstd``, the bundle's size against ``zstd -19 -T1``
+over the same record lines. The targets are DESIGN.md's ("Targets"); the incremental
+target is defined for a 1,000,000-record store.
+
+Progress goes to stderr; the tables (or, with ``--json``, one JSON document) to stdout.
+Exit status: 0 done (whether or not targets are met), 1 a step failed, 2 bad options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import json
+import os
+import platform
+import pstats
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+ROOT = Path(__file__).resolve().parent.parent
+PROFILE = ROOT / "fixtures" / "facility_profile.yaml"
+FIXTURE_SCRIPT = ROOT / "scripts" / "make_facility_db.py"
+CHANGED_TABLE = "logger_attemptlog"
+CHANGED_COLUMN = "time_spent"
+
+try:
+    from bundlesync import bundle as container
+    from bundlesync.db import write_transaction
+    from bundlesync.device import Device, init_device
+    from bundlesync.errors import BundlesyncError
+    from bundlesync.exporter import export_bundle
+    from bundlesync.importer import import_bundle
+    from bundlesync.store import pending_changes, serialize_changes
+except ImportError as _exc:  # pragma: no cover - set-up problem, not a bench result
+    print(f"error: cannot import bundlesync ({_exc}); run with the project's venv: "
+          f".venv/bin/python scripts/bench.py", file=sys.stderr)
+    sys.exit(2)
+
+_T = TypeVar("_T")
+
+
+class BenchError(Exception):
+    """A benchmark step failed; the message says which and why."""
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    value: float | int | None
+    unit: str = ""
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    def shown(self) -> str:
+        v = self.value
+        if v is None:
+            text = "n/a"
+        elif self.unit == "s":
+            text = f"{v:.3f} s"
+        elif self.unit == "records/s":
+            text = f"{v:,.0f} rec/s"
+        elif self.unit == "MB":
+            text = f"{v:,.1f} MB"
+        elif self.unit == "x":
+            text = f"{v:.3f}x"
+        elif self.unit == "bytes":
+            text = f"{int(v):,} B"
+        elif self.unit == "bytes/record":
+            text = f"{v:.1f} B/rec"
+        elif isinstance(v, int):
+            text = f"{v:,}" + (f" {self.unit}" if self.unit else "")
+        else:
+            text = f"{v:,.3f}" + (f" {self.unit}" if self.unit else "")
+        return text
+
+    def as_json(self) -> dict[str, Any]:
+        return {"key": self.key, "metric": self.label, "value": self.value, "unit": self.unit,
+                "target": self.target or None, "met": self.met, "note": self.note or None}
+
+
+@dataclass
+class Run:
+    logs: int
+    users: int
+    seed: int
+    workdir: str
+    metrics: list[Metric] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, key: str, label: str, value: float | int | None, unit: str = "", *,
+            target: tuple[str, float] | None = None, note: str = "") -> Metric:
+        target_text, met = "", None
+        if target is not None:
+            op, limit = target
+            shown_limit = f"{limit:,.0f}" if limit >= 1000 else f"{limit:g}"
+            suffix = {"records/s": " rec/s", "s": " s", "MB": " MB", "x": "x"}.get(unit, "")
+            target_text = f"{op} {shown_limit}{suffix}"
+            if value is not None:
+                met = {">=": value >= limit, "<": value < limit, "<=": value <= limit}[op]
+        metric = Metric(key, label, value, unit, target_text, met, note)
+        self.metrics.append(metric)
+        return metric
+
+    def value(self, key: str) -> float | int | None:
+        for m in self.metrics:
+            if m.key == key:
+                return m.value
+        return None
+
+
+def render_table(run: Run, title: str) -> str:
+    headers = ("metric", "value", "target", "met?")
+    rows = [(m.label, m.shown(), m.target + (f" ({m.note})" if m.note else ""),
+             "" if m.met is None else ("yes" if m.met else "NO")) for m in run.metrics]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join((c.ljust(w) if i != 1 else c.rjust(w)) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [title, line(headers), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out += [f"note: {n}" for n in run.notes]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], _T]) -> tuple[_T, float]:
+    gc.collect()
+    start = time.perf_counter()
+    value = fn()
+    return value, time.perf_counter() - start
+
+
+@contextmanager
+def profiled(profile_dir: Path | None, name: str) -> Iterator[None]:
+    """Run the block under cProfile when ``--profile`` is given; dump and print the top."""
+    if profile_dir is None:
+        yield
+        return
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        out = profile_dir / f"{name}.prof"
+        prof.dump_stats(str(out))
+        say(f"profile of {name} written to {out}; top 25 by cumulative time:")
+        stats = pstats.Stats(prof, stream=sys.stderr)
+        stats.sort_stats("cumulative").print_stats(25)
+
+
+def make_fixture(path: Path, *, users: int, logs: int, seed: int, schema_only: bool = False) -> str:
+    args = [sys.executable, str(FIXTURE_SCRIPT), str(path)]
+    args += ["--schema-only"] if schema_only else ["--users", str(users), "--logs", str(logs), "--seed", str(seed)]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise BenchError(f"fixture {path.name} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+def setup_pair(base: Path, a_db: Path, b_db: Path, facility: str) -> tuple[Path, Path, float, int]:
+    """The CLI's set-up, in-process: init A, provision A, init B, request/issue/install.
+
+    Returns (home A, home B, seconds of A's init, rows A's init queued).
+    """
+    home_a, home_b, usb = base / "devA", base / "devB", base / "usb"
+    usb.mkdir(parents=True, exist_ok=True)
+    gc.collect()
+    start = time.perf_counter()
+    init_device(home_a, a_db, PROFILE)
+    init_s = time.perf_counter() - start
+    with Device.open(home_a) as dev:
+        queued = pending_changes(dev.conn)
+        dataset_id, fac = dev.resolve_facility(facility)
+        dev.keyring.provision(dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name)
+    init_device(home_b, b_db, PROFILE)
+    with Device.open(home_b) as dev:
+        try:
+            dataset_id, fac = dev.resolve_facility(facility)
+        except BundlesyncError:
+            dataset_id, fac = "", facility  # as the CLI: a fresh device does not know the facility
+        request = dev.keyring.request(dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name,
+                                      scope="full", instance_id=dev.instance_id, out_dir=usb)
+    with Device.open(home_a) as dev:
+        grant = dev.keyring.issue(request, usb)
+    with Device.open(home_b) as dev:
+        dev.keyring.install(grant)
+    return home_a, home_b, init_s, queued
+
+
+def change_rows(db_path: Path, count: int) -> int:
+    """Plain SQL, as any app would: UPDATE one column of ``count`` logger rows; returns rows changed."""
+    conn = sqlite3.connect(str(db_path), timeout=30)
+    try:
+        with conn:
+            cur = conn.execute(
+                f"UPDATE {CHANGED_TABLE} SET {CHANGED_COLUMN} = {CHANGED_COLUMN} + 1.0 WHERE rowid IN "
+                f"(SELECT rowid FROM {CHANGED_TABLE} ORDER BY id LIMIT ?)",
+                (count,),
+            )
+            return cur.rowcount
+    finally:
+        conn.close()
+
+
+@dataclass
+class Measured:
+    code: int
+    out: str
+    err: str
+    wall: float
+    maxrss_mb: float
+
+
+# A child's ru_maxrss starts from the memory of the process it was forked from (Linux keeps
+# the old image's high-water mark across exec). Forked straight from this big benchmark
+# process, every child would report at least this process's peak. So each command runs
+# under a small launcher; the launcher forks the command and reads its rusage with wait4.
+_LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"maxrss": usage.ru_maxrss}, f)
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
+def run_measured(args: Sequence[str], env: dict[str, str]) -> Measured:
+    """Run one command and return its own peak RSS (not this process's, not other children's)."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
+        report = Path(tmp) / "rusage.json"
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), *args],
+                                stdout=out, stderr=err, env=env, cwd=ROOT)
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        try:
+            maxrss = json.loads(report.read_text())["maxrss"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise BenchError(f"could not read the peak memory of {' '.join(args)} ({exc}); stderr: {stderr.strip()}") from exc
+        # ru_maxrss is KiB on Linux, bytes on macOS.
+        scale = 1 / (1 << 20) if sys.platform == "darwin" else 1 / 1024
+        return Measured(code, stdout, stderr, wall, maxrss * scale)
+
+
+def cli(home: Path, *args: str) -> Measured:
+    env = {k: v for k, v in os.environ.items() if k != "BUNDLESYNC_HOME"}
+    env["BUNDLESYNC_HOME"] = str(home)
+    result = run_measured([sys.executable, "-m", "bundlesync", *args], env)
+    if result.code != 0:
+        raise BenchError(f"`bundlesync {' '.join(args)}` failed ({result.code}): {result.err.strip()}")
+    return result
+
+
+def file_mb(*paths: Path) -> float:
+    return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
+
+
+# --------------------------------------------------------------------------- one size
+
+
+def bench_size(logs: int, users: int, seed: int, changes: int, base: Path, *, skip_memory: bool,
+               skip_zstd: bool, profile_dir: Path | None) -> Run:
+    run = Run(logs, users, seed, str(base))
+    tag = f"[{logs:,} logs]"
+
+    # Fixture: A with the facility, B schema-only; copies for the memory pair.
+    a_db, b_db = base / "a.sqlite3", base / "b.sqlite3"
+    say(f"{tag} writing fixture ({users} users, {logs:,} logs) in {base}")
+    facility, fixture_s = timed(lambda: make_fixture(a_db, users=users, logs=logs, seed=seed))
+    make_fixture(b_db, users=users, logs=logs, seed=seed, schema_only=True)
+    run.add("fixture_s", "fixture written (make_facility_db.py)", fixture_s, "s")
+    run.add("fixture_db_mb", "app database size before init", file_mb(a_db), "MB")
+    mem = base / "memory"
+    if not skip_memory:
+        mem.mkdir()
+        shutil.copyfile(a_db, mem / "a.sqlite3")
+        shutil.copyfile(b_db, mem / "b.sqlite3")
+
+    # 1. init
+    say(f"{tag} init + certificates")
+    home_a, home_b, init_s, queued = setup_pair(base, a_db, b_db, facility)
+    run.add("init_s", "init (triggers + queue existing rows)", init_s, "s")
+    run.add("init_queued", "  rows queued by init", queued, "rows")
+    out = base / "out"
+    out.mkdir()
+
+    # 2. first export: serialization alone, then export_bundle (queue + write + read-back)
+    say(f"{tag} first export")
+    with Device.open(home_a) as dev, profiled(profile_dir, f"export-{logs}"):
+        def serialize() -> int:
+            with write_transaction(dev.conn):
+                return serialize_changes(dev.conn, dev.profile).versions
+        versions, ser_s = timed(serialize)
+        result, qw_s = timed(lambda: export_bundle(dev, facility, out))
+    if result.path is None:
+        raise BenchError("the first export wrote no bundle (nothing to export?)")
+    bundle_path = result.path
+    info = container.read_info(bundle_path)
+    records = info.records
+    if records != result.records:
+        run.notes.append(f"export reported {result.records} records but the bundle says {records}")
+    total_s = ser_s + qw_s
+
+    def read_back() -> int:
+        i = container.read_info(bundle_path)
+        container.verify_digest(i)
+        return sum(len(b) for b in container.iter_record_batches(i))
+    _, readback_s = timed(read_back)
+
+    size = bundle_path.stat().st_size
+    run.add("export_s", "export (first, full): wall", total_s, "s")
+    run.add("export_records", "  records in bundle", records, "records")
+    run.add("export_rate", "  records/s (wall)", records / total_s if total_s else None, "records/s",
+            target=(">=", 100_000), note="at 1M")
+    run.add("export_serialize_s", "  serialize_changes", ser_s, "s")
+    run.add("export_serialize_rate", "    serialize records/s", versions / ser_s if ser_s else None, "records/s")
+    run.add("export_queue_write_s", "  export_bundle (queue + write + read-back)", qw_s, "s")
+    run.add("export_queue_write_rate", "    queue+write records/s", records / qw_s if qw_s else None, "records/s")
+    run.add("export_readback_s", "    of which read-back check (re-timed alone)", readback_s, "s")
+    run.add("bundle_bytes", "  bundle size", size, "bytes")
+    run.add("bundle_bytes_per_record", "  bytes/record", size / records if records else None, "bytes/record")
+
+    # 3. import into B (fresh, schema only, full-scope certificate)
+    say(f"{tag} import into the empty device")
+    with Device.open(home_b) as dev, profiled(profile_dir, f"import-{logs}"):
+        imported, import_s = timed(lambda: import_bundle(dev, bundle_path))
+    run.add("import_s", "import (fresh device, full cert): wall", import_s, "s")
+    run.add("import_rate", "  records/s", records / import_s if import_s else None, "records/s",
+            target=(">=", 50_000), note="at 1M")
+    run.add("import_written", "  app rows written", imported.deserialize.written, "rows")
+    if imported.deserialize.waiting or imported.deserialize.failed or imported.dequeue.refused:
+        run.notes.append(f"import left {imported.deserialize.waiting} waiting, {imported.deserialize.failed} failed, "
+                         f"{imported.dequeue.refused} refused rows")
+
+    # 4. incremental export after plain-SQL edits
+    say(f"{tag} incremental export after {changes:,} plain-SQL updates")
+    changed = change_rows(a_db, changes)
+    with Device.open(home_a) as dev:
+        inc, inc_s = timed(lambda: export_bundle(dev, facility, out))
+    inc_records = inc.records if inc.path is not None else 0
+    run.add("incremental_changed", f"incremental: rows changed by SQL ({CHANGED_TABLE})", changed, "rows")
+    run.add("incremental_export_s", "  incremental export: wall", inc_s, "s",
+            target=("<", 1.0), note="1M store")
+    run.add("incremental_records", "  incremental export: records", inc_records, "records")
+    run.notes.append(f"incremental basis: {inc.basis_source}")
+    if inc.path is not None:
+        inc_path = inc.path
+        with Device.open(home_b) as dev:
+            _, inc_import_s = timed(lambda: import_bundle(dev, inc_path))
+        run.add("incremental_import_s", "  incremental import: wall", inc_import_s, "s")
+
+    # 5. peak memory, one process per command, on a second copy of the same two devices
+    if not skip_memory:
+        say(f"{tag} peak memory: set-up of the second device pair")
+        mhome_a, mhome_b, _, _ = setup_pair(mem, mem / "a.sqlite3", mem / "b.sqlite3", facility)
+        (mem / "out").mkdir()
+        baseline = cli(mhome_a, "--version")
+        say(f"{tag} peak memory: bundlesync export")
+        exp = cli(mhome_a, "export", "--facility", facility, "--out", str(mem / "out"), "--quiet")
+        mbundle = exp.out.strip().splitlines()[-1] if exp.out.strip() else ""
+        if not mbundle:
+            raise BenchError("`bundlesync export` in the memory run printed no bundle path")
+        say(f"{tag} peak memory: bundlesync import")
+        imp = cli(mhome_b, "import", mbundle, "--quiet")
+        run.add("rss_baseline_mb", "peak RSS: `bundlesync --version` (baseline)", baseline.maxrss_mb, "MB")
+        run.add("rss_export_mb", "peak RSS: `bundlesync export` (first, full)", exp.maxrss_mb, "MB", target=("<", 200))
+        run.add("cli_export_s", "  `bundlesync export` wall (one process)", exp.wall, "s")
+        run.add("rss_import_mb", "peak RSS: `bundlesync import` (fresh device)", imp.maxrss_mb, "MB", target=("<", 200))
+        run.add("cli_import_s", "  `bundlesync import` wall (one process)", imp.wall, "s")
+
+    # 6. size against zstd -19 over the same record lines
+    if not skip_zstd:
+        say(f"{tag} zstd -19 over the bundle's record lines (slow: ~3k records/s)")
+        raw = base / "records.jsonl"
+        with raw.open("wb") as f:
+            f.writelines(container.iter_records(info))
+        raw_bytes = raw.stat().st_size
+        if raw_bytes != info.payload_raw_bytes:
+            run.notes.append(f"JSON lines are {raw_bytes} bytes, the summary says {info.payload_raw_bytes}")
+        zst = base / "records.jsonl.zst"
+        proc, zstd_s = timed(lambda: subprocess.run(["zstd", "-19", "-T1", "-q", "-f", str(raw), "-o", str(zst)],
+                                                    capture_output=True, text=True))
+        if proc.returncode != 0:
+            raise BenchError(f"zstd -19 failed ({proc.returncode}): {proc.stderr.strip()}")
+        zst_bytes = zst.stat().st_size
+        raw.unlink()
+        zst.unlink()
+        run.add("jsonl_bytes", "record lines (JSON lines, uncompressed)", raw_bytes, "bytes")
+        run.add("zstd19_bytes", "zstd -19 -T1 of those lines", zst_bytes, "bytes")
+        run.add("zstd19_s", "  zstd -19 time (for scale)", zstd_s, "s")
+        run.add("bundle_vs_zstd19", "bundle bytes / zstd-19 bytes", size / zst_bytes, "x", target=("<=", 1.3))
+        run.add("bundle_vs_raw", "  bundle bytes / raw JSON lines", size / raw_bytes, "x")
+    return run
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _count(text: str, *, minimum: int) -> int:
+    cleaned = text.strip().replace("_", "").replace(",", "")
+    try:
+        value = int(cleaned)
+    except ValueError:
+        try:
+            as_float = float(cleaned)  # 1e6
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if not as_float.is_integer():
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        value = int(as_float)
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    return _count(text, minimum=1)
+
+
+def size_list(text: str) -> list[int]:
+    parts = [p for p in text.replace(" ", "").split(",") if p]
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one size, e.g. --sizes 100000,1000000")
+    return [_count(p, minimum=1) for p in parts]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description="Benchmark bundlesync: throughput, memory and bundle size (not a test).",
+        epilog="Targets from DESIGN.md: export >= 100k rec/s, import >= 50k rec/s (1M records); incremental "
+               "export of 1,000 changes < 1 s in a 1M store; peak RSS < 200 MB; bundle <= 1.3x zstd -19.")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--logs", type=positive, default=None, metavar="N",
+                       help="logger rows in the fixture (default 100000)")
+    sizes.add_argument("--sizes", type=size_list, default=None, metavar="N1,N2",
+                       help="several --logs values, run one after another (e.g. 100000,1000000)")
+    parser.add_argument("--users", type=positive, default=200, metavar="U", help="facility users (default 200)")
+    parser.add_argument("--seed", type=int, default=1, help="fixture seed (default 1)")
+    parser.add_argument("--changes", type=positive, default=1000, metavar="C",
+                        help="rows changed with SQL before the incremental export (default 1000)")
+    parser.add_argument("--workdir", type=Path, default=None, metavar="DIR",
+                        help="keep all files under DIR (default: a temporary folder, removed afterwards)")
+    parser.add_argument("--skip-memory", action="store_true", help="skip the peak-RSS runs of the CLI")
+    parser.add_argument("--skip-zstd", action="store_true", help="skip the (slow) zstd -19 comparison")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="run the in-process export and import under cProfile; write DIR/*.prof "
+                             "and print the top functions (timings are then inflated)")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    parser.add_argument("--debug", action="store_true", help="print a traceback when a step fails")
+    args = parser.parse_args(argv)
+    args.size_list = args.sizes or [args.logs or 100_000]
+    if not args.skip_zstd and shutil.which("zstd") is None:
+        parser.error("the zstd command is not installed (needed for the size comparison); install it or pass --skip-zstd")
+    if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+        parser.error(f"--workdir {args.workdir} exists and is not a directory")
+    if args.profile is not None and args.profile.exists() and not args.profile.is_dir():
+        parser.error(f"--profile {args.profile} exists and is not a directory")
+    if not PROFILE.is_file() or not FIXTURE_SCRIPT.is_file():
+        parser.error(f"missing {PROFILE} or {FIXTURE_SCRIPT}: run from a bundlesync checkout")
+    return args
+
+
+def machine() -> dict[str, Any]:
+    import bundlesync
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "bundlesync": getattr(bundlesync, "__version__", "?"), "sqlite": sqlite3.sqlite_version}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.workdir is not None:
+            args.workdir.mkdir(parents=True, exist_ok=True)
+            root, remove = args.workdir.resolve(), False
+        else:
+            root, remove = Path(tempfile.mkdtemp(prefix="bundlesync-bench-")), True
+        if args.profile is not None:
+            args.profile.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create the work folder: {exc}", file=sys.stderr)
+        return 2
+    runs: list[Run] = []
+    info = machine()
+    try:
+        for logs in args.size_list:
+            base = Path(tempfile.mkdtemp(prefix=f"logs{logs}-", dir=root))
+            run = bench_size(logs, args.users, args.seed, args.changes, base, skip_memory=args.skip_memory,
+                             skip_zstd=args.skip_zstd, profile_dir=args.profile)
+            if args.profile is not None:
+                run.notes.append("export and import ran under cProfile: their timings are inflated")
+            runs.append(run)
+            if not args.json:
+                records = run.value("export_records") or 0
+                title = (f"== bundlesync {info['bundlesync']} bench: {logs:,} logs, {args.users:,} users, seed "
+                         f"{args.seed} ({records:,} records) | Python {info['python']}, SQLite {info['sqlite']}, "
+                         f"{info['cpus']} CPUs ==")
+                print(render_table(run, title), flush=True)
+                print(flush=True)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (BenchError, BundlesyncError, OSError, sqlite3.Error) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}" + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
+    except Exception as exc:  # an engine bug: say so in one line, traceback on request
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: unexpected {type(exc).__name__}: {exc}"
+              + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
+        return 1
+    finally:
+        if remove:
+            shutil.rmtree(root, ignore_errors=True)
+        elif runs or args.workdir is not None:
+            say(f"files kept in {root}")
+    if args.json:
+        print(json.dumps({"machine": info, "runs": [
+            {"logs": r.logs, "users": r.users, "seed": r.seed, "workdir": None if remove else r.workdir,
+             "metrics": [m.as_json() for m in r.metrics], "notes": r.notes} for r in runs]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
