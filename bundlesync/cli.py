@@ -25,7 +25,8 @@ from .errors import BundlesyncError
 from .exporter import export_bundle
 from .importer import import_bundle, verify_bundle
 from .plugins import PluginSet
-from .status import device_status
+from .purge import purge_user
+from .status import device_status, list_conflicts
 
 __all__ = ["cli", "main"]
 
@@ -145,14 +146,19 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--full", is_flag=True, help="Everything in scope, not only what changed.")
 @click.option("--user", "user_id", default=None, help="Only what user USER_ID's single-user device may read.")
+@click.option("--since", "since", default=None, type=click.Path(dir_okay=False),
+              help="Only what the device that wrote this receipt lacks.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 @click.pass_context
 def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, user_id: str | None,
-               quiet: bool, as_json: bool) -> None:
+               since: str | None, quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
     with _device(ctx) as device:
+        if full and since:
+            raise click.UsageError("--full and --since exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
+                               since=Path(since) if since else None,
                                plugins=_plugins(ctx, device), warn=_warn)
     if as_json:
         click.echo(json.dumps({
@@ -169,17 +175,19 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
 
 
 @cli.command("import")
-@click.argument("bundles", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("bundles", nargs=-1, required=True)
+@click.option("--receipt/--no-receipt", default=True, show_default=True,
+              help="Leave a signed receipt (what this device holds) next to each bundle.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def import_cmd(ctx: click.Context, bundles: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quiet: bool, as_json: bool) -> None:
     """Verify, then apply bundles (in the order given); re-importing is a no-op."""
     reports = []
     with _device(ctx) as device:
         plugins = _plugins(ctx, device)
         for name in bundles:
-            r = import_bundle(device, Path(name), plugins=plugins, warn=_warn)
+            r = import_bundle(device, Path(name), plugins=plugins, warn=_warn, receipt=receipt)
             dq, ds = r.dequeue, r.deserialize
             reports.append({
                 "path": name, "bundle_id": r.bundle_id, "already_imported": r.already,
@@ -187,6 +195,7 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], quiet: bool, as_jso
                 "refused_sample": dq.refused_sample, "not_for_this_device": dq.not_for_us,
                 "written": ds.written, "deleted": ds.deleted, "waiting": ds.waiting, "failed": ds.failed,
                 "gaps": {k: {"have": h, "need": n} for k, (h, n) in r.gaps.items()},
+                "receipt": str(r.receipt) if r.receipt else None,
             })
             if as_json:
                 continue
@@ -213,7 +222,7 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], quiet: bool, as_jso
 
 
 @cli.command("verify")
-@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.argument("bundle")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
 def verify_cmd(ctx: click.Context, bundle: str, quiet: bool) -> None:
@@ -225,7 +234,7 @@ def verify_cmd(ctx: click.Context, bundle: str, quiet: bool) -> None:
 
 
 @cli.command("inspect")
-@click.argument("bundle", type=click.Path(dir_okay=False))
+@click.argument("bundle")
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(bundle: str, as_json: bool) -> None:
     """Show a bundle's manifest and summary (structure is checked, trust is not)."""
@@ -284,6 +293,41 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     click.echo("\n".join(lines))
 
 
+@cli.command("conflicts")
+@click.option("--model", default=None, help="Only this table.")
+@click.option("--limit", default=50, show_default=True, type=int, help="At most this many (0: all).")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bool) -> None:
+    """List the losing versions of concurrent edits (the winners are in the app tables)."""
+    with _device(ctx) as device:
+        found = list_conflicts(device, model=model, limit=limit or None)
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True, ensure_ascii=False))
+        return
+    if not found:
+        _say("no conflicts")
+        return
+    for c in found:
+        loser = c["loser"]
+        what = "deletion" if loser.get("deleted") else json.dumps(loser.get("data"), ensure_ascii=False, sort_keys=True)
+        click.echo(f"{c['detected_at']} {c['model']} {c['record_id']}: lost {loser['inst'][:8]}:{loser['ctr']} "
+                   f"to {c['winner']['instance'][:8]}:{c['winner']['counter']}: {what}")
+
+
+@cli.command("purge")
+@click.option("--facility", "facility_id", required=True)
+@click.option("--user", "user_id", required=True, help="The user whose personal data is erased for good.")
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, quiet: bool) -> None:
+    """Erase a user's personal data everywhere (propagates through bundles; cannot be undone)."""
+    with _device(ctx) as device:
+        r = purge_user(device, facility_id, user_id)
+    _say(f"purged {r.records} record(s) of user {user_id} in {', '.join(r.partitions)}; "
+         f"{r.app_rows_deleted} app row(s) deleted; the next export carries the purge", quiet=quiet)
+
+
 @cli.command("plugins")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -311,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("error: interrupted", err=True)
         return 130
     except click.ClickException as exc:
-        exc.show()
+        hint = "; see `bundlesync --help`" if isinstance(exc, click.UsageError) else ""
+        click.echo(f"error: {exc.format_message()}{hint}", err=True)
         return exc.exit_code
     except BundlesyncError as exc:
         click.echo(f"error: {exc}", err=True)

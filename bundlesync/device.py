@@ -19,6 +19,7 @@ import yaml
 
 from . import db
 from .errors import ConfigError, StateError
+from .fsutil import atomic_write_bytes
 from .keyring import Keyring
 from .profile import Profile, bind_profile, load_profile
 from .store import ensure_identity, instance_id
@@ -71,9 +72,7 @@ class Config:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
             existing = loaded if isinstance(loaded, dict) else {}
         existing.update({"db": str(self.db), "profile": str(self.profile), "plugins": list(self.plugins)})
-        tmp = path.with_suffix(".yaml.partial")
-        tmp.write_text(yaml.safe_dump(existing, sort_keys=False), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_bytes(path, yaml.safe_dump(existing, sort_keys=False).encode("utf-8"))
 
 
 class Device:

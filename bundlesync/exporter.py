@@ -35,6 +35,7 @@ from .hooks import FacilityDataSyncHook
 from .manifest import Manifest
 from .operations import EXPORT_STAGES, Stage, Step, SyncContext
 from .plugins import PluginSet, Warn
+from .receipts import find_receipts, read_receipt
 from .scope import covered, scope_filters
 from .store import current_counter, serialize_changes
 
@@ -95,10 +96,11 @@ def outgoing_lines(
 class ExportWork(FacilityDataSyncHook):
     """bundlesync's own export work, one operation per stage."""
 
-    def __init__(self, device: Device, out_dir: Path, *, full: bool, user: str | None,
-                 basis: tuple[dict[str, int], str] | None, plugins: PluginSet, now: datetime.datetime | None) -> None:
-        self.device, self.out_dir, self.full, self.user = device, out_dir, full, user
-        self.basis_override, self.plugins, self.now = basis, plugins, now
+    def __init__(self, device: Device, out_dir: Path, *, full: bool, user: str | None, since: Path | None,
+                 plugins: PluginSet, now: datetime.datetime | None) -> None:
+        self.device, self.out_dir, self.full, self.user, self.since = device, out_dir, full, user, since
+        self.plugins, self.now = plugins, now
+        self.skipped_receipts: list[str] = []
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
         self.result = ExportResult(None, uuid.uuid4().hex, "")
@@ -126,13 +128,30 @@ class ExportWork(FacilityDataSyncHook):
             raise StateError(f"output folder {self.out_dir} does not exist: create it or mount the drive")
         ctx.filter = tuple(prefixes)
         self.result.dataset_id, self.result.filter = ctx.dataset_id, ctx.filter
-        basis, source = self.basis_override or self._last_export(ctx)
+        basis, source = self._choose_basis(ctx)
         self.result.basis, self.result.basis_source = dict(basis), source
 
-    def _last_export(self, ctx: SyncContext) -> tuple[dict[str, int], str]:
-        """``--full``: nothing. Else the result of this device's last export of the same filter."""
+    def _choose_basis(self, ctx: SyncContext) -> tuple[dict[str, int], str]:
+        """What the receivers are assumed to hold already, and why.
+
+        ``--full``: nothing. ``--since RECEIPT``: what that peer holds. Else, if the
+        output folder holds receipts of peers: what the least up-to-date of them holds.
+        Else the result of this device's last export of the same filter (a receiver
+        that missed that one reports the gap).
+        """
+        assert ctx.dataset_id is not None
         if self.full:
             return {}, "full"
+        if self.since is not None:
+            receipt = read_receipt(self.since, self.device.keyring)
+            if receipt.dataset_id != ctx.dataset_id:
+                raise StateError(f"receipt {self.since.name} is for another facility: pick one of {ctx.facility_id}")
+            return dict(receipt.fsic), f"receipt of {receipt.instance_id[:8]}"
+        receipts, skipped = find_receipts(self.out_dir, self.device.keyring, ctx.dataset_id, ctx.instance_id)
+        self.skipped_receipts = skipped
+        if receipts:
+            peers = ", ".join(sorted(r.instance_id[:8] for r in receipts))
+            return fsic_mod.pointwise_min(r.fsic for r in receipts), f"receipts of {peers}"
         row = ctx.connection.execute(
             "SELECT result_fsic, bundle_id FROM bundlesync_transfers WHERE direction = 'export' AND dataset_id = ? "
             "AND filter = ? ORDER BY id DESC LIMIT 1",
@@ -216,7 +235,7 @@ def export_bundle(
     *,
     full: bool = False,
     user: str | None = None,
-    basis_override: tuple[dict[str, int], str] | None = None,
+    since: Path | None = None,
     plugins: PluginSet | None = None,
     warn: Warn | None = None,
     now: datetime.datetime | None = None,
@@ -234,7 +253,7 @@ def export_bundle(
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
-    work = ExportWork(device, out_dir, full=full, user=user, basis=basis_override, plugins=plugins, now=now)
+    work = ExportWork(device, out_dir, full=full, user=user, since=since, plugins=plugins, now=now)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         plugins.run_stage(Stage.INITIALIZING, ctx, work)
@@ -252,5 +271,7 @@ def export_bundle(
         work.discard()
         raise
     work.result.path = work.path
+    for line in work.skipped_receipts:
+        (warn or (lambda _: None))(f"warning: ignored receipt {line}")
     plugins.transfer_hooks("post_transfer", ctx, warn or (lambda _: None))
     return work.result

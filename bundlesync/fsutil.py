@@ -21,6 +21,7 @@ __all__ = [
     "TargetExistsError",
     "atomic_write_bytes",
     "fsync_dir",
+    "partial_path",
 ]
 
 PARTIAL_SUFFIX = ".partial"
@@ -28,6 +29,11 @@ PARTIAL_SUFFIX = ".partial"
 
 # Filesystems that cannot fsync a directory say so with one of these; nothing to do there.
 _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EBADF})
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written until it is complete: ``<path>.partial``."""
+    return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
 class TargetExistsError(FileExistsError):
@@ -79,7 +85,7 @@ class AtomicFile:
             OSError: The file cannot be created.
         """
         self.path = path
-        self.partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        self.partial = partial_path(path)
         # A stale partial may carry wider permissions, which O_CREAT would keep.
         self.partial.unlink(missing_ok=True)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)

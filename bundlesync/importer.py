@@ -3,11 +3,12 @@
 The pipeline is :class:`ImportWork`: one built-in operation per stage, run after
 the plugins' operations of that stage:
 
-INITIALIZING   read the bundle's head on the medium; check format, profile, the signer's
-               certificate chain to the facility root this device trusts, the signature.
-TRANSFERRING   copy the bundle into the home's staging folder, hashing as it goes, and
-               decompress it once: what was verified is exactly what gets applied, even
-               if the drive is pulled or changed afterwards.
+INITIALIZING   copy the bundle off the medium into the home's staging folder, hashing as it
+               goes (so what is verified is exactly what gets applied, even if the drive is
+               pulled or changed afterwards); check integrity first, then format, profile,
+               the signer's certificate chain to the facility root this device trusts, and
+               the signature. Plugins hear of the bundle only after these checks.
+TRANSFERRING   decompress the staged copy once (record count and sizes) before any write.
 SERIALIZING    (one write transaction from here on) pending local edits become versions
                first, so they meet incoming ones in the merge, not in the app table.
 DEQUEUING      merge every acceptable record into the store by version vectors.
@@ -33,11 +34,12 @@ from .db import write_transaction
 from .dequeue import DequeueResult, dequeue
 from .deserialize import DeserializeResult, deserialize
 from .device import Device
-from .errors import BundleError, CertError, FormatError, ProfileMismatchError, TrustError
+from .errors import BundleError, BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from .hooks import FacilityDataSyncHook
 from .manifest import Manifest
 from .operations import LocalOperation, Stage, Step, SyncContext
 from .plugins import PluginSet, Warn
+from .receipts import make_receipt, write_receipt
 from .scope import ScopeFilters, covered, scope_filters
 from .store import serialize_changes
 from .tracking import suppressed
@@ -68,9 +70,10 @@ class ImportResult:
     gaps: dict[str, tuple[int, int]] = field(default_factory=dict)
     advanced: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
+    receipt: Path | None = None
 
 
-def check_trust(device: Device, info: container.BundleInfo) -> VerifiedBundle:
+def check_trust(device: Device, info: container.BundleInfo, *, shown_as: str | None = None) -> VerifiedBundle:
     """Manifest, profile, certificate chain and signature (not the payload bytes)."""
     manifest = Manifest.from_dict(info.manifest)
     profile = device.profile
@@ -90,7 +93,13 @@ def check_trust(device: Device, info: container.BundleInfo) -> VerifiedBundle:
     except CertError as exc:
         raise TrustError(f"bundle's certificate chain is malformed ({exc}); refusing it") from exc
     signer = verify_chain(chain, root, dataset_id=manifest.dataset_id)
-    verify(signer.subject_key, "bundle", info.digest, info.signature)
+    try:
+        verify(signer.subject_key, "bundle", info.digest, info.signature)
+    except TrustError as exc:
+        raise TrustError(
+            f"{shown_as or info.path.name}: the signature does not match its signer's certificate {signer.cert_id} "
+            f"({signer.scope}): it was altered or forged; do not import it, ask the sender for a fresh export"
+        ) from exc
     if not covered(list(manifest.filter), [manifest.dataset_id]):
         raise TrustError(f"bundle filter {list(manifest.filter)} reaches outside its facility: refusing it")
     return VerifiedBundle(info, manifest, signer, scope_filters(profile, manifest.dataset_id, signer.scope))
@@ -102,13 +111,18 @@ def _check_payload(info: container.BundleInfo) -> None:
         pass
 
 
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        what = "a directory" if path.is_dir() else "not a file"
+        raise FormatError(f"{path} is {what}, not a bundle: check the path (a bundle is named bundle-….bsync)")
+
+
 def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
     """Everything import checks, without writing anything. Raises a :class:`BundleError`."""
-    if not path.is_file():
-        raise FormatError(f"{path} is not a file: check the path (a bundle is named bundle-….bsync)")
+    _require_file(path)
     info = container.read_info(path)
+    container.verify_digest(info)  # integrity first: damage must not be reported as a trust problem
     verified = check_trust(device, info)
-    container.verify_digest(info)
     _check_payload(info)
     return verified
 
@@ -133,10 +147,15 @@ class ImportWork(FacilityDataSyncHook):
         assert self.verified is not None
         return self.verified
 
+    def stage_and_check(self) -> None:
+        """Copy the bundle off the medium (digest checked on the way), then check its signer."""
+        info = container.copy_verified(self.source, self.staged)
+        self.verified = check_trust(self.device, info, shown_as=self.source.name)
+
     # INITIALIZING
     def initialize(self, ctx: SyncContext) -> None:
         if self.verified is None:
-            self.verified = check_trust(self.device, container.read_info(self.source))
+            self.stage_and_check()
             self.describe(ctx)
         known = {(op.get("plugin"), op.get("operation")) for op in self.plugins.manifest_entries(list(Stage))}
         missing: set[tuple[object, object]] = set()
@@ -162,13 +181,7 @@ class ImportWork(FacilityDataSyncHook):
 
     # TRANSFERRING
     def transfer(self, ctx: SyncContext) -> None:
-        head = self._verified().info
-        info = container.copy_verified(self.source, self.staged)
-        if info.digest != head.digest or info.signature != head.signature:
-            raise BundleError(f"{self.source} changed while it was being read: copy it again and retry")
-        _check_payload(info)
-        self.verified = VerifiedBundle(info, *(self._verified().manifest, self._verified().signer,
-                                               self._verified().signer_scope))
+        _check_payload(self._verified().info)
         row = ctx.connection.execute(
             "SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'", (self.result.bundle_id,)
         ).fetchone()
@@ -237,31 +250,46 @@ class ImportWork(FacilityDataSyncHook):
         )
 
 
+def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
+    """Write this device's signed receipt for ``dataset_id`` into ``folder`` (e.g. the drive)."""
+    chain = device.keyring.device_chain(dataset_id)
+    if chain is None:
+        raise StateError(f"this device holds no certificate for dataset {dataset_id}, so it cannot sign a receipt")
+    prefixes = scope_filters(device.profile, dataset_id, chain[0].scope).read
+    held = fsic_mod.held(fsic_mod.read_rows(device.conn), prefixes)
+    receipt = make_receipt(dataset_id, device.instance_id, prefixes, held, chain)
+    return write_receipt(folder, receipt, device.keyring.device_key())
+
+
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
-                  warn: Warn | None = None) -> ImportResult:
+                  warn: Warn | None = None, receipt: bool = True) -> ImportResult:
     """Verify, then apply one bundle atomically; a re-import is a no-op."""
-    if not path.is_file():
-        raise FormatError(f"{path} is not a file: check the path (a bundle is named bundle-….bsync)")
+    _require_file(path)
     plugins = plugins or PluginSet()
     warn = warn or (lambda _: None)
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
     work = ImportWork(device, path, plugins)
     try:
-        # The signer is checked before plugins hear of the bundle (their hooks get its facility).
-        work.verified = check_trust(device, container.read_info(path))
+        # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
+        work.stage_and_check()
         work.describe(ctx)
         plugins.transfer_hooks("pre_transfer", ctx, warn)
         plugins.run_stage(Stage.INITIALIZING, ctx, work)
         plugins.run_stage(Stage.TRANSFERRING, ctx, work)
-        if work.result.already:
-            return work.result
-        with write_transaction(conn):
-            for stage in (Stage.SERIALIZING, Stage.DEQUEUING, Stage.DESERIALIZING, Stage.CLEANUP):
-                plugins.run_stage(stage, ctx, work)
+        if not work.result.already:
+            with write_transaction(conn):
+                for stage in (Stage.SERIALIZING, Stage.DEQUEUING, Stage.DESERIALIZING, Stage.CLEANUP):
+                    plugins.run_stage(stage, ctx, work)
     finally:
         work.staged.unlink(missing_ok=True)
+    if receipt and ctx.dataset_id is not None:
+        try:
+            work.result.receipt = leave_receipt(device, ctx.dataset_id, path.parent)
+        except (OSError, BundlesyncError) as exc:
+            work.result.warnings.append(f"warning: could not leave a receipt next to {path.name}: {exc}")
     for line in work.result.warnings:
         warn(line)
-    plugins.transfer_hooks("post_transfer", ctx, warn)
+    if not work.result.already:
+        plugins.transfer_hooks("post_transfer", ctx, warn)
     return work.result

@@ -21,22 +21,23 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
-from bundlesync.certs import (
-    FULL_SCOPE,
-    Certificate,
+from bundlesync.certfiles import (
     CertGrant,
-    canonical_json,
-    issue_certificate,
     make_request,
-    make_root_certificate,
     read_chain_file,
     read_grant,
     read_request,
-    validate_id,
-    verify_chain,
     write_chain_file,
     write_grant,
     write_request,
+)
+from bundlesync.certs import (
+    FULL_SCOPE,
+    Certificate,
+    issue_certificate,
+    make_root_certificate,
+    validate_id,
+    verify_chain,
 )
 from bundlesync.crypto import SigningKey, key_fingerprint, load_private_key, save_private_key
 from bundlesync.errors import CertError, StateError, TrustError
@@ -48,11 +49,6 @@ _CERTS_DIR = "certs"
 _DEVICE_KEY = "device.key"
 _TRUSTED_ROOT = "trusted-root.json"
 _DEVICE_CHAIN = "device-chain.json"
-
-
-def _same(a: Certificate, b: Certificate) -> bool:
-    # Full canonical bytes, signature included: equal ids alone could hide a re-signed copy.
-    return canonical_json(a.to_dict()) == canonical_json(b.to_dict())
 
 
 class Keyring:
@@ -195,6 +191,13 @@ class Keyring:
                 found.append(entry.name)
         return sorted(found)
 
+    def _check_root_key(self, root: Certificate, root_key: SigningKey) -> None:
+        if root_key.public_key != root.subject_key:
+            raise CertError(
+                f"the root key of dataset {root.dataset_id} does not match its trusted root "
+                f"{root.cert_id}; restore {self._root_key_path(root.dataset_id)} from a backup"
+            )
+
     def _save_trusted_root(self, root: Certificate) -> None:
         write_chain_file(self._dataset_dir(root.dataset_id) / _TRUSTED_ROOT, (root,))
 
@@ -243,11 +246,7 @@ class Keyring:
                     f"{root.facility_id}, whose key it does not hold; provision on the "
                     "facility's authority device instead, or request a certificate from it"
                 )
-            if root_key.public_key != root.subject_key:
-                raise CertError(
-                    f"the root key of dataset {dataset_id} does not match its trusted root "
-                    f"{root.cert_id}; restore {self._root_key_path(dataset_id)} from a backup"
-                )
+            self._check_root_key(root, root_key)
             if (root.facility_id, root.profile) != (facility_id, profile):
                 raise CertError(
                     f"dataset {dataset_id} is already provisioned for facility "
@@ -346,11 +345,7 @@ class Keyring:
                 f"this device is not the authority of facility {request.facility_id}; run it "
                 "on the device that ran `bundlesync facility provision`"
             )
-        if root_key.public_key != root.subject_key:
-            raise CertError(
-                f"the root key of dataset {root.dataset_id} does not match its trusted root "
-                f"{root.cert_id}; restore {self._root_key_path(root.dataset_id)} from a backup"
-            )
+        self._check_root_key(root, root_key)
         # A device that did not know the dataset may have been given its id as "facility".
         if request.facility_id != root.facility_id and not (
             request.dataset_id is None and request.facility_id == root.dataset_id
@@ -421,7 +416,7 @@ class Keyring:
                 "that wrote the request, or make a new request here"
             )
         trusted = self.trusted_root(leaf.dataset_id)
-        if trusted is not None and not _same(trusted, grant.root):
+        if trusted is not None and trusted != grant.root:
             raise CertError(
                 f"grant's root differs from the trusted root of facility {trusted.facility_id}; "
                 "it was issued by another authority, so ask this facility's authority "
@@ -437,9 +432,7 @@ class Keyring:
             # Trust on install: the user chose to install this grant.
             self._save_trusted_root(grant.root)
         existing = self.device_chain(leaf.dataset_id)
-        if existing is None or not (
-            len(existing) == len(grant.full_chain)
-            and all(_same(a, b) for a, b in zip(existing, grant.full_chain))
-        ):
+        # Certificates compare every field, signature included: a re-signed copy differs.
+        if existing != grant.full_chain:
             self._save_device_chain(grant.full_chain)
         return leaf

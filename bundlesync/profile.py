@@ -13,7 +13,8 @@ Templates use ``${name}`` placeholders only. Every partition and scope template 
 (``${dataset_column}`` / ``${dataset_id}``) so a facility's scopes can cover it; duplicate YAML keys,
 ``sqlite_*``/``bundlesync_*`` tables and excluded columns that the profile relies on are refused.
 :func:`bind_profile` refuses REAL partition columns: partitions are built with ``str()`` in Python and
-``||`` in SQL, which agree for TEXT and INTEGER values only.
+``||`` in SQL, which agree for TEXT and INTEGER values only. It also refuses an ``INTEGER PRIMARY KEY`` (a rowid
+alias) as a table's primary_key: its values are allocated per device, so they are not globally unique.
 """
 
 from __future__ import annotations
@@ -485,8 +486,14 @@ def _bind_table(label: str, conn: sqlite3.Connection, db: str, tables: set[str],
             raise ProfileError(f"{at}: partition column {column!r} has type {types[column]}, whose text differs "
                                "between SQL and Python; build partitions from TEXT or INTEGER columns")
     unique = [c[0] for c in info if c[2] > 0] == [spec.primary_key]
-    for index in [] if unique else _rows(conn, f"PRAGMA index_list({_q(spec.name)})"):
-        # (seq, name, unique, origin, partial): a partial index leaves the other rows unconstrained.
+    indexes = _rows(conn, f"PRAGMA index_list({_q(spec.name)})")  # (seq, name, unique, origin, partial)
+    # A single-column primary key without a "pk" index is a rowid alias (sqlite.org/lang_createtable.html#rowid).
+    if unique and not any(index[3] == "pk" for index in indexes):
+        raise ProfileError(
+            f"{label}: primary key {spec.primary_key!r} of table {spec.name!r} is an INTEGER PRIMARY KEY, allocated "
+            "per device: use a globally unique key such as a UUID text column")
+    for index in [] if unique else indexes:
+        # A partial index leaves the other rows unconstrained.
         if index[2] and not index[4]:
             unique = [r[2] for r in _rows(conn, f"PRAGMA index_info({_q(str(index[1]))})")] == [spec.primary_key]
             if unique:

@@ -9,7 +9,7 @@ from . import fsic as fsic_mod
 from .device import Device
 from .store import current_counter, pending_changes
 
-__all__ = ["device_status"]
+__all__ = ["device_status", "list_conflicts"]
 
 RECENT_TRANSFERS = 10
 
@@ -64,3 +64,23 @@ def device_status(device: Device) -> dict[str, Any]:
         "facilities": facilities,
         "last_transfers": transfers,
     }
+
+
+def list_conflicts(device: Device, *, model: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Losing versions of concurrent edits, newest first (``bundlesync conflicts``).
+
+    The winner is the record's current version (in the app table); each entry is
+    the version that lost, with who wrote it, its clock and its data.
+    """
+    sql = ("SELECT id, model, record_id, loser, winner_inst, winner_ctr, bundle_id, detected_at "
+           "FROM bundlesync_conflicts")
+    params: list[object] = []
+    if model is not None:
+        sql += " WHERE model = ?"
+        params.append(model)
+    sql += " ORDER BY id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+    return [
+        {"conflict": cid, "model": m, "record_id": rid, "loser": json.loads(loser),
+         "winner": {"instance": wi, "counter": wc}, "bundle_id": bundle, "detected_at": at}
+        for cid, m, rid, loser, wi, wc, bundle, at in device.conn.execute(sql, params)
+    ]

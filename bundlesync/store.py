@@ -31,6 +31,7 @@ __all__ = [
     "ensure_identity",
     "fetch_versions",
     "instance_id",
+    "next_counter",
     "serialize_changes",
     "upsert_versions",
 ]
@@ -94,9 +95,16 @@ def current_counter(conn: sqlite3.Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def _next_counter(conn: sqlite3.Connection) -> int:
+def next_counter(conn: sqlite3.Connection) -> int:
+    """Take a new counter value for this instance and note that it holds its own writes up to it."""
     conn.execute("UPDATE bundlesync_meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'counter'")
-    return current_counter(conn)
+    counter = current_counter(conn)
+    conn.execute(
+        "INSERT INTO bundlesync_fsic (partition, inst, ctr) VALUES ('', ?, ?) "
+        "ON CONFLICT (partition, inst) DO UPDATE SET ctr = max(ctr, excluded.ctr)",
+        (instance_id(conn), counter),
+    )
+    return counter
 
 
 # --- reading and writing versions ---------------------------------------------------
@@ -192,6 +200,17 @@ def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[A
         yield rows
 
 
+def _keep_unknown_keys(stored: str, fresh: str, columns: Sequence[str]) -> str:
+    """Carry over fields a newer profile sent that this device's app table lacks (forward compatibility)."""
+    old = json.loads(stored)
+    extra = {k: v for k, v in old.items() if k not in columns} if isinstance(old, dict) else {}
+    if not extra:
+        return fresh
+    merged = json.loads(fresh)
+    merged.update(extra)
+    return json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
+
+
 def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, hlc_floor: int = 0) -> SerializeResult:
     """Turn logged app changes into store versions (must run in a write transaction).
 
@@ -216,6 +235,8 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, hlc_floor: 
                     continue
                 if present:
                     data = encode_data(table.columns, row[11:])
+                    if exists and data != s_data:
+                        data = _keep_unknown_keys(s_data, data, table.columns)
                     if exists and not s_deleted and s_data == data and s_part == partition:
                         continue
                     deleted = False
@@ -224,7 +245,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, hlc_floor: 
                 else:
                     continue
                 if result.counter is None:
-                    result.counter = _next_counter(conn)
+                    result.counter = next_counter(conn)
                 vv = json.loads(s_vv) if exists else {}
                 vv[me] = result.counter
                 hlc = max(at_ms << 16, (s_hlc + 1) if exists else 0, hlc_floor)
@@ -236,12 +257,6 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, hlc_floor: 
             if writes:
                 result.by_model[table.name] = result.by_model.get(table.name, 0) + len(writes)
         conn.execute("DELETE FROM bundlesync_changes WHERE model = ?", (table.name,))
-    if result.counter is not None:
-        conn.execute(
-            "INSERT INTO bundlesync_fsic (partition, inst, ctr) VALUES ('', ?, ?) "
-            "ON CONFLICT (partition, inst) DO UPDATE SET ctr = max(ctr, excluded.ctr)",
-            (me, result.counter),
-        )
     return result
 
 

@@ -64,8 +64,12 @@ try:
     from bundlesync.importer import import_bundle
     from bundlesync.store import pending_changes, serialize_changes
 except ImportError as _exc:  # pragma: no cover - set-up problem, not a bench result
-    print(f"error: cannot import bundlesync ({_exc}); run with the project's venv: "
-          f".venv/bin/python scripts/bench.py", file=sys.stderr)
+    if isinstance(_exc, ModuleNotFoundError) and (_exc.name or "").split(".")[0] == "bundlesync":
+        print("error: bundlesync is not installed in this Python; run with the project's venv: "
+              ".venv/bin/python scripts/bench.py", file=sys.stderr)
+    else:
+        print(f"error: bundlesync cannot be imported ({_exc}); the package itself is broken or "
+              "half-edited: fix it (or wait for the edit to finish) and run again", file=sys.stderr)
     sys.exit(2)
 
 _T = TypeVar("_T")

@@ -1,4 +1,4 @@
-"""Tests for bundlesync.certs and bundlesync.keyring: chains, request/grant files, round trip."""
+"""Tests for bundlesync.certs, .certfiles and .keyring: chains, request/grant files, round trip."""
 
 from __future__ import annotations
 
@@ -13,25 +13,27 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bundlesync.certs import (
-    MAX_CHAIN_LENGTH,
+from bundlesync.certfiles import (
     CertGrant,
-    Certificate,
     CertRequest,
-    canonical_json,
-    format_time,
-    issue_certificate,
     make_request,
-    make_root_certificate,
-    parse_scope,
     read_chain_file,
     read_grant,
     read_request,
-    scope_covers,
-    verify_chain,
     write_chain_file,
     write_grant,
     write_request,
+)
+from bundlesync.certs import (
+    MAX_CHAIN_LENGTH,
+    Certificate,
+    canonical_json,
+    format_time,
+    issue_certificate,
+    make_root_certificate,
+    parse_scope,
+    scope_covers,
+    verify_chain,
 )
 from bundlesync.crypto import SigningKey
 from bundlesync.errors import CertError, StateError, TrustError

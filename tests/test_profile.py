@@ -369,11 +369,30 @@ def test_bind_refuses_mismatches(tmp_path: Path, schema: str, mutate: Mutation |
     _bind_error(tmp_path, *fragments, schema=schema, mutate=mutate)
 
 
-@pytest.mark.parametrize("key", ["uid TEXT UNIQUE", "uid TEXT NOT NULL", "uid INTEGER PRIMARY KEY"])
+# A rowid table keeps a "pk" index for every single-column PRIMARY KEY but a rowid alias; a WITHOUT ROWID table
+# and the "INTEGER PRIMARY KEY DESC" quirk have one too, so their integer keys are not rowid aliases.
+@pytest.mark.parametrize("key", ["uid TEXT UNIQUE", "uid TEXT NOT NULL", "uid INT PRIMARY KEY",
+                                 "uid INTEGER PRIMARY KEY DESC", "uid INTEGER, id INTEGER PRIMARY KEY"])
 def test_bind_accepts_unique_keys(tmp_path: Path, key: str) -> None:
     schema = SMALL_SCHEMA.replace("uid TEXT PRIMARY KEY", key)
-    if "NOT NULL" in key:
+    if "NOT NULL" in key or "id INTEGER" in key:
         schema += "CREATE UNIQUE INDEX by_uid ON item (uid);"
+    assert _bind_small(tmp_path, schema).table("item").primary_key == "uid"
+
+
+@pytest.mark.parametrize(("key", "constraint"), [("uid INTEGER PRIMARY KEY", ""),
+                                                 ("uid integer primary key autoincrement", ""),
+                                                 ("uid INTEGER NOT NULL", ", PRIMARY KEY (uid)")])
+def test_bind_refuses_rowid_alias_primary_key(tmp_path: Path, key: str, constraint: str) -> None:
+    # Rowids are allocated per device: two devices would both create row 1.
+    schema = SMALL_SCHEMA.replace("uid TEXT PRIMARY KEY", key).replace("cache BLOB)", f"cache BLOB{constraint})")
+    _bind_error(tmp_path, "primary key 'uid' of table 'item' is an INTEGER PRIMARY KEY, allocated per device",
+                "UUID", schema=schema)
+
+
+def test_bind_accepts_integer_key_of_without_rowid_table(tmp_path: Path) -> None:
+    schema = SMALL_SCHEMA.replace("uid TEXT PRIMARY KEY", "uid INTEGER PRIMARY KEY").replace(
+        "cache BLOB);", "cache BLOB) WITHOUT ROWID;")
     assert _bind_small(tmp_path, schema).table("item").primary_key == "uid"
 
 

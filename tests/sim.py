@@ -1,0 +1,99 @@
+"""A multi-device world for convergence tests, driven through the library in-process."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from conftest import PROFILE, make_db
+
+from bundlesync.device import Device, init_device
+from bundlesync.exporter import export_bundle
+from bundlesync.importer import import_bundle, leave_receipt
+
+
+@dataclass
+class World:
+    """N devices sharing one facility; device 0 is its authority and starts with the data."""
+
+    root: Path
+    facility: str
+    devices: list[Device] = field(default_factory=list)
+    dbs: list[Path] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, root: Path, n: int, *, users: int = 4, logs: int = 24, seed: int = 1) -> World:
+        dbs = [root / f"d{i}.sqlite3" for i in range(n)]
+        facility = make_db(dbs[0], users=users, logs=logs, seed=seed)
+        for db in dbs[1:]:
+            make_db(db, schema_only=True)
+        world = cls(root, facility, dbs=dbs)
+        drive = root / "certs"
+        drive.mkdir()
+        for i, db in enumerate(dbs):
+            init_device(root / f"home{i}", db, PROFILE)
+            world.devices.append(Device.open(root / f"home{i}"))
+        first = world.devices[0]
+        dataset_id, fac = first.resolve_facility(facility)
+        first.keyring.provision(dataset_id=dataset_id, facility_id=fac, profile=first.profile.name)
+        for dev in world.devices[1:]:
+            request = dev.keyring.request(dataset_id=None, facility_id=fac, profile=dev.profile.name, scope="full",
+                                          instance_id=dev.instance_id, out_dir=drive)
+            dev.keyring.install(first.keyring.issue(request, drive))
+        return world
+
+    def close(self) -> None:
+        for dev in self.devices:
+            dev.close()
+
+    def export(self, i: int, out: Path, **kw: object) -> Path | None:
+        out.mkdir(parents=True, exist_ok=True)
+        return export_bundle(self.devices[i], self.facility, out, **kw).path  # type: ignore[arg-type]
+
+    def deliver(self, bundle: Path, i: int, *, receipt: bool = False) -> object:
+        return import_bundle(self.devices[i], bundle, receipt=receipt)
+
+    def receipt(self, i: int, folder: Path) -> Path:
+        dev = self.devices[i]
+        dataset_id, _ = dev.resolve_facility(self.facility)
+        return leave_receipt(dev, dataset_id, folder)
+
+    def sql(self, i: int, statement: str, params: tuple[object, ...] = ()) -> None:
+        conn = sqlite3.connect(self.dbs[i])
+        conn.execute(statement, params)
+        conn.commit()
+        conn.close()
+
+    def app_rows(self, i: int) -> dict[str, list[tuple[object, ...]]]:
+        conn = self.devices[i].conn
+        return {t.name: conn.execute(f'SELECT * FROM "{t.name}" ORDER BY "{t.primary_key}"').fetchall()
+                for t in self.devices[i].profile.tables}
+
+    def store(self, i: int) -> list[tuple[object, ...]]:
+        return self.devices[i].conn.execute(
+            "SELECT model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id").fetchall()
+
+
+def random_edit(world: World, i: int, rnd: random.Random) -> None:
+    """One edit by "another program" on device i: update, insert or delete."""
+    conn = world.devices[i].conn
+    users = [r[0] for r in conn.execute("SELECT id FROM kolibriauth_facilityuser ORDER BY id")]
+    logs = [r[0] for r in conn.execute("SELECT id FROM logger_contentsessionlog ORDER BY id")]
+    kind = rnd.choice(["rename", "progress", "progress", "insert", "delete", "delete_summary"])
+    if kind == "rename" and users:
+        world.sql(i, "UPDATE kolibriauth_facilityuser SET full_name = ? WHERE id = ?",
+                  (f"name-{rnd.randrange(1000)}", rnd.choice(users)))
+    elif kind == "progress" and logs:
+        world.sql(i, "UPDATE logger_contentsessionlog SET progress = ?, time_spent = ? WHERE id = ?",
+                  (rnd.random(), rnd.random() * 100, rnd.choice(logs)))
+    elif kind == "insert" and users and logs:
+        world.sql(i, "INSERT INTO logger_contentsessionlog SELECT ?, ?, content_id, channel_id, start_timestamp, "
+                  "end_timestamp, time_spent, progress, kind, extra_fields, dataset_id FROM logger_contentsessionlog "
+                  "WHERE id = ?", (uuid.UUID(int=rnd.getrandbits(128)).hex, rnd.choice(users), rnd.choice(logs)))
+    elif kind == "delete" and logs:
+        world.sql(i, "DELETE FROM logger_contentsessionlog WHERE id = ?", (rnd.choice(logs),))
+    else:
+        world.sql(i, "DELETE FROM logger_contentsummarylog WHERE id = (SELECT min(id) FROM logger_contentsummarylog)")

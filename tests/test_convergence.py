@@ -1,0 +1,211 @@
+"""Issue 4: convergence with one-way files — any order, duplicates, drops, relays, conflicts."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from conftest import Pair, dump_tables, run_cli
+from sim import World, random_edit
+
+from bundlesync.purge import purge_user
+from bundlesync.status import device_status, list_conflicts
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_sneakernet_converges(tmp_path: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    n = 3 + seed % 2
+    world = World.create(tmp_path, n, seed=seed + 1)
+    try:
+        pool: list[Path] = []
+        first = world.export(0, tmp_path / "out0")
+        assert first is not None
+        pool.append(first)
+        dropped = 0
+        for step in range(40):
+            action = rnd.random()
+            dev = rnd.randrange(n)
+            if action < 0.35:
+                random_edit(world, dev, rnd)
+            elif action < 0.55:
+                bundle = world.export(dev, tmp_path / f"out{dev}", full=rnd.random() < 0.1)
+                if bundle is not None:
+                    pool.append(bundle)
+            elif action < 0.9 and pool:
+                world.deliver(rnd.choice(pool), dev)  # duplicates and any order welcome
+            elif len(pool) > 1:
+                pool.remove(rnd.choice(pool[1:]))  # a lost drive
+                dropped += 1
+            if step == 20 and rnd.random() < 0.5:
+                user = world.devices[0].conn.execute("SELECT max(id) FROM kolibriauth_facilityuser").fetchone()[0]
+                if user:
+                    purge_user(world.devices[0], world.facility, user)
+        # Every surviving bundle reaches every device, in a random order, some twice.
+        for dev in range(n):
+            for bundle in rnd.sample(pool, len(pool)) + rnd.sample(pool, len(pool) // 2):
+                world.deliver(bundle, dev)
+        # Closing the loop: receipts on one drive let each device send what the others lack.
+        drive = tmp_path / "drive"
+        drive.mkdir()
+        for dev in range(n):
+            world.receipt(dev, drive)
+        closing = [b for dev in range(n) if (b := world.export(dev, drive)) is not None]
+        for dev in range(n):
+            for bundle in rnd.sample(closing, len(closing)):
+                world.deliver(bundle, dev)
+        reference_rows, reference_store = world.app_rows(0), world.store(0)
+        for dev in range(1, n):
+            assert world.app_rows(dev) == reference_rows, f"device {dev} differs (seed {seed}, {dropped} dropped)"
+            assert world.store(dev) == reference_store
+        for dev in range(n):
+            assert device_status(world.devices[dev])["facilities"][0]["gaps"] == []
+    finally:
+        world.close()
+
+
+def test_concurrent_edits_resolve_the_same_everywhere_and_losers_are_listed(tmp_path: Path) -> None:
+    world = World.create(tmp_path, 3)
+    try:
+        first = world.export(0, tmp_path / "o0")
+        assert first is not None
+        for dev in (1, 2):
+            world.deliver(first, dev)
+        user = world.devices[0].conn.execute("SELECT min(id) FROM kolibriauth_facilityuser").fetchone()[0]
+        world.sql(1, "UPDATE kolibriauth_facilityuser SET full_name = 'from B' WHERE id = ?", (user,))
+        world.sql(2, "UPDATE kolibriauth_facilityuser SET full_name = 'from C' WHERE id = ?", (user,))
+        b1, c1 = world.export(1, tmp_path / "o1"), world.export(2, tmp_path / "o2")
+        assert b1 is not None and c1 is not None
+        world.deliver(b1, 0), world.deliver(c1, 0)
+        world.deliver(c1, 1), world.deliver(b1, 2)
+        names = {world.devices[d].conn.execute("SELECT full_name FROM kolibriauth_facilityuser WHERE id = ?",
+                                               (user,)).fetchone()[0] for d in range(3)}
+        assert names == {"from C"}  # C edited last (later clock)
+        for dev in (1, 0):
+            losers = list_conflicts(world.devices[dev])
+            assert [c["loser"]["data"]["full_name"] for c in losers] == ["from B"]
+    finally:
+        world.close()
+
+
+def test_out_of_order_import_reports_gap_and_relay_fills_it(tmp_path: Path) -> None:
+    world = World.create(tmp_path, 3)
+    try:
+        a = world.devices[0]
+        b1 = world.export(0, tmp_path / "oa")
+        world.sql(0, "UPDATE kolibriauth_facilityuser SET full_name = 'second' WHERE id = "
+                     "(SELECT min(id) FROM kolibriauth_facilityuser)")
+        b2 = world.export(0, tmp_path / "oa")
+        assert b1 is not None and b2 is not None
+        result = world.deliver(b2, 2)  # C sees the newer bundle first
+        assert a.instance_id in result.gaps  # type: ignore[attr-defined]
+        gaps = device_status(world.devices[2])["facilities"][0]["gaps"]
+        assert [g["instance"] for g in gaps] == [a.instance_id]
+        held = device_status(world.devices[2])["facilities"][0]["fsic"]
+        assert held.get(a.instance_id, 0) == 0  # knowledge did not jump over b1
+        # B gets both and relays to C.
+        world.deliver(b1, 1), world.deliver(b2, 1)
+        relay = world.export(1, tmp_path / "ob")
+        assert relay is not None
+        world.deliver(relay, 2)
+        assert world.app_rows(2) == world.app_rows(0)
+        assert device_status(world.devices[2])["facilities"][0]["gaps"] == []
+        # Provenance: C's store says A wrote those records, not B.
+        writers = {r[0] for r in world.devices[2].conn.execute("SELECT DISTINCT inst FROM bundlesync_store")}
+        assert a.instance_id in writers and world.devices[1].instance_id not in writers
+    finally:
+        world.close()
+
+
+def test_dropped_bundle_is_filled_through_a_receipt_cli(pair: Pair) -> None:
+    first = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line
+    run_cli(pair.b, "import", first)
+    lost = pair.tmp / "lost"
+    lost.mkdir()
+    conn = sqlite3.connect(pair.a_db)
+    conn.execute("UPDATE kolibriauth_facilityuser SET full_name = 'in the lost bundle' WHERE id = "
+                 "(SELECT min(id) FROM kolibriauth_facilityuser)")
+    conn.commit()
+    run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(lost))  # this drive never arrives
+    conn.execute("UPDATE logger_contentsessionlog SET progress = 0.25 WHERE id = (SELECT min(id) FROM logger_contentsessionlog)")
+    conn.commit()
+    conn.close()
+    later = pair.tmp / "later"
+    later.mkdir()
+    second = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(later)).last_line
+    res = run_cli(pair.b, "import", second)
+    assert "gap: changes of device" in res.err and "--full" in res.err
+    receipts = list(later.glob("receipt-*.json"))
+    assert len(receipts) == 1  # B left what it holds next to the bundle
+    assert dump_tables(pair.a_db) != dump_tables(pair.b_db)
+    # A, exporting onto that drive, reads B's receipt and sends what B lacks.
+    fill = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(later), "--json")
+    summary = json.loads(fill.out)
+    assert summary["basis_source"].startswith("receipts of")
+    run_cli(pair.b, "import", summary["path"])
+    assert dump_tables(pair.a_db) == dump_tables(pair.b_db)
+    assert json.loads(run_cli(pair.b, "status", "--json").out)["facilities"][0]["gaps"] == []
+    # --since RECEIPT answers one peer; nothing new now.
+    again = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb), "--since", str(receipts[0]))
+    assert "basis: receipt of" in again.err or "nothing new" in again.err
+
+
+def test_purged_user_never_reappears(tmp_path: Path) -> None:
+    world = World.create(tmp_path, 3)
+    try:
+        a = world.devices[0]
+        old = world.export(0, tmp_path / "oa")
+        assert old is not None
+        world.deliver(old, 1)
+        user = a.conn.execute("SELECT user_id FROM logger_contentsessionlog WHERE user_id IS NOT NULL "
+                              "GROUP BY user_id ORDER BY count(*) DESC LIMIT 1").fetchone()[0]
+        # B edits the user's data before it hears of the purge.
+        world.sql(1, "UPDATE logger_contentsessionlog SET progress = 0.99 WHERE user_id = ?", (user,))
+        result = purge_user(a, world.facility, user)
+        assert result.records > 0 and result.app_rows_deleted == result.records
+        purge_bundle = world.export(0, tmp_path / "oa")
+        stale = world.export(1, tmp_path / "ob")
+        assert purge_bundle is not None and stale is not None
+        world.deliver(purge_bundle, 2), world.deliver(old, 2), world.deliver(stale, 2)  # older data after the purge
+        world.deliver(stale, 0), world.deliver(purge_bundle, 1)
+        for dev in range(3):
+            conn = world.devices[dev].conn
+            assert conn.execute("SELECT count(*) FROM kolibriauth_facilityuser WHERE id = ?", (user,)).fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM logger_contentsessionlog WHERE user_id = ?", (user,)).fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM bundlesync_store WHERE instr(data, ?) > 0", (user,)).fetchone()[0] == 0
+            assert conn.execute("SELECT count(*) FROM bundlesync_conflicts WHERE instr(loser, ?) > 0",
+                                (user,)).fetchone()[0] == 0
+        assert world.app_rows(0) == world.app_rows(1) == world.app_rows(2)
+    finally:
+        world.close()
+
+
+def test_child_before_parent_waits_then_applies(pair: Pair) -> None:
+    run_cli(pair.b, "import", run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line)
+    conn = sqlite3.connect(pair.a_db)
+    conn.execute("INSERT INTO kolibriauth_facilityuser (id, username, full_name, password, date_joined, birth_year, "
+                 "gender, id_number, facility_id, dataset_id, extra_fields) SELECT 'abcdabcdabcdabcdabcdabcdabcdabcd', "
+                 "'newbie', 'New Learner', password, date_joined, birth_year, gender, id_number, facility_id, "
+                 "dataset_id, extra_fields FROM kolibriauth_facilityuser LIMIT 1")
+    conn.commit()
+    parent_dir, child_dir = pair.tmp / "p", pair.tmp / "c"
+    parent_dir.mkdir(), child_dir.mkdir()
+    parent = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(parent_dir)).last_line
+    conn.execute("INSERT INTO logger_contentsessionlog SELECT 'feedfeedfeedfeedfeedfeedfeedfeed', "
+                 "'abcdabcdabcdabcdabcdabcdabcdabcd', content_id, channel_id, start_timestamp, end_timestamp, "
+                 "time_spent, progress, kind, extra_fields, dataset_id FROM logger_contentsessionlog LIMIT 1")
+    conn.commit()
+    conn.close()
+    child = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(child_dir)).last_line
+    res = run_cli(pair.b, "import", child)
+    assert "1 row(s) wait for their parent rows" in res.err
+    waiting = json.loads(run_cli(pair.b, "status", "--json").out)["waiting_records"]
+    assert waiting == [{"model": "logger_contentsessionlog", "count": 1, "example": waiting[0]["example"]}]
+    assert "waiting for kolibriauth_facilityuser abcdabcd" in waiting[0]["example"]
+    run_cli(pair.b, "import", parent)
+    assert dump_tables(pair.a_db) == dump_tables(pair.b_db)
+    assert json.loads(run_cli(pair.b, "status", "--json").out)["waiting_records"] == []
