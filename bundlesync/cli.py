@@ -244,7 +244,8 @@ def inspect_cmd(bundle: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
-    m, s = info.manifest, info.summary
+    m: Any = info.manifest
+    s = info.summary
     sender: Any = m.get("sender", {})
     profile: Any = m.get("profile", {})
     lines = [

@@ -9,7 +9,7 @@ stage and after the last and whose failures are logged, never fatal.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 from .operations import LocalOperation, SyncContext
 
@@ -23,13 +23,13 @@ H = TypeVar("H", bound="type[FacilityDataSyncHook]")
 class FacilityDataSyncHook:
     """Subclass this, list operations per stage, optionally define the transfer hooks."""
 
-    initializing_operations: ClassVar[list[LocalOperation]] = []
-    serializing_operations: ClassVar[list[LocalOperation]] = []
-    queuing_operations: ClassVar[list[LocalOperation]] = []
-    transferring_operations: ClassVar[list[LocalOperation]] = []
-    dequeuing_operations: ClassVar[list[LocalOperation]] = []
-    deserializing_operations: ClassVar[list[LocalOperation]] = []
-    cleanup_operations: ClassVar[list[LocalOperation]] = []
+    initializing_operations: list[LocalOperation] = []
+    serializing_operations: list[LocalOperation] = []
+    queuing_operations: list[LocalOperation] = []
+    transferring_operations: list[LocalOperation] = []
+    dequeuing_operations: list[LocalOperation] = []
+    deserializing_operations: list[LocalOperation] = []
+    cleanup_operations: list[LocalOperation] = []
 
     def pre_transfer(
         self,

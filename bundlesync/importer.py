@@ -34,7 +34,7 @@ from .db import write_transaction
 from .dequeue import DequeueResult, dequeue
 from .deserialize import DeserializeResult, deserialize
 from .device import Device
-from .errors import BundleError, BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
+from .errors import BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from .hooks import FacilityDataSyncHook
 from .manifest import Manifest
 from .operations import LocalOperation, Stage, Step, SyncContext
@@ -159,7 +159,7 @@ class ImportWork(FacilityDataSyncHook):
             self.describe(ctx)
         known = {(op.get("plugin"), op.get("operation")) for op in self.plugins.manifest_entries(list(Stage))}
         missing: set[tuple[object, object]] = set()
-        for op in self.verified.manifest.operations:
+        for op in self._verified().manifest.operations:
             key = (op.get("plugin"), op.get("operation"))
             if key not in known and key not in missing:
                 missing.add(key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "fixtures" / "facility_profile.yaml"
@@ -82,12 +84,12 @@ class Pair:
     usb: Path
 
 
-@pytest.fixture
-def pair(tmp_path: Path) -> Pair:
-    a_db, b_db = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
-    facility = make_db(a_db, users=8, logs=200, seed=1)
+def build_pair(root: Path, *, users: int = 8, logs: int = 200, seed: int = 1) -> Pair:
+    """Two devices set up through the CLI: A has the data and is the authority, B trusts it (full scope)."""
+    a_db, b_db = root / "a.sqlite3", root / "b.sqlite3"
+    facility = make_db(a_db, users=users, logs=logs, seed=seed)
     make_db(b_db, schema_only=True)
-    a, b, usb = tmp_path / "devA", tmp_path / "devB", tmp_path / "usb"
+    a, b, usb = root / "devA", root / "devB", root / "usb"
     usb.mkdir()
     run_cli(a, "init", "--db", str(a_db), "--profile", str(PROFILE))
     run_cli(a, "facility", "provision", "--facility", facility)
@@ -95,7 +97,32 @@ def pair(tmp_path: Path) -> Pair:
     request = run_cli(b, "cert", "request", "--facility", facility, "--scope", "full", "--out", str(usb)).last_line
     grant = run_cli(a, "cert", "issue", request, "--out", str(usb)).last_line
     run_cli(b, "cert", "install", grant)
-    return Pair(tmp_path, facility, a_db, b_db, a, b, usb)
+    for f in usb.iterdir():
+        f.unlink()
+    return Pair(root, facility, a_db, b_db, a, b, usb)
+
+
+@pytest.fixture(scope="session")
+def pair_template(tmp_path_factory: pytest.TempPathFactory) -> Pair:
+    """Set up once through the CLI (init, provision, cert request/issue/install); copied per test."""
+    return build_pair(tmp_path_factory.mktemp("pair-template"))
+
+
+@pytest.fixture
+def pair(pair_template: Pair, tmp_path: Path) -> Pair:
+    """A fresh copy of the two-device template, with each home's config pointing at its copied DB."""
+    t = pair_template
+    for name in ("a.sqlite3", "b.sqlite3"):
+        shutil.copy2(t.tmp / name, tmp_path / name)
+    for name in ("devA", "devB", "usb"):
+        shutil.copytree(t.tmp / name, tmp_path / name)
+    for home, db in (("devA", "a.sqlite3"), ("devB", "b.sqlite3")):
+        config = tmp_path / home / "config.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["db"] = str(tmp_path / db)
+        config.write_text(yaml.safe_dump(data))
+    return Pair(tmp_path, t.facility, tmp_path / "a.sqlite3", tmp_path / "b.sqlite3", tmp_path / "devA",
+                tmp_path / "devB", tmp_path / "usb")
 
 
 Runner = Callable[..., CliResult]

@@ -159,6 +159,7 @@ class TestVerifyChainRefuses:
             ("issued_at", "2030-01-01T00:00:00Z"),
             ("expires_at", "2099-01-01T00:00:00Z"),
         ],
+        ids=["scope", "dataset_id", "facility_id", "profile", "subject_key", "issued_at", "expires_at"],
     )
     def test_tampered_field(self, field: str, value: object) -> None:
         leaf = replace(self.leaf, **{field: value})

@@ -34,7 +34,7 @@ import pytest
 from bundlesync import bundle as container
 from bundlesync.crypto import SigningKey
 from bundlesync.keyring import Keyring
-from conftest import PROFILE, CliResult, dump_tables, make_db, run_cli, state
+from conftest import PROFILE, CliResult, build_pair, dump_tables, make_db, run_cli, state
 
 PREAMBLE_SIZE = 16
 FOOTER_SIZE = 116
@@ -78,21 +78,14 @@ def _export(home: Path, facility: str, out: Path, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     root = tmp_path_factory.mktemp("errors")
-    a_db, b_db, c_db = root / "a.sqlite3", root / "b.sqlite3", root / "c.sqlite3"
-    facility = make_db(a_db, users=8, logs=200, seed=1)
-    make_db(b_db, schema_only=True)
+    p = build_pair(root)
+    a_db, b_db, a, b, usb, facility = p.a_db, p.b_db, p.a, p.b, p.usb, p.facility
+    c_db, c = root / "c.sqlite3", root / "devC"
     other = make_db(c_db, users=6, logs=120, seed=2)
     assert other != facility
-    a, b, c = root / "devA", root / "devB", root / "devC"
-    usb, bad, elsewhere = root / "usb", root / "bad", root / "other-usb"
-    for d in (usb, bad, elsewhere):
+    bad, elsewhere = root / "bad", root / "other-usb"
+    for d in (bad, elsewhere):
         d.mkdir()
-    run_cli(a, "init", "--db", str(a_db), "--profile", str(PROFILE))
-    run_cli(a, "facility", "provision", "--facility", facility)
-    run_cli(b, "init", "--db", str(b_db), "--profile", str(PROFILE))
-    request = run_cli(b, "cert", "request", "--facility", facility, "--scope", "full", "--out", str(usb)).last_line
-    grant = run_cli(a, "cert", "issue", request, "--out", str(usb)).last_line
-    run_cli(b, "cert", "install", grant)
     run_cli(b, "import", str(_export(a, facility, usb)))
     assert dump_tables(a_db) == dump_tables(b_db)
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import PROFILE, ROOT, dump_tables, make_db, run_cli, state
+from conftest import ROOT, build_pair, dump_tables, run_cli, state
 
 # Wall-clock columns written by an import: they legitimately differ between two runs.
 CLOCK_COLUMNS = {"at", "detected_at", "since"}
@@ -74,16 +74,8 @@ def start_import(home: Path, bundle: Path) -> subprocess.Popen[bytes]:
 
 
 def test_kill_9_during_import_leaves_before_or_after(tmp_path: Path) -> None:
-    a_db, b_db = tmp_path / "a.sqlite3", tmp_path / "b.sqlite3"
-    facility = make_db(a_db, users=60, logs=20_000, seed=3)
-    make_db(b_db, schema_only=True)
-    a, b, usb = tmp_path / "devA", tmp_path / "devB", tmp_path / "usb"
-    usb.mkdir()
-    run_cli(a, "init", "--db", str(a_db), "--profile", str(PROFILE))
-    run_cli(a, "facility", "provision", "--facility", facility)
-    run_cli(b, "init", "--db", str(b_db), "--profile", str(PROFILE))
-    request = run_cli(b, "cert", "request", "--facility", facility, "--scope", "full", "--out", str(usb)).last_line
-    run_cli(b, "cert", "install", run_cli(a, "cert", "issue", request, "--out", str(usb)).last_line)
+    p = build_pair(tmp_path, users=60, logs=20_000, seed=3)
+    a_db, b_db, a, b, usb, facility = p.a_db, p.b_db, p.a, p.b, p.usb, p.facility
     bundle = Path(run_cli(a, "export", "--facility", facility, "--out", str(usb)).last_line)
     journal = Path(f"{b_db}-journal")
 
