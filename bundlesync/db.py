@@ -120,6 +120,16 @@ def m001_core(db: Database) -> None:
         """)
 
 
+@migrations()
+def m002_indexes_for_streaming(db: Database) -> None:
+    """Serialization reads changes per table; export reads versions per table and writer."""
+    _run_script(db.conn, """
+        CREATE INDEX bundlesync_changes_model ON bundlesync_changes (model, seq);
+        DROP INDEX bundlesync_store_version;
+        CREATE INDEX bundlesync_store_version ON bundlesync_store (model, inst, ctr);
+        """)
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated DDL inside the caller's transaction (``executescript`` would commit)."""
     for statement in script.split(";"):

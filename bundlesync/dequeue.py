@@ -4,8 +4,11 @@ Each record line is ``<head JSON>\\t<data JSON>\\n``. For each record this
 module checks that it may be applied — the partition it claims is the one its
 data yields, it lies in the signer's write scope (DESIGN invariant 4) and in
 this device's read scope — and then joins it into the store with
-:func:`bundlesync.merge.merge`. Refused records are counted and a few are named
-for the report; the rest of the bundle still applies.
+:func:`bundlesync.merge.merge`. Records that won the merge have their app rows
+written right away (the row was decoded once, for the partition check); rows
+whose parent is not there yet stay dirty for the DESERIALIZING stage. Refused
+records are counted and a few are named for the report; the rest of the bundle
+still applies.
 """
 
 from __future__ import annotations
@@ -14,11 +17,14 @@ import json
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from .codec import decode_data
+from .deserialize import DeserializeResult, TableWriter
 from .errors import FormatError
-from .merge import Outcome, Version, merge
+from .merge import MergeResult, Outcome, Version, merge
 from .profile import Profile
-from .store import decode_data, fetch_versions, update_vectors, upsert_versions
+from .store import fetch_versions, update_vectors, upsert_versions
 
 __all__ = ["DequeueResult", "dequeue", "parse_record", "within"]
 
@@ -77,13 +83,55 @@ def parse_record(line: bytes) -> Version:
     return version
 
 
-def _claims_true_partition(profile: Profile, version: Version) -> bool:
-    if version.purged or not profile.has_table(version.model):
-        return profile.has_table(version.model)
+def _decode_checked(profile: Profile, version: Version) -> dict[str, Any] | None:
+    """The record's row if its claimed partition is the one its data yields, else None."""
+    if not profile.has_table(version.model):
+        return None
+    if version.purged:
+        return {}
     try:
-        return profile.table(version.model).partition_of(decode_data(version.data)) == version.partition
+        row = decode_data(version.data)
+        return row if profile.table(version.model).partition_of(row) == version.partition else None
     except Exception:  # noqa: BLE001 - any failure to recompute means the claim is unproven
-        return False
+        return None
+
+
+def _loser_entry(merged: MergeResult, bundle_id: str, detected_at: str) -> tuple[str, str, str, str, int, str, str]:
+    loser = merged.loser
+    assert loser is not None
+    text = json.dumps({"inst": loser.inst, "ctr": loser.ctr, "hlc": loser.hlc, "deleted": loser.deleted,
+                       "partition": loser.partition, "data": json.loads(loser.data)},
+                      separators=(",", ":"), ensure_ascii=False)
+    return (loser.model, loser.id, text, merged.result.inst, merged.result.ctr, bundle_id, detected_at)
+
+
+class _AppWriter:
+    """Writes the app rows of records that won the merge, table by table in foreign-key order."""
+
+    def __init__(self, conn: sqlite3.Connection, profile: Profile) -> None:
+        self.conn, self.profile = conn, profile
+        self.order = {t.name: i for i, t in enumerate(profile.tables)}
+        self.writers: dict[str, TableWriter] = {}
+
+    def write(self, won: list[tuple[Version, dict[str, Any]]], result: DeserializeResult) -> None:
+        by_model: dict[str, list[tuple[Version, dict[str, Any]]]] = {}
+        for version, row in won:
+            by_model.setdefault(version.model, []).append((version, row))
+        waiting: list[tuple[str, str, str]] = []
+        for model in sorted(by_model, key=self.order.__getitem__):
+            writer = self.writers.get(model)
+            if writer is None:
+                writer = self.writers[model] = TableWriter(self.conn, self.profile, self.profile.table(model))
+            items = by_model[model]
+            removals = [v.id for v, _ in items if v.deleted or v.purged]
+            writer.remove(removals)
+            errors = writer.place([(v.id, row) for v, row in items if not (v.deleted or v.purged)])
+            waiting.extend((reason, model, record_id) for record_id, reason in errors.items())
+            result.deleted += len(removals)
+            result.written += len(items) - len(removals) - len(errors)
+            result.by_model[model] = result.by_model.get(model, 0) + len(items) - len(errors)
+        # Rows not placed stay dirty in the store; DESERIALIZING retries them (their parent may come later).
+        self.conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = ? WHERE model = ? AND id = ?", waiting)
 
 
 def dequeue(
@@ -95,48 +143,53 @@ def dequeue(
     local_read: Sequence[str],
     bundle_id: str,
     detected_at: str,
+    written: DeserializeResult,
 ) -> DequeueResult:
-    """Merge every acceptable record into the store (inside the import's transaction)."""
+    """Merge every acceptable record into the store and write the winners' app rows.
+
+    Runs inside the import's transaction with tracking suppressed. ``written``
+    collects the app-row counts (the DESERIALIZING stage adds its own to it).
+    """
     result = DequeueResult()
+    app = _AppWriter(conn, profile)
     for lines in batches:
-        incoming: dict[tuple[str, str], Version] = {}
+        incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
         for line in lines:
             version = parse_record(line)
             result.received += 1
             if not within(version.partition, signer_write):
                 result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
-            elif not _claims_true_partition(profile, version):
+                continue
+            row = _decode_checked(profile, version)
+            if row is None:
                 result.refuse("bad_partition", version, f"data does not belong to partition {version.partition}")
             elif not within(version.partition, local_read):
                 result.not_for_us += 1
             else:
                 key = (version.model, version.id)
                 earlier = incoming.get(key)
-                incoming[key] = version if earlier is None else merge(earlier, version).result
+                if earlier is not None:  # the same record twice in one bundle: join them first
+                    both = merge(earlier[0], version)
+                    version, row = both.result, (row if both.incoming_won else earlier[1])
+                incoming[key] = (version, row)
         local = fetch_versions(conn, incoming)
-        writes: list[tuple[Version, bool]] = []
+        won: list[tuple[Version, dict[str, Any]]] = []
         vectors: list[Version] = []
         losers: list[tuple[str, str, str, str, int, str, str]] = []
         purged: list[tuple[str, str]] = []
-        for key, version in incoming.items():
+        for key, (version, row) in incoming.items():
             merged = merge(local.get(key), version)
             result.outcomes[merged.outcome.value] += 1
             if merged.incoming_won:
-                writes.append((merged.result, True))
+                won.append((merged.result, row))
                 if merged.result.purged:
                     purged.append(key)
             elif merged.result is not local.get(key):
                 vectors.append(merged.result)
             if merged.loser is not None and not merged.result.purged:
-                loser = merged.loser
-                losers.append((
-                    loser.model, loser.id,
-                    json.dumps({"inst": loser.inst, "ctr": loser.ctr, "hlc": loser.hlc, "deleted": loser.deleted,
-                                "partition": loser.partition, "data": json.loads(loser.data)},
-                               separators=(",", ":"), ensure_ascii=False),
-                    merged.result.inst, merged.result.ctr, bundle_id, detected_at,
-                ))
-        upsert_versions(conn, writes, bundle_id)
+                losers.append(_loser_entry(merged, bundle_id, detected_at))
+        upsert_versions(conn, [(v, False) for v, _ in won], bundle_id)
+        app.write(won, written)
         update_vectors(conn, vectors)
         conn.executemany(
             "INSERT INTO bundlesync_conflicts (model, record_id, loser, winner_inst, winner_ctr, bundle_id, detected_at) "

@@ -35,6 +35,7 @@ from .hooks import FacilityDataSyncHook
 from .manifest import Manifest
 from .operations import EXPORT_STAGES, Stage, Step, SyncContext
 from .plugins import PluginSet, Warn
+from .profile import Profile
 from .receipts import find_receipts, read_receipt
 from .scope import covered, scope_filters
 from .store import current_counter, serialize_changes
@@ -64,33 +65,39 @@ def _prefix_sql(prefixes: Sequence[str]) -> tuple[str, list[object]]:
     return f"({clauses})", [x for p in prefixes for x in (len(p), p)]
 
 
-def _instances(conn: sqlite3.Connection) -> Iterator[str]:
-    """Distinct writers in the store, by index skip-scan (cost follows their number)."""
-    row = conn.execute("SELECT min(inst) FROM bundlesync_store").fetchone()
+def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
+    """Distinct writers of one table's records, by index skip-scan (cost follows their number)."""
+    row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE model = ?", (model,)).fetchone()
     while row is not None and row[0] is not None:
         yield row[0]
-        row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE inst > ?", (row[0],)).fetchone()
+        row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE model = ? AND inst > ?",
+                           (model, row[0])).fetchone()
 
 
 _LINE_SQL = (
     "SELECT CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'i', inst, 'c', ctr, "
-    "'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB), model "
-    "FROM bundlesync_store WHERE inst = ? AND ctr > ? AND {prefixes}"
+    "'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB) "
+    "FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {prefixes} ORDER BY rowid"
 )
 
 
 def outgoing_lines(
-    conn: sqlite3.Connection, prefixes: Sequence[str], basis: Mapping[str, int], counts: dict[str, int]
+    conn: sqlite3.Connection, profile: Profile, prefixes: Sequence[str], basis: Mapping[str, int],
+    counts: dict[str, int],
 ) -> Iterator[list[bytes]]:
-    """Batches of record lines (``head JSON \\t data JSON \\n``) above ``basis`` inside the filter."""
+    """Batches of record lines (``head JSON \\t data JSON \\n``) above ``basis`` inside the filter.
+
+    Tables come in foreign-key order, parents first, so an importer can usually
+    write each record's app row as soon as it has merged it.
+    """
     where, params = _prefix_sql(prefixes)
     sql = _LINE_SQL.format(prefixes=where)
-    for inst in list(_instances(conn)):
-        cursor = conn.execute(sql, [inst, basis.get(inst, 0), *params])
-        while rows := cursor.fetchmany(2000):
-            for _, model in rows:
-                counts[model] = counts.get(model, 0) + 1
-            yield [line for line, _ in rows]
+    for table in profile.tables:
+        for inst in list(_writers(conn, table.name)):
+            cursor = conn.execute(sql, [table.name, inst, basis.get(inst, 0), *params])
+            while rows := cursor.fetchmany(2000):
+                counts[table.name] = counts.get(table.name, 0) + len(rows)
+                yield [line for (line,) in rows]
 
 
 class ExportWork(FacilityDataSyncHook):
@@ -188,7 +195,7 @@ class ExportWork(FacilityDataSyncHook):
         key = self.device.keyring.device_key()
         self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
         counts = self.result.counts
-        for lines in outgoing_lines(conn, ctx.filter, self.result.basis, counts):
+        for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
             self.writer.write_records(lines)
         self.result.records = self.writer.records
         ctx.counts["records"], ctx.counts["by_model"] = self.result.records, counts

@@ -11,8 +11,10 @@ INITIALIZING   copy the bundle off the medium into the home's staging folder, ha
 TRANSFERRING   decompress the staged copy once (record count and sizes) before any write.
 SERIALIZING    (one write transaction from here on) pending local edits become versions
                first, so they meet incoming ones in the merge, not in the app table.
-DEQUEUING      merge every acceptable record into the store by version vectors.
-DESERIALIZING  write changed store rows into the app tables, parents first.
+DEQUEUING      merge every acceptable record into the store by version vectors, and write
+               the winners' app rows whose parents are in place (one decode per record).
+DESERIALIZING  write the rows still waiting — a parent later in the bundle, or rows left by
+               earlier imports — table by table in foreign-key order.
 CLEANUP        advance knowledge (FSIC) where contiguous, record gaps and the transfer.
 
 Everything from SERIALIZING to CLEANUP, plugin operations included, commits as one
@@ -198,7 +200,7 @@ class ImportWork(FacilityDataSyncHook):
             self.result.dequeue = dequeue(
                 ctx.connection, ctx.profile, container.iter_record_batches(verified.info),
                 signer_write=verified.signer_scope.write, local_read=self._local_read(ctx),
-                bundle_id=self.result.bundle_id, detected_at=self.now,
+                bundle_id=self.result.bundle_id, detected_at=self.now, written=self.result.deserialize,
             )
         ctx.counts["received"] = self.result.dequeue.received
         ctx.counts["outcomes"] = dict(self.result.dequeue.outcomes)
@@ -212,7 +214,7 @@ class ImportWork(FacilityDataSyncHook):
     # DESERIALIZING
     def deserialize(self, ctx: SyncContext) -> None:
         with suppressed(ctx.connection):
-            self.result.deserialize = deserialize(ctx.connection, ctx.profile)
+            deserialize(ctx.connection, ctx.profile, self.result.deserialize)
         ctx.counts["written"] = self.result.deserialize.written
         ctx.counts["deleted"] = self.result.deserialize.deleted
 

@@ -10,7 +10,6 @@ status) reads and writes versions here, never app rows directly, except
 
 from __future__ import annotations
 
-import base64
 import json
 import sqlite3
 import uuid
@@ -21,13 +20,12 @@ from typing import Any
 from .db import q
 from .errors import StateError
 from .merge import Version
+from .codec import encode_data
 from .profile import Profile, TableSpec
 
 __all__ = [
     "BATCH",
     "SerializeResult",
-    "decode_data",
-    "encode_data",
     "ensure_identity",
     "fetch_versions",
     "instance_id",
@@ -38,35 +36,6 @@ __all__ = [
 
 BATCH = 5000
 """Rows per read/write batch: bounds memory and keeps statements short."""
-
-_BYTES_TAG = "$bytes"
-
-
-def _encode_default(value: object) -> object:
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {_BYTES_TAG: base64.b64encode(bytes(value)).decode("ascii")}
-    raise TypeError(f"cannot serialize {type(value).__name__}")
-
-
-def encode_data(columns: Sequence[str], values: Sequence[object]) -> str:
-    """Row values -> the JSON text kept in the store and carried in bundles.
-
-    Floats keep full precision (Python's shortest repr); BLOBs travel as
-    ``{"$bytes": base64}``.
-    """
-    return json.dumps(
-        dict(zip(columns, values)), ensure_ascii=False, separators=(",", ":"), default=_encode_default
-    )
-
-
-def decode_data(text: str) -> dict[str, Any]:
-    """JSON text -> row dict, turning ``{"$bytes": …}`` back into bytes."""
-    row: dict[str, Any] = json.loads(text)
-    for key, value in row.items():
-        if isinstance(value, dict) and len(value) == 1 and _BYTES_TAG in value:
-            row[key] = base64.b64decode(value[_BYTES_TAG])
-    return row
-
 
 # --- identity -------------------------------------------------------------------------
 
@@ -120,18 +89,24 @@ def _row_to_version(row: Sequence[Any]) -> Version:
 
 
 def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Version]:
-    """The stored versions of the given ``(model, id)`` keys that exist."""
+    """The stored versions of the given ``(model, id)`` keys that exist.
+
+    Looked up per model with ``id IN (…)`` so the ``(model, id)`` index is used
+    (a row-value ``IN (VALUES …)`` makes SQLite scan the whole store).
+    """
+    by_model: dict[str, list[str]] = {}
+    for model, record_id in keys:
+        by_model.setdefault(model, []).append(record_id)
     found: dict[tuple[str, str], Version] = {}
-    pending = list(keys)
-    for start in range(0, len(pending), 400):
-        chunk = pending[start : start + 400]
-        values = ", ".join(["(?, ?)"] * len(chunk))
-        params = [x for key in chunk for x in key]
-        for row in conn.execute(
-            f"SELECT {_VERSION_COLUMNS} FROM bundlesync_store WHERE (model, id) IN (VALUES {values})", params
-        ):
-            version = _row_to_version(row)
-            found[(version.model, version.id)] = version
+    for model, ids in by_model.items():
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ", ".join("?" * len(chunk))
+            for row in conn.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM bundlesync_store WHERE model = ? AND id IN ({marks})", [model, *chunk]
+            ):
+                version = _row_to_version(row)
+                found[(version.model, version.id)] = version
     return found
 
 
@@ -153,7 +128,7 @@ def upsert_versions(
         (
             (
                 v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr,
-                json.dumps(v.vv, separators=(",", ":"), sort_keys=True), int(dirty), bundle_id,
+                _vector_text(v.vv), int(dirty), bundle_id,
             )
             for v, dirty in versions
         ),
@@ -164,7 +139,7 @@ def update_vectors(conn: sqlite3.Connection, versions: Iterable[Version]) -> Non
     """Store merged version vectors of records whose data did not change."""
     conn.executemany(
         "UPDATE bundlesync_store SET vv = ? WHERE model = ? AND id = ?",
-        ((json.dumps(v.vv, separators=(",", ":"), sort_keys=True), v.model, v.id) for v in versions),
+        ((_vector_text(v.vv), v.model, v.id) for v in versions),
     )
 
 
@@ -181,21 +156,18 @@ class SerializeResult:
 
 
 def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[Any]]:
-    """Chunks of (change, app row, store row) for one table, by change sequence."""
+    """Chunks of (change, app row, stored version) for one table, in change order."""
+    pk = q(table.primary_key)
     columns = ", ".join(f"t.{q(c)}" for c in table.columns)
     sql = (
-        f"SELECT c.seq, c.pk, c.at_ms, t.{q(table.primary_key)} IS NOT NULL, {table.partition_sql('t')}, "
+        f"SELECT c.seq, c.pk, c.at_ms, t.{pk} IS NOT NULL, {table.partition_sql('t')}, "
         f"s.partition, s.data, s.deleted, s.purged, s.hlc, s.vv, {columns} "
-        f"FROM bundlesync_changes c "
-        f"LEFT JOIN {q(table.name)} t ON t.{q(table.primary_key)} = c.pk "
-        f"LEFT JOIN bundlesync_store s ON s.model = c.model AND s.id = c.pk "
+        f"FROM bundlesync_changes c LEFT JOIN {q(table.name)} t ON t.{pk} = c.pk "
+        "LEFT JOIN bundlesync_store s ON s.model = c.model AND s.id = c.pk "
         f"WHERE c.model = ? AND c.seq > ? ORDER BY c.seq LIMIT {BATCH}"
     )
     last = 0
-    while True:
-        rows = conn.execute(sql, (table.name, last)).fetchall()
-        if not rows:
-            return
+    while rows := conn.execute(sql, (table.name, last)).fetchall():
         last = rows[-1][0]
         yield rows
 
@@ -211,60 +183,68 @@ def _keep_unknown_keys(stored: str, fresh: str, columns: Sequence[str]) -> str:
     return json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
 
 
-def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, hlc_floor: int = 0) -> SerializeResult:
+def _vector_text(vv: Mapping[str, int]) -> str:
+    return json.dumps(vv, separators=(",", ":"), sort_keys=True)
+
+
+def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeResult:
     """Turn logged app changes into store versions (must run in a write transaction).
 
-    Each run uses one new counter value for all versions it writes (none if
-    nothing really changed). A version's ``hlc`` is its edit time in ms shifted
-    left 16 bits, raised above the version it replaces so causality is never
-    inverted by a slow clock.
+    One new counter value serves every version this run writes. A version's
+    ``hlc`` is its edit time in ms shifted left 16 bits, raised above the version
+    it replaces so causality is never inverted by a slow clock. Changed rows
+    are compared with their stored version: an update that changed nothing
+    makes no version.
     """
-    me = instance_id(conn)
     result = SerializeResult()
+    if not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_changes)").fetchone()[0]:
+        return result
+    me = instance_id(conn)
+    counter = result.counter = next_counter(conn)
+    fresh_vv = _vector_text({me: counter})
     for table in profile.tables:
+        name, columns = table.name, table.columns
+        written = 0
         for rows in _changed_rows(conn, table):
-            writes: list[tuple[Version, bool]] = []
+            writes: list[tuple[object, ...]] = []
             redo: list[tuple[str, str]] = []
             for row in rows:
                 _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
-                exists = s_data is not None
-                if exists and s_purged:
+                if s_data is None:  # not in the store yet
+                    if present:
+                        data = encode_data(columns, row[11:])
+                        writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None))
+                    continue
+                if s_purged:
                     # A purge is final: the app row is erased again rather than revived.
                     if present:
-                        redo.append((table.name, pk))
+                        redo.append((name, pk))
                     continue
                 if present:
-                    data = encode_data(table.columns, row[11:])
-                    if exists and data != s_data:
-                        data = _keep_unknown_keys(s_data, data, table.columns)
-                    if exists and not s_deleted and s_data == data and s_part == partition:
+                    data = encode_data(columns, row[11:])
+                    if data != s_data:
+                        data = _keep_unknown_keys(s_data, data, columns)
+                    if not s_deleted and s_data == data and s_part == partition:
                         continue
-                    deleted = False
-                elif exists and not s_deleted:
-                    data, partition, deleted = s_data, s_part, True
+                    deleted = 0
+                elif not s_deleted:
+                    data, partition, deleted = s_data, s_part, 1
                 else:
                     continue
-                if result.counter is None:
-                    result.counter = next_counter(conn)
-                vv = json.loads(s_vv) if exists else {}
-                vv[me] = result.counter
-                hlc = max(at_ms << 16, (s_hlc + 1) if exists else 0, hlc_floor)
-                version = Version(table.name, pk, partition, data, deleted, False, hlc, me, result.counter, vv)
-                writes.append((version, False))
-            upsert_versions(conn, writes, None)
+                vv = json.loads(s_vv)
+                vv[me] = counter
+                hlc = max(at_ms << 16, s_hlc + 1)
+                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None))
+            conn.executemany(_UPSERT, writes)
             conn.executemany("UPDATE bundlesync_store SET dirty = 1 WHERE model = ? AND id = ?", redo)
-            result.versions += len(writes)
-            if writes:
-                result.by_model[table.name] = result.by_model.get(table.name, 0) + len(writes)
-        conn.execute("DELETE FROM bundlesync_changes WHERE model = ?", (table.name,))
+            written += len(writes)
+        conn.execute("DELETE FROM bundlesync_changes WHERE model = ?", (name,))
+        if written:
+            result.by_model[name] = written
+            result.versions += written
     return result
 
 
 def pending_changes(conn: sqlite3.Connection) -> int:
     """How many app rows changed since the last serialization."""
     return int(conn.execute("SELECT count(*) FROM bundlesync_changes").fetchone()[0])
-
-
-def counts_by(conn: sqlite3.Connection, sql: str, params: Mapping[str, object] | Sequence[object] = ()) -> dict[str, int]:
-    """Helper for status: ``SELECT key, count … GROUP BY key`` as a dict."""
-    return {str(k): int(v) for k, v in conn.execute(sql, params)}
