@@ -24,17 +24,13 @@ from .deserialize import DeserializeResult, TableWriter
 from .errors import FormatError
 from .merge import MergeResult, Outcome, Version, merge
 from .profile import Profile
-from .store import fetch_versions, update_vectors, upsert_versions
+from .scope import within
+from .store import fetch_versions, log_conflicts, loser_json, update_vectors, upsert_versions
 
-__all__ = ["DequeueResult", "dequeue", "parse_record", "within"]
+__all__ = ["DequeueResult", "dequeue", "parse_record"]
 
 SAMPLE = 5
 """How many refused records a report names."""
-
-
-def within(partition: str, prefixes: Sequence[str]) -> bool:
-    """True if ``partition`` lies under one of the filter ``prefixes``."""
-    return partition.startswith(tuple(prefixes))
 
 
 @dataclass
@@ -99,9 +95,7 @@ def _decode_checked(profile: Profile, version: Version) -> dict[str, Any] | None
 def _loser_entry(merged: MergeResult, bundle_id: str, detected_at: str) -> tuple[str, str, str, str, int, str, str]:
     loser = merged.loser
     assert loser is not None
-    text = json.dumps({"inst": loser.inst, "ctr": loser.ctr, "hlc": loser.hlc, "deleted": loser.deleted,
-                       "partition": loser.partition, "data": json.loads(loser.data)},
-                      separators=(",", ":"), ensure_ascii=False)
+    text = loser_json(loser.inst, loser.ctr, loser.hlc, loser.deleted, loser.partition, loser.data)
     return (loser.model, loser.id, text, merged.result.inst, merged.result.ctr, bundle_id, detected_at)
 
 
@@ -144,6 +138,7 @@ def dequeue(
     bundle_id: str,
     detected_at: str,
     written: DeserializeResult,
+    signer_may_purge: bool,
 ) -> DequeueResult:
     """Merge every acceptable record into the store and write the winners' app rows.
 
@@ -178,7 +173,16 @@ def dequeue(
         losers: list[tuple[str, str, str, str, int, str, str]] = []
         purged: list[tuple[str, str]] = []
         for key, (version, row) in incoming.items():
-            merged = merge(local.get(key), version)
+            mine = local.get(key)
+            if mine is not None and not within(mine.partition, signer_write):
+                # The record as this device knows it is not the signer's to change, whatever it claims now.
+                result.refuse("out_of_scope", version, f"the local record lies in {mine.partition}, outside the "
+                              "signer's write scope")
+                continue
+            if version.purged and not signer_may_purge:
+                result.refuse("out_of_scope", version, "only a full-facility certificate may purge records")
+                continue
+            merged = merge(mine, version)
             result.outcomes[merged.outcome.value] += 1
             if merged.incoming_won:
                 won.append((merged.result, row))
@@ -191,11 +195,7 @@ def dequeue(
         upsert_versions(conn, [(v, False) for v, _ in won], bundle_id)
         app.write(won, written)
         update_vectors(conn, vectors)
-        conn.executemany(
-            "INSERT INTO bundlesync_conflicts (model, record_id, loser, winner_inst, winner_ctr, bundle_id, detected_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            losers,
-        )
+        log_conflicts(conn, losers)
         # A purge erases the personal data everywhere, the conflict log included.
         conn.executemany("DELETE FROM bundlesync_conflicts WHERE model = ? AND record_id = ?", purged)
     return result

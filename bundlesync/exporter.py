@@ -3,12 +3,14 @@
 The pipeline is :class:`ExportWork`: one built-in operation per stage, run after
 the plugins' operations of that stage (:meth:`PluginSet.run_stage`):
 
-INITIALIZING   fix the filter (from the certificate scope) and the basis.
-SERIALIZING    (write txn) turn logged app changes into store versions with a new counter.
+INITIALIZING   (write txn, with SERIALIZING) fix the filter (from the certificate scope) and
+               the basis.
+SERIALIZING    turn logged app changes into store versions with a new counter.
 QUEUING        (read snapshot) compute the result FSIC and stream the versions the receiver
                lacks — above the basis, inside the filter — into ``<name>.partial``.
-TRANSFERRING   finish the file (fsync + rename), then read it back and verify it completely.
-CLEANUP        (write txn) record the transfer.
+TRANSFERRING   (write txn, with CLEANUP) finish the file (fsync + rename), then read it back
+               and verify it completely.
+CLEANUP        record the transfer.
 
 Changes committed after SERIALIZING stay in the change log for the next export. If
 any stage fails, no bundle is left in the output folder.
@@ -37,7 +39,7 @@ from .operations import EXPORT_STAGES, Stage, Step, SyncContext
 from .plugins import PluginSet, Warn
 from .profile import Profile
 from .receipts import find_receipts, read_receipt
-from .scope import covered, scope_filters
+from .scope import covered, prefix_sql, scope_filters
 from .store import current_counter, serialize_changes
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
@@ -58,11 +60,6 @@ class ExportResult:
     basis_source: str = "none"
     result: dict[str, int] = field(default_factory=dict)
     size: int = 0
-
-
-def _prefix_sql(prefixes: Sequence[str]) -> tuple[str, list[object]]:
-    clauses = " OR ".join("substr(partition, 1, ?) = ?" for _ in prefixes)
-    return f"({clauses})", [x for p in prefixes for x in (len(p), p)]
 
 
 def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
@@ -90,7 +87,7 @@ def outgoing_lines(
     Tables come in foreign-key order, parents first, so an importer can usually
     write each record's app row as soon as it has merged it.
     """
-    where, params = _prefix_sql(prefixes)
+    where, params = prefix_sql(prefixes)
     sql = _LINE_SQL.format(prefixes=where)
     for table in profile.tables:
         for inst in list(_writers(conn, table.name)):
@@ -155,7 +152,12 @@ class ExportWork(FacilityDataSyncHook):
                 raise StateError(f"receipt {self.since.name} is for another facility: pick one of {ctx.facility_id}")
             return dict(receipt.fsic), f"receipt of {receipt.instance_id[:8]}"
         receipts, skipped = find_receipts(self.out_dir, self.device.keyring, ctx.dataset_id, ctx.instance_id)
-        self.skipped_receipts = skipped
+        # A receipt speaks only for its own filter: a narrower one says nothing about the rest of ours.
+        narrower = [r for r in receipts if not covered(ctx.filter, r.filter)]
+        receipts = [r for r in receipts if r not in narrower]
+        self.skipped_receipts = skipped + [
+            f"receipt of {r.instance_id[:8]}: it covers {', '.join(r.filter)}, not this export's filter" for r in narrower
+        ]
         if receipts:
             peers = ", ".join(sorted(r.instance_id[:8] for r in receipts))
             return fsic_mod.pointwise_min(r.fsic for r in receipts), f"receipts of {peers}"
@@ -178,7 +180,8 @@ class ExportWork(FacilityDataSyncHook):
         conn, me = ctx.connection, ctx.instance_id
         assert ctx.dataset_id is not None and ctx.facility_id is not None
         chain = self.device.keyring.device_chain(ctx.dataset_id) or ()
-        offered = fsic_mod.offered(fsic_mod.read_rows(conn), ctx.filter)
+        # What this device holds for *every* prefix of the filter: a receiver may claim no more.
+        held = fsic_mod.held(fsic_mod.read_rows(conn), ctx.filter)
         counter = current_counter(conn)
         created = (self.now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         manifest = Manifest(
@@ -186,11 +189,11 @@ class ExportWork(FacilityDataSyncHook):
             profile_name=ctx.profile.name, profile_version=ctx.profile.version, profile_digest=ctx.profile.digest,
             dataset_id=ctx.dataset_id, facility_id=ctx.facility_id, filter=ctx.filter,
             sender_instance=me, sender_counter=counter, chain=tuple(c.to_dict() for c in chain),
-            basis_fsic=self.result.basis, result_fsic=offered,
+            basis_fsic=self.result.basis, result_fsic=held,
             operations=tuple(self.plugins.manifest_entries(EXPORT_STAGES)),
         )
         ctx.manifest = manifest
-        self.result.result = offered
+        self.result.result = held
         name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
         key = self.device.keyring.device_key()
         self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
@@ -263,14 +266,15 @@ def export_bundle(
     work = ExportWork(device, out_dir, full=full, user=user, since=since, plugins=plugins, now=now)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
-        plugins.run_stage(Stage.INITIALIZING, ctx, work)
         with write_transaction(conn):
+            plugins.run_stage(Stage.INITIALIZING, ctx, work)
             plugins.run_stage(Stage.SERIALIZING, ctx, work)
+        # Queuing reads one snapshot without holding the write lock: the app keeps writing meanwhile.
         with read_transaction(conn):
             plugins.run_stage(Stage.QUEUING, ctx, work)
         if work.result.records:
-            plugins.run_stage(Stage.TRANSFERRING, ctx, work)
             with write_transaction(conn):
+                plugins.run_stage(Stage.TRANSFERRING, ctx, work)
                 plugins.run_stage(Stage.CLEANUP, ctx, work)
         else:
             work.discard()

@@ -7,10 +7,9 @@ instance I wrote up to counter C" (Morango's DatabaseMaxCounter). For a filter
 - what I *hold* for the filter: per instance, the minimum over the filter's
   prefixes (a claim must hold for every part), each taken as the maximum over
   the rows whose partition is a prefix of it;
-- what I can *offer*: the maximum over the prefixes.
-
 A bundle carries the sender's *basis* (what it assumed the receiver holds) and
-*result* (what the sender held). The receiver advances its counters for an
+*result* (what the sender held for every prefix of the filter, so a receiver never
+claims more than was there to send). The receiver advances its counters for an
 instance only if it already held at least the basis, so knowledge never jumps
 over a bundle it did not see (issue 4: contiguous history); otherwise it records
 a gap and says how to fill it.
@@ -21,12 +20,13 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 
+from .scope import within
+
 __all__ = [
     "Fsic",
     "advance",
     "held",
     "missing",
-    "offered",
     "pointwise_min",
     "read_rows",
 ]
@@ -43,7 +43,7 @@ def read_rows(conn: sqlite3.Connection) -> list[Row]:
 def _for_prefix(rows: Iterable[Row], prefix: str) -> Fsic:
     out: Fsic = {}
     for partition, inst, ctr in rows:
-        if prefix.startswith(partition) and out.get(inst, 0) < ctr:
+        if within(prefix, [partition]) and out.get(inst, 0) < ctr:
             out[inst] = ctr
     return out
 
@@ -55,16 +55,6 @@ def held(rows: Sequence[Row], prefixes: Sequence[str]) -> Fsic:
         one = _for_prefix(rows, prefix)
         result = one if result is None else {i: min(c, one[i]) for i, c in result.items() if i in one}
     return result or {}
-
-
-def offered(rows: Sequence[Row], prefixes: Sequence[str]) -> Fsic:
-    """Per instance, the highest counter I hold for any prefix of the filter."""
-    out: Fsic = {}
-    for prefix in prefixes:
-        for inst, ctr in _for_prefix(rows, prefix).items():
-            if out.get(inst, 0) < ctr:
-                out[inst] = ctr
-    return out
 
 
 def pointwise_min(fsics: Iterable[Mapping[str, int]]) -> Fsic:

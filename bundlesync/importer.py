@@ -17,8 +17,10 @@ DESERIALIZING  write the rows still waiting — a parent later in the bundle, or
                earlier imports — table by table in foreign-key order.
 CLEANUP        advance knowledge (FSIC) where contiguous, record gaps and the transfer.
 
-Everything from SERIALIZING to CLEANUP, plugin operations included, commits as one
-SQLite transaction: a failure or ``kill -9`` leaves the database as before or as after.
+The copy and the checks happen before any plugin runs or anything is written. Then
+every stage, plugin operations included, runs in one SQLite transaction: a failure or
+``kill -9`` leaves the database as before or as after. A bundle already imported is
+recognised after the checks and changes nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from .device import Device
 from .errors import BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from .hooks import FacilityDataSyncHook
 from .manifest import Manifest
-from .operations import LocalOperation, Stage, Step, SyncContext
+from .operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from .plugins import PluginSet, Warn
 from .receipts import make_receipt, write_receipt
 from .scope import ScopeFilters, covered, scope_filters
@@ -184,10 +186,6 @@ class ImportWork(FacilityDataSyncHook):
     # TRANSFERRING
     def transfer(self, ctx: SyncContext) -> None:
         _check_payload(self._verified().info)
-        row = ctx.connection.execute(
-            "SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'", (self.result.bundle_id,)
-        ).fetchone()
-        self.result.already = row is not None
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:
@@ -201,6 +199,7 @@ class ImportWork(FacilityDataSyncHook):
                 ctx.connection, ctx.profile, container.iter_record_batches(verified.info),
                 signer_write=verified.signer_scope.write, local_read=self._local_read(ctx),
                 bundle_id=self.result.bundle_id, detected_at=self.now, written=self.result.deserialize,
+                signer_may_purge=verified.signer.scope == "full",
             )
         ctx.counts["received"] = self.result.dequeue.received
         ctx.counts["outcomes"] = dict(self.result.dequeue.outcomes)
@@ -276,12 +275,14 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
         work.stage_and_check()
         work.describe(ctx)
-        plugins.transfer_hooks("pre_transfer", ctx, warn)
-        plugins.run_stage(Stage.INITIALIZING, ctx, work)
-        plugins.run_stage(Stage.TRANSFERRING, ctx, work)
+        already = conn.execute("SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'",
+                               (work.result.bundle_id,)).fetchone()
+        work.result.already = already is not None
         if not work.result.already:
+            plugins.transfer_hooks("pre_transfer", ctx, warn)
+            # Every stage, plugin operations included, commits or rolls back with the data.
             with write_transaction(conn):
-                for stage in (Stage.SERIALIZING, Stage.DEQUEUING, Stage.DESERIALIZING, Stage.CLEANUP):
+                for stage in IMPORT_STAGES:
                     plugins.run_stage(stage, ctx, work)
     finally:
         work.staged.unlink(missing_ok=True)

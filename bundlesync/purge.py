@@ -20,7 +20,7 @@ from .db import write_transaction
 from .deserialize import deserialize
 from .device import Device
 from .errors import StateError
-from .scope import covered, scope_filters
+from .scope import covered, prefix_sql, scope_filters
 from .store import next_counter, serialize_changes
 from .tracking import suppressed
 
@@ -55,8 +55,7 @@ def purge_user(device: Device, facility: str, user_id: str) -> PurgeResult:
                          "cannot purge it: run the purge on a device with a full-facility certificate")
     now_ms = int(datetime.datetime.now(datetime.timezone.utc).timestamp() * 1000)
     me = device.instance_id
-    where = " OR ".join("substr(partition, 1, ?) = ?" for _ in partitions)
-    params = [x for p in partitions for x in (len(p), p)]
+    where, params = prefix_sql(partitions)
     with write_transaction(conn):
         serialize_changes(conn, profile)
         targets = conn.execute(

@@ -7,13 +7,14 @@ ids, it yields the partition prefixes the holder may read and may write.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .certs import parse_scope
 from .errors import StateError
 from .profile import Profile
 
-__all__ = ["ScopeFilters", "covered", "scope_filters"]
+__all__ = ["ScopeFilters", "covered", "prefix_sql", "scope_filters", "within"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,22 @@ def scope_filters(profile: Profile, dataset_id: str, scope: str) -> ScopeFilters
     return ScopeFilters(scope, template.read_prefixes(**params), template.write_prefixes(**params))
 
 
-def covered(prefixes: tuple[str, ...] | list[str], by: tuple[str, ...] | list[str]) -> bool:
+def within(partition: str, prefixes: Sequence[str]) -> bool:
+    """True if ``partition`` lies under one of ``prefixes``, at a ``:`` boundary.
+
+    ``D:user-rw:u1`` is under ``D`` and ``D:user-rw:u1`` but not under ``D:user-rw:u`` —
+    a plain ``startswith`` would let user ``u1``'s scope reach user ``u12``. The empty
+    prefix covers everything.
+    """
+    return any(partition == p or partition.startswith(p + ":") or not p for p in prefixes)
+
+
+def prefix_sql(prefixes: Sequence[str], column: str = "partition") -> tuple[str, list[object]]:
+    """SQL condition (and its parameters) equivalent to :func:`within` on ``column``."""
+    clause = f"({column} = ? OR substr({column}, 1, ?) = ?)"
+    return "(" + " OR ".join([clause] * len(prefixes)) + ")", [x for p in prefixes for x in (p, len(p) + 1, p + ":")]
+
+
+def covered(prefixes: Sequence[str], by: Sequence[str]) -> bool:
     """True if every prefix lies under one of ``by`` (a filter is a subset of another)."""
-    return all(p.startswith(tuple(by)) for p in prefixes)
+    return all(within(p, by) for p in prefixes)

@@ -10,6 +10,7 @@ status) reads and writes versions here, never app rows directly, except
 
 from __future__ import annotations
 
+import datetime
 import json
 import sqlite3
 import uuid
@@ -29,6 +30,8 @@ __all__ = [
     "ensure_identity",
     "fetch_versions",
     "instance_id",
+    "log_conflicts",
+    "loser_json",
     "next_counter",
     "serialize_changes",
     "upsert_versions",
@@ -161,7 +164,7 @@ def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[A
     columns = ", ".join(f"t.{q(c)}" for c in table.columns)
     sql = (
         f"SELECT c.seq, c.pk, c.at_ms, t.{pk} IS NOT NULL, {table.partition_sql('t')}, "
-        f"s.partition, s.data, s.deleted, s.purged, s.hlc, s.vv, {columns} "
+        f"s.partition, s.data, s.deleted, s.purged, s.hlc, s.vv, s.dirty, s.inst, s.ctr, s.bundle_id, {columns} "
         f"FROM bundlesync_changes c LEFT JOIN {q(table.name)} t ON t.{pk} = c.pk "
         "LEFT JOIN bundlesync_store s ON s.model = c.model AND s.id = c.pk "
         f"WHERE c.model = ? AND c.seq > ? ORDER BY c.seq LIMIT {BATCH}"
@@ -183,6 +186,21 @@ def _keep_unknown_keys(stored: str, fresh: str, columns: Sequence[str]) -> str:
     return json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
 
 
+def loser_json(inst: str, ctr: int, hlc: int, deleted: bool, partition: str, data: str) -> str:
+    """How a losing version is kept in ``bundlesync_conflicts``."""
+    return json.dumps({"inst": inst, "ctr": ctr, "hlc": hlc, "deleted": deleted, "partition": partition,
+                       "data": json.loads(data)}, separators=(",", ":"), ensure_ascii=False)
+
+
+def log_conflicts(conn: sqlite3.Connection, entries: Iterable[tuple[object, ...]]) -> None:
+    """Keep losing versions: ``(model, id, loser_json, winner_inst, winner_ctr, bundle_id, detected_at)``."""
+    conn.executemany(
+        "INSERT INTO bundlesync_conflicts (model, record_id, loser, winner_inst, winner_ctr, bundle_id, detected_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        entries,
+    )
+
+
 def _vector_text(vv: Mapping[str, int]) -> str:
     return json.dumps(vv, separators=(",", ":"), sort_keys=True)
 
@@ -202,6 +220,8 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
     me = instance_id(conn)
     counter = result.counter = next_counter(conn)
     fresh_vv = _vector_text({me: counter})
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    lost: list[tuple[object, ...]] = []
     for table in profile.tables:
         name, columns = table.name, table.columns
         written = 0
@@ -210,9 +230,10 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
             redo: list[tuple[str, str]] = []
             for row in rows:
                 _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
+                s_dirty, s_inst, s_ctr, s_bundle = row[11:15]
                 if s_data is None:  # not in the store yet
                     if present:
-                        data = encode_data(columns, row[11:])
+                        data = encode_data(columns, row[15:])
                         writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None))
                     continue
                 if s_purged:
@@ -221,7 +242,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                         redo.append((name, pk))
                     continue
                 if present:
-                    data = encode_data(columns, row[11:])
+                    data = encode_data(columns, row[15:])
                     if data != s_data:
                         data = _keep_unknown_keys(s_data, data, columns)
                     if not s_deleted and s_data == data and s_part == partition:
@@ -231,12 +252,19 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                     data, partition, deleted = s_data, s_part, 1
                 else:
                     continue
+                if s_dirty:
+                    # The stored version never reached the app table (it waits for a parent or was refused),
+                    # so this edit did not see it: it loses to the edit, and is kept where operators look.
+                    lost.append((name, pk, loser_json(s_inst, s_ctr, s_hlc, bool(s_deleted), s_part, s_data),
+                                 me, counter, s_bundle, now))
                 vv = json.loads(s_vv)
                 vv[me] = counter
                 hlc = max(at_ms << 16, s_hlc + 1)
                 writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None))
             conn.executemany(_UPSERT, writes)
             conn.executemany("UPDATE bundlesync_store SET dirty = 1 WHERE model = ? AND id = ?", redo)
+            log_conflicts(conn, lost)
+            lost.clear()
             written += len(writes)
         conn.execute("DELETE FROM bundlesync_changes WHERE model = ?", (name,))
         if written:

@@ -41,10 +41,13 @@ def trigger_names(table: TableSpec) -> tuple[str, str, str]:
     )
 
 
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
 def _log(model: str, pk_ref: str) -> str:
-    literal = "'" + model.replace("'", "''") + "'"
     return (
-        f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES ({literal}, {pk_ref}, {NOW_MS_SQL}) "
+        f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES ({_literal(model)}, {pk_ref}, {NOW_MS_SQL}) "
         "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms;"
     )
 
@@ -67,6 +70,39 @@ def _trigger_sql(table: TableSpec) -> Iterator[str]:
     )
 
 
+def _unique_keys(conn: sqlite3.Connection, table: TableSpec) -> list[tuple[str, list[str]]]:
+    """Plain UNIQUE indexes other than the primary key's: ``(index name, columns)``."""
+    found = []
+    for _, name, unique, origin, partial in conn.execute(f"PRAGMA index_list({q(table.name)})"):
+        if not unique or partial or origin == "pk":
+            continue
+        columns = [col for _, cid, col in conn.execute(f"PRAGMA index_info({q(name)})")]
+        if columns and all(c is not None for c in columns) and columns != [table.primary_key]:
+            found.append((name, columns))
+    return found
+
+
+def _displacement_triggers(conn: sqlite3.Connection, table: TableSpec) -> Iterator[str]:
+    """BEFORE triggers that log the rows an ``OR REPLACE`` is about to remove.
+
+    SQLite deletes a row that collides on a UNIQUE index without firing DELETE
+    triggers (unless the writer enabled ``recursive_triggers``), so the colliding
+    row is logged just before the write. If nothing is replaced after all,
+    serialization finds that row unchanged and makes no version.
+    """
+    t, pk = q(table.name), q(table.primary_key)
+    for index, columns in _unique_keys(conn, table):
+        for event in ("INSERT", "UPDATE"):
+            name = q(f"bundlesync_{table.name}_{event[:3].lower()}_{index}")
+            match = " AND ".join(f"{q(c)} = NEW.{q(c)}" for c in columns)
+            yield (
+                f"CREATE TRIGGER IF NOT EXISTS {name} BEFORE {event} ON {t} WHEN {_QUIET} BEGIN "
+                f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT {_literal(table.name)}, {pk}, {NOW_MS_SQL} "
+                f"FROM {t} WHERE {match} AND {pk} IS NOT NEW.{pk} "
+                "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms; END"
+            )
+
+
 def is_tracked(conn: sqlite3.Connection, table: TableSpec) -> bool:
     """True when all three tracking triggers of ``table`` exist."""
     names = trigger_names(table)
@@ -86,6 +122,8 @@ def install_triggers(conn: sqlite3.Connection, profile: Profile) -> list[str]:
     """
     newly: list[str] = []
     for table in profile.tables:
+        for statement in _displacement_triggers(conn, table):
+            conn.execute(statement)
         if is_tracked(conn, table):
             continue
         for statement in _trigger_sql(table):

@@ -37,6 +37,7 @@ import os
 import platform
 import pstats
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -127,6 +128,7 @@ class Run:
     workdir: str
     metrics: list[Metric] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    done: bool = False
 
     def add(self, key: str, label: str, value: float | int | None, unit: str = "", *,
             target: tuple[str, float] | None = None, note: str = "") -> Metric:
@@ -140,6 +142,7 @@ class Run:
                 met = {">=": value >= limit, "<": value < limit, "<=": value <= limit}[op]
         metric = Metric(key, label, value, unit, target_text, met, note)
         self.metrics.append(metric)
+        say(f"    {label.strip()}: {metric.shown()}")  # a run killed later still leaves its numbers
         return metric
 
     def value(self, key: str) -> float | int | None:
@@ -282,11 +285,15 @@ def run_measured(args: Sequence[str], env: dict[str, str]) -> Measured:
         report = Path(tmp) / "rusage.json"
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), *args],
-                                stdout=out, stderr=err, env=env, cwd=ROOT)
+                                stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
         try:
             code = proc.wait()
         except BaseException:
-            proc.kill()
+            # Its own process group: stop the launcher and the command it runs, nothing else.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             proc.wait()
             raise
         wall = time.perf_counter() - start
@@ -318,9 +325,10 @@ def file_mb(*paths: Path) -> float:
 # --------------------------------------------------------------------------- one size
 
 
-def bench_size(logs: int, users: int, seed: int, changes: int, base: Path, *, skip_memory: bool,
-               skip_zstd: bool, profile_dir: Path | None) -> Run:
-    run = Run(logs, users, seed, str(base))
+def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zstd: bool,
+               profile_dir: Path | None) -> None:
+    """Measure one size into ``run`` (filled as it goes, so a failure keeps what was measured)."""
+    logs, users, seed = run.logs, run.users, run.seed
     tag = f"[{logs:,} logs]"
 
     # Fixture: A with the facility, B schema-only; copies for the memory pair.
@@ -450,7 +458,6 @@ def bench_size(logs: int, users: int, seed: int, changes: int, base: Path, *, sk
         run.add("zstd19_s", "  zstd -19 time (for scale)", zstd_s, "s")
         run.add("bundle_vs_zstd19", "bundle bytes / zstd-19 bytes", size / zst_bytes, "x", target=("<=", 1.3))
         run.add("bundle_vs_raw", "  bundle bytes / raw JSON lines", size / raw_bytes, "x")
-    return run
 
 
 # --------------------------------------------------------------------------- options
@@ -541,45 +548,72 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     runs: list[Run] = []
     info = machine()
+    status = 0
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise _Terminated(f"stopped by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
         for logs in args.size_list:
             base = Path(tempfile.mkdtemp(prefix=f"logs{logs}-", dir=root))
-            run = bench_size(logs, args.users, args.seed, args.changes, base, skip_memory=args.skip_memory,
-                             skip_zstd=args.skip_zstd, profile_dir=args.profile)
+            run = Run(logs, args.users, args.seed, str(base))
+            runs.append(run)
             if args.profile is not None:
                 run.notes.append("export and import ran under cProfile: their timings are inflated")
-            runs.append(run)
-            if not args.json:
-                records = run.value("export_records") or 0
-                title = (f"== bundlesync {info['bundlesync']} bench: {logs:,} logs, {args.users:,} users, seed "
-                         f"{args.seed} ({records:,} records) | Python {info['python']}, SQLite {info['sqlite']}, "
-                         f"{info['cpus']} CPUs ==")
-                print(render_table(run, title), flush=True)
-                print(flush=True)
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+            load = os.getloadavg()[0]
+            try:
+                bench_size(run, args.changes, base, skip_memory=args.skip_memory, skip_zstd=args.skip_zstd,
+                           profile_dir=args.profile)
+            finally:
+                run.notes.append(f"1-min load average: {load:.2f} at start, {os.getloadavg()[0]:.2f} at end "
+                                 f"({info['cpus']} CPUs; other processes distort timings)")
+            _show(run, info, args)
+            run.done = True
+    except (KeyboardInterrupt, _Terminated) as exc:
+        status = 130
+        message = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
     except (BenchError, BundlesyncError, OSError, sqlite3.Error) as exc:
+        status, message = 1, str(exc)
         if args.debug:
             traceback.print_exc()
-        print(f"error: {exc}" + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
-        return 1
     except Exception as exc:  # an engine bug: say so in one line, traceback on request
+        status, message = 1, f"unexpected {type(exc).__name__}: {exc}"
         if args.debug:
             traceback.print_exc()
-        print(f"error: unexpected {type(exc).__name__}: {exc}"
-              + ("" if args.debug else " (rerun with --debug for the traceback)"), file=sys.stderr)
-        return 1
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if remove:
             shutil.rmtree(root, ignore_errors=True)
         elif runs or args.workdir is not None:
             say(f"files kept in {root}")
+    if status:
+        if runs and not runs[-1].done:
+            runs[-1].notes.append(f"INCOMPLETE: {message}")
+            _show(runs[-1], info, args)
+        hint = "" if args.debug or status == 130 else " (rerun with --debug for the traceback)"
+        print(f"error: {message}{hint}", file=sys.stderr)
     if args.json:
         print(json.dumps({"machine": info, "runs": [
-            {"logs": r.logs, "users": r.users, "seed": r.seed, "workdir": None if remove else r.workdir,
+            {"logs": r.logs, "users": r.users, "seed": r.seed, "complete": r.done,
+             "workdir": None if remove else r.workdir,
              "metrics": [m.as_json() for m in r.metrics], "notes": r.notes} for r in runs]}, indent=2))
-    return 0
+    return status
+
+
+class _Terminated(Exception):
+    """SIGTERM, turned into an exception so clean-up runs and partial results are printed."""
+
+
+def _show(run: Run, info: dict[str, Any], args: argparse.Namespace) -> None:
+    if args.json:
+        return
+    records = run.value("export_records") or 0
+    title = (f"== bundlesync {info['bundlesync']} bench: {run.logs:,} logs, {run.users:,} users, seed "
+             f"{run.seed} ({records:,} records) | Python {info['python']}, SQLite {info['sqlite']}, "
+             f"{info['cpus']} CPUs ==")
+    print(render_table(run, title), flush=True)
+    print(flush=True)
 
 
 if __name__ == "__main__":

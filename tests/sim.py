@@ -25,7 +25,9 @@ class World:
     dbs: list[Path] = field(default_factory=list)
 
     @classmethod
-    def create(cls, root: Path, n: int, *, users: int = 4, logs: int = 24, seed: int = 1) -> World:
+    def create(cls, root: Path, n: int, *, users: int = 4, logs: int = 24, seed: int = 1,
+               scopes: dict[int, str] | None = None) -> World:
+        root.mkdir(parents=True, exist_ok=True)
         dbs = [root / f"d{i}.sqlite3" for i in range(n)]
         facility = make_db(dbs[0], users=users, logs=logs, seed=seed)
         for db in dbs[1:]:
@@ -39,8 +41,9 @@ class World:
         first = world.devices[0]
         dataset_id, fac = first.resolve_facility(facility)
         first.keyring.provision(dataset_id=dataset_id, facility_id=fac, profile=first.profile.name)
-        for dev in world.devices[1:]:
-            request = dev.keyring.request(dataset_id=None, facility_id=fac, profile=dev.profile.name, scope="full",
+        for i, dev in enumerate(world.devices[1:], start=1):
+            scope = (scopes or {}).get(i, "full")
+            request = dev.keyring.request(dataset_id=None, facility_id=fac, profile=dev.profile.name, scope=scope,
                                           instance_id=dev.instance_id, out_dir=drive)
             dev.keyring.install(first.keyring.issue(request, drive))
         return world
@@ -71,6 +74,9 @@ class World:
         conn = self.devices[i].conn
         return {t.name: conn.execute(f'SELECT * FROM "{t.name}" ORDER BY "{t.primary_key}"').fetchall()
                 for t in self.devices[i].profile.tables}
+
+    def one(self, i: int, sql: str, params: tuple[object, ...] = ()) -> object:
+        return self.devices[i].conn.execute(sql, params).fetchone()[0]
 
     def store(self, i: int) -> list[tuple[object, ...]]:
         return self.devices[i].conn.execute(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Pair, dump_tables, run_cli
+from conftest import Pair, dump_tables, make_db, run_cli
 from sim import World, random_edit
 
 from bundlesync.purge import purge_user
@@ -209,3 +209,90 @@ def test_child_before_parent_waits_then_applies(pair: Pair) -> None:
     run_cli(pair.b, "import", parent)
     assert dump_tables(pair.a_db) == dump_tables(pair.b_db)
     assert json.loads(run_cli(pair.b, "status", "--json").out)["waiting_records"] == []
+
+
+def _busiest_learner(tmp_path: Path) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    probe = tmp_path / "probe.sqlite3"
+
+    make_db(probe, users=6, logs=60, seed=1)
+    conn = sqlite3.connect(probe)
+    user = conn.execute("SELECT user_id FROM logger_contentsessionlog WHERE user_id IS NOT NULL GROUP BY user_id "
+                        "ORDER BY count(*) DESC LIMIT 1").fetchone()[0]
+    conn.close()
+    return str(user)
+
+
+def test_a_narrow_relay_never_makes_a_device_claim_what_it_lacks(tmp_path: Path) -> None:
+    """A bundle's result counts only what the sender holds for *every* prefix of its filter."""
+    user = _busiest_learner(tmp_path / "p")
+    f, g, u, v = 0, 1, 2, 3
+    w = World.create(tmp_path / "w", 4, users=6, logs=60, seed=1, scopes={2: f"user:{user}", 3: f"user:{user}"})
+    try:
+        w.deliver(w.export(f, tmp_path / "f2g"), g)  # type: ignore[arg-type]
+        room = w.one(g, "SELECT min(id) FROM kolibriauth_collection WHERE kind = 'classroom'")
+        w.sql(g, "UPDATE kolibriauth_collection SET name = 'renamed by G' WHERE id = ?", (room,))
+        w.sql(g, "UPDATE logger_contentsessionlog SET progress = 0.77 WHERE user_id = ?", (user,))
+        w.deliver(w.export(g, tmp_path / "g2u", user=user), u)  # type: ignore[arg-type]
+        w.deliver(w.export(u, tmp_path / "u2f"), f)  # type: ignore[arg-type]  # the tablet carries only its own rows
+        drive = tmp_path / "drive-v"
+        w.deliver(w.export(f, drive, user=user), v, receipt=True)  # type: ignore[arg-type]
+        w.deliver(w.export(g, tmp_path / "g2f"), f)  # type: ignore[arg-type]
+        later = w.export(f, drive, user=user)
+        assert later is not None, "V's receipt must not claim the rename it never received"
+        w.deliver(later, v)
+        assert w.one(v, "SELECT name FROM kolibriauth_collection WHERE id = ?", (room,)) == "renamed by G"
+    finally:
+        w.close()
+
+
+def test_a_learner_cannot_take_over_another_users_record(tmp_path: Path) -> None:
+    user = _busiest_learner(tmp_path / "p")
+    w = World.create(tmp_path / "w", 2, users=6, logs=60, seed=1, scopes={1: f"user:{user}"})
+    try:
+        victim, owner = w.devices[0].conn.execute(
+            "SELECT id, user_id FROM logger_contentsessionlog WHERE user_id IS NOT NULL AND user_id != ? LIMIT 1",
+            (user,)).fetchone()
+        w.deliver(w.export(0, tmp_path / "a", user=user), 1)  # type: ignore[arg-type]
+        w.sql(1, "INSERT INTO logger_contentsessionlog SELECT ?, ?, content_id, channel_id, start_timestamp, "
+                 "end_timestamp, 999, 0.0, kind, extra_fields, dataset_id FROM logger_contentsessionlog LIMIT 1",
+              (victim, user))
+        result = w.deliver(w.export(1, tmp_path / "b"), 0)  # type: ignore[arg-type]
+        assert result.dequeue.refused == 1  # type: ignore[attr-defined]
+        assert w.one(0, "SELECT user_id FROM logger_contentsessionlog WHERE id = ?", (victim,)) == owner
+    finally:
+        w.close()
+
+
+def test_local_edit_over_a_waiting_version_keeps_the_loser(tmp_path: Path) -> None:
+    w = World.create(tmp_path, 2)
+    try:
+        w.deliver(w.export(0, tmp_path / "a"), 1)  # type: ignore[arg-type]
+        person = w.one(0, "SELECT min(id) FROM kolibriauth_facilityuser")
+        w.sql(1, "INSERT INTO kolibriauth_facilityuser SELECT 'c0ffeec0ffeec0ffeec0ffeec0ffee01', 'zed', full_name, "
+                 "password, date_joined, last_login, birth_year, gender, id_number, facility_id, extra_fields, "
+                 "dataset_id FROM kolibriauth_facilityuser WHERE id = ?", (person,))
+        w.sql(0, "UPDATE kolibriauth_facilityuser SET username = 'zed' WHERE id = ?", (person,))
+        result = w.deliver(w.export(0, tmp_path / "a"), 1)  # type: ignore[arg-type]
+        assert result.deserialize.failed == 1  # type: ignore[attr-defined]  # UNIQUE(username) refuses it here
+        w.sql(1, "UPDATE kolibriauth_facilityuser SET full_name = 'Fixed Name' WHERE id = ?", (person,))
+        w.deliver(w.export(1, tmp_path / "b"), 0)  # type: ignore[arg-type]
+        losers = [c for c in list_conflicts(w.devices[1]) if c["record_id"] == person]
+        assert [c["loser"]["data"]["username"] for c in losers] == ["zed"]
+        assert w.app_rows(0) == w.app_rows(1)
+    finally:
+        w.close()
+
+
+def test_a_receipt_for_a_narrower_filter_is_not_used_as_basis(tmp_path: Path) -> None:
+    user = _busiest_learner(tmp_path / "p")
+    w = World.create(tmp_path / "w", 3, users=6, logs=60, seed=1, scopes={1: f"user:{user}"})
+    try:
+        drive = tmp_path / "drive"
+        w.deliver(w.export(0, drive, user=user), 1, receipt=True)  # type: ignore[arg-type]
+        full = w.export(0, drive)
+        assert full is not None
+        w.deliver(full, 2)
+        assert w.app_rows(2) == w.app_rows(0)
+    finally:
+        w.close()

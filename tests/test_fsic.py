@@ -8,11 +8,16 @@ from pathlib import Path
 from bundlesync import db, fsic
 
 
-def test_held_is_min_over_prefixes_and_offered_is_max() -> None:
+def test_held_is_min_over_prefixes() -> None:
     rows = [("d", "a", 5), ("d:user-rw:u1", "a", 9), ("", "me", 7), ("d:user-rw:u2", "b", 3)]
     prefixes = ["d:user-rw:u1", "d:user-rw:u2"]
     assert fsic.held(rows, prefixes) == {"a": 5, "me": 7}
-    assert fsic.offered(rows, prefixes) == {"a": 9, "me": 7, "b": 3}
+
+
+def test_knowledge_of_one_user_says_nothing_of_a_user_whose_id_extends_it() -> None:
+    rows = [("d:user-rw:u1", "a", 9)]
+    assert fsic.held(rows, ["d:user-rw:u12"]) == {}
+    assert fsic.held(rows, ["d:user-rw:u1"]) == {"a": 9}
 
 
 def test_pointwise_min_drops_instances_a_peer_lacks() -> None:
