@@ -165,10 +165,9 @@ def migrate(conn: sqlite3.Connection) -> None:
 
 
 @contextlib.contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """One atomic write: ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Connection]:
     try:
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(begin)
     except sqlite3.OperationalError as exc:
         raise SyncError(
             f"the database is busy ({exc}); another program holds its write lock: try again in a moment"
@@ -187,15 +186,11 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise SyncError(f"could not commit ({exc}); nothing was changed: try again") from exc
 
 
-@contextlib.contextmanager
-def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+def write_transaction(conn: sqlite3.Connection) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    """One atomic write: ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    return _transaction(conn, "BEGIN IMMEDIATE")
+
+
+def read_transaction(conn: sqlite3.Connection) -> contextlib.AbstractContextManager[sqlite3.Connection]:
     """A consistent snapshot for reading many statements (``BEGIN`` … ``COMMIT``)."""
-    conn.execute("BEGIN")
-    try:
-        yield conn
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    if conn.in_transaction:
-        conn.execute("COMMIT")
+    return _transaction(conn, "BEGIN")

@@ -33,7 +33,7 @@ __all__ = ["DeserializeResult", "TableWriter", "deserialize"]
 
 K = TypeVar("K", bound=Hashable)
 
-SEEN_PARENTS_MAX = 200_000
+SEEN_PARENTS_MAX = 20_000
 """How many known-present parent ids a writer remembers per column (bounds memory)."""
 
 WAITING = "waiting for"

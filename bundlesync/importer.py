@@ -50,6 +50,9 @@ from .tracking import suppressed
 
 __all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
 
+APPLY_BATCH_BYTES = 2 << 20
+"""Record lines merged and written per batch: bounds memory (decoded rows) whatever the bundle size."""
+
 
 @dataclass(frozen=True)
 class VerifiedBundle:
@@ -196,7 +199,7 @@ class ImportWork(FacilityDataSyncHook):
         verified = self._verified()
         with suppressed(ctx.connection):
             self.result.dequeue = dequeue(
-                ctx.connection, ctx.profile, container.iter_record_batches(verified.info),
+                ctx.connection, ctx.profile, container.iter_record_batches(verified.info, APPLY_BATCH_BYTES),
                 signer_write=verified.signer_scope.write, local_read=self._local_read(ctx),
                 bundle_id=self.result.bundle_id, detected_at=self.now, written=self.result.deserialize,
                 signer_may_purge=verified.signer.scope == "full",

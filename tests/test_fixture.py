@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
@@ -18,15 +16,8 @@ LOGGER_TABLES = ("logger_contentsessionlog", "logger_contentsummarylog", "logger
                  "logger_attemptlog", "logger_examlog", "logger_examattemptlog")
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_facility_db", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import make_facility_db as mfd  # noqa: E402 - on sys.path via conftest
 
-
-mfd = _load_script()
 
 
 def _make(path: Path, users: int = 30, logs: int = 3000, seed: int = 1) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import re
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -22,18 +21,10 @@ __all__: list[str] = []
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "fixtures" / "facility_profile.yaml"
-SCRIPT = ROOT / "scripts" / "make_facility_db.py"
 
 
-def _load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("make_facility_db", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import make_facility_db as mfd  # noqa: E402 - on sys.path via conftest
 
-
-mfd = _load_script()
 
 
 @pytest.fixture(scope="module")
