@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,24 @@ def _loser_entry(merged: MergeResult, bundle_id: str, detected_at: str) -> tuple
     return (loser.model, loser.id, text, merged.result.inst, merged.result.ctr, bundle_id, detected_at)
 
 
+class _Cached:
+    """A predicate on partitions, memoised (bounded: a bundle has few distinct partitions)."""
+
+    LIMIT = 100_000
+
+    def __init__(self, test: Callable[[str], bool]) -> None:
+        self.test = test
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, partition: str) -> bool:
+        answer = self.known.get(partition)
+        if answer is None:
+            if len(self.known) > self.LIMIT:
+                self.known.clear()
+            answer = self.known[partition] = self.test(partition)
+        return answer
+
+
 class _AppWriter:
     """Writes the app rows of records that won the merge, table by table in foreign-key order."""
 
@@ -147,18 +165,21 @@ def dequeue(
     """
     result = DequeueResult()
     app = _AppWriter(conn, profile)
+    # Partitions repeat (one per user or facility), so scope answers are cached per partition.
+    writable = _Cached(lambda p: within(p, signer_write))
+    readable = _Cached(lambda p: within(p, local_read))
     for lines in batches:
         incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
         for line in lines:
             version = parse_record(line)
             result.received += 1
-            if not within(version.partition, signer_write):
+            if not writable(version.partition):
                 result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
                 continue
             row = _decode_checked(profile, version)
             if row is None:
                 result.refuse("bad_partition", version, f"data does not belong to partition {version.partition}")
-            elif not within(version.partition, local_read):
+            elif not readable(version.partition):
                 result.not_for_us += 1
             else:
                 key = (version.model, version.id)
@@ -174,7 +195,7 @@ def dequeue(
         purged: list[tuple[str, str]] = []
         for key, (version, row) in incoming.items():
             mine = local.get(key)
-            if mine is not None and not within(mine.partition, signer_write):
+            if mine is not None and not writable(mine.partition):
                 # The record as this device knows it is not the signer's to change, whatever it claims now.
                 result.refuse("out_of_scope", version, f"the local record lies in {mine.partition}, outside the "
                               "signer's write scope")
