@@ -196,6 +196,7 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
                 "written": ds.written, "deleted": ds.deleted, "waiting": ds.waiting, "failed": ds.failed,
                 "gaps": {k: {"have": h, "need": n} for k, (h, n) in r.gaps.items()},
                 "receipt": str(r.receipt) if r.receipt else None,
+                "local_changes_serialized": r.local_serialized,
             })
             if as_json:
                 continue

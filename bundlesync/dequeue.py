@@ -51,11 +51,6 @@ class DequeueResult:
             self.refused_sample.append(f"{version.model} {version.id}: {why}")
 
     @property
-    def conflicts(self) -> int:
-        """True concurrent edits met in this bundle."""
-        return self.outcomes[Outcome.CONFLICT.value]
-
-    @property
     def refused(self) -> int:
         """Records not applied because their signer may not write them or the data lies."""
         return self.out_of_scope + self.bad_partition
