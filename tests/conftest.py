@@ -12,7 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import yaml
+
+try:  # a clear word instead of a dozen collection errors when run outside scripts/test.sh's venv
+    import cryptography  # noqa: F401
+    import sqlite_utils  # noqa: F401
+    import yaml
+    import zstandard  # noqa: F401
+except ImportError as exc:  # pragma: no cover
+    pytest.exit(f"missing dependency {exc.name!r}: run the tests with scripts/test.sh (it installs them into .venv)",
+                returncode=4)
 
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "fixtures" / "facility_profile.yaml"
