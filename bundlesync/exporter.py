@@ -31,6 +31,7 @@ from . import bundle as container
 from . import fsic as fsic_mod
 from .crypto import verify
 from .db import read_transaction, write_transaction
+from .certs import Certificate
 from .device import Device
 from .errors import StateError, SyncError
 from .hooks import FacilityDataSyncHook
@@ -40,7 +41,7 @@ from .plugins import PluginSet, Warn
 from .profile import Profile
 from .receipts import find_receipts, read_receipt
 from .scope import covered, prefix_sql, scope_filters
-from .store import current_counter, serialize_changes
+from .store import current_counter, record_transfer, serialize_changes
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -100,9 +101,10 @@ def outgoing_lines(
 class ExportWork(FacilityDataSyncHook):
     """bundlesync's own export work, one operation per stage."""
 
-    def __init__(self, device: Device, out_dir: Path, *, full: bool, user: str | None, since: Path | None,
-                 plugins: PluginSet, now: datetime.datetime | None) -> None:
-        self.device, self.out_dir, self.full, self.user, self.since = device, out_dir, full, user, since
+    def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
+                 since: Path | None, plugins: PluginSet, now: datetime.datetime | None) -> None:
+        self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
+        self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
         self.skipped_receipts: list[str] = []
         self.writer: container.BundleWriter | None = None
@@ -117,14 +119,12 @@ class ExportWork(FacilityDataSyncHook):
     # INITIALIZING
     def initialize(self, ctx: SyncContext) -> None:
         assert ctx.dataset_id is not None
-        chain = self.device.keyring.device_chain(ctx.dataset_id)
-        assert chain is not None  # checked by export_bundle before pre_transfer
-        mine = scope_filters(ctx.profile, ctx.dataset_id, chain[0].scope)
+        mine = scope_filters(ctx.profile, ctx.dataset_id, self.chain[0].scope)
         if self.user is not None:
             prefixes = scope_filters(ctx.profile, ctx.dataset_id, f"user:{self.user}").read
             if not covered(prefixes, mine.read):
                 raise StateError(f"this device's certificate ({mine.scope}) may not read user {self.user}'s data")
-        elif chain[0].scope == "full":
+        elif self.chain[0].scope == "full":
             prefixes = mine.read
         else:
             prefixes = mine.write  # a single-user device only sends what it may sign for
@@ -179,7 +179,6 @@ class ExportWork(FacilityDataSyncHook):
     def queue(self, ctx: SyncContext) -> None:
         conn, me = ctx.connection, ctx.instance_id
         assert ctx.dataset_id is not None and ctx.facility_id is not None
-        chain = self.device.keyring.device_chain(ctx.dataset_id) or ()
         # What this device holds for *every* prefix of the filter: a receiver may claim no more.
         held = fsic_mod.held(fsic_mod.read_rows(conn), ctx.filter)
         counter = current_counter(conn)
@@ -188,7 +187,7 @@ class ExportWork(FacilityDataSyncHook):
             bundle_id=self.result.bundle_id, created_at=created, generator=f"bundlesync/{__version__}",
             profile_name=ctx.profile.name, profile_version=ctx.profile.version, profile_digest=ctx.profile.digest,
             dataset_id=ctx.dataset_id, facility_id=ctx.facility_id, filter=ctx.filter,
-            sender_instance=me, sender_counter=counter, chain=tuple(c.to_dict() for c in chain),
+            sender_instance=me, sender_counter=counter, chain=tuple(c.to_dict() for c in self.chain),
             basis_fsic=self.result.basis, result_fsic=held,
             operations=tuple(self.plugins.manifest_entries(EXPORT_STAGES)),
         )
@@ -210,8 +209,7 @@ class ExportWork(FacilityDataSyncHook):
         ctx.bundle_path = self.path
         info = container.read_info(self.path)
         container.verify_digest(info)
-        chain = self.device.keyring.device_chain(ctx.dataset_id) or ()
-        verify(chain[0].subject_key, "bundle", info.digest, info.signature)
+        verify(self.chain[0].subject_key, "bundle", info.digest, info.signature)
         seen = sum(len(batch) for batch in container.iter_record_batches(info))
         if seen != self.result.records:
             raise SyncError(f"bundle {self.path.name} read back {seen} records, wrote {self.result.records}: "
@@ -221,13 +219,11 @@ class ExportWork(FacilityDataSyncHook):
     # CLEANUP
     def record(self, ctx: SyncContext) -> None:
         r = self.result
-        stats = {"counts": r.counts, "basis": r.basis, "basis_source": r.basis_source}
-        ctx.connection.execute(
-            "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, "
-            "records, stats, result_fsic) VALUES (?, 'export', ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%SZ', 'now'), "
-            "?, ?, ?)",
-            (r.bundle_id, r.dataset_id, "\n".join(r.filter), ctx.instance_id, str(self.path), r.records,
-             json.dumps(stats), json.dumps(r.result)),
+        record_transfer(
+            ctx.connection, bundle_id=r.bundle_id, direction="export", dataset_id=r.dataset_id, prefixes=r.filter,
+            peer_instance=ctx.instance_id, path=str(self.path),
+            at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), records=r.records,
+            stats={"counts": r.counts, "basis": r.basis, "basis_source": r.basis_source}, result_fsic=r.result,
         )
 
     def discard(self) -> None:
@@ -263,7 +259,7 @@ def export_bundle(
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
-    work = ExportWork(device, out_dir, full=full, user=user, since=since, plugins=plugins, now=now)
+    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):

@@ -26,7 +26,6 @@ recognised after the checks and changes nothing.
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +43,8 @@ from .manifest import Manifest
 from .operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from .plugins import PluginSet, Warn
 from .receipts import make_receipt, write_receipt
-from .scope import ScopeFilters, covered, scope_filters
-from .store import serialize_changes
+from .scope import ScopeFilters, covered, scope_filters, within
+from .store import record_transfer, serialize_changes
 from .tracking import suppressed
 
 __all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
@@ -161,9 +160,7 @@ class ImportWork(FacilityDataSyncHook):
 
     # INITIALIZING
     def initialize(self, ctx: SyncContext) -> None:
-        if self.verified is None:
-            self.stage_and_check()
-            self.describe(ctx)
+        # The bundle itself was checked by stage_and_check() before any stage ran.
         known = {(op.get("plugin"), op.get("operation")) for op in self.plugins.manifest_entries(list(Stage))}
         missing: set[tuple[object, object]] = set()
         for op in self._verified().manifest.operations:
@@ -225,7 +222,7 @@ class ImportWork(FacilityDataSyncHook):
         verified, conn, r = self._verified(), ctx.connection, self.result
         m = verified.manifest
         local_read = self._local_read(ctx)
-        r.advanced = tuple(p for p in m.filter if covered([p], verified.signer_scope.write) and covered([p], local_read))
+        r.advanced = tuple(p for p in m.filter if within(p, verified.signer_scope.write) and within(p, local_read))
         if r.advanced:
             r.gaps = fsic_mod.advance(conn, r.advanced, m.basis_fsic, m.result_fsic)
         for inst, (have, need) in r.gaps.items():
@@ -246,11 +243,10 @@ class ImportWork(FacilityDataSyncHook):
             "not_for_us": dq.not_for_us, "written": ds.written, "deleted": ds.deleted, "waiting": ds.waiting,
             "failed": ds.failed, "gaps": {k: list(v) for k, v in r.gaps.items()},
         }
-        conn.execute(
-            "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, "
-            "records, stats, result_fsic) VALUES (?, 'import', ?, ?, ?, ?, ?, ?, ?, ?)",
-            (m.bundle_id, m.dataset_id, "\n".join(m.filter), m.sender_instance, str(r.path), self.now, dq.received,
-             json.dumps(stats), json.dumps(dict(m.result_fsic))),
+        record_transfer(
+            conn, bundle_id=m.bundle_id, direction="import", dataset_id=m.dataset_id, prefixes=m.filter,
+            peer_instance=m.sender_instance, path=str(r.path), at=self.now, records=dq.received, stats=stats,
+            result_fsic=m.result_fsic,
         )
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "log_conflicts",
     "loser_json",
     "next_counter",
+    "record_transfer",
     "serialize_changes",
     "upsert_versions",
 ]
@@ -271,6 +272,18 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
             result.by_model[name] = written
             result.versions += written
     return result
+
+
+def record_transfer(conn: sqlite3.Connection, *, bundle_id: str, direction: str, dataset_id: str,
+                    prefixes: Sequence[str], peer_instance: str, path: str, at: str, records: int,
+                    stats: Mapping[str, object], result_fsic: Mapping[str, int]) -> None:
+    """Note an export or import in ``bundlesync_transfers`` (status, bases, re-import detection)."""
+    conn.execute(
+        "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, "
+        "records, stats, result_fsic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (bundle_id, direction, dataset_id, "\n".join(prefixes), peer_instance, path, at, records,
+         json.dumps(stats), json.dumps(dict(result_fsic))),
+    )
 
 
 def pending_changes(conn: sqlite3.Connection) -> int:
