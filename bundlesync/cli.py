@@ -1,6 +1,6 @@
 """The ``bundlesync`` command line: parses options, calls the library, prints.
 
-No sync logic lives here. Output rules (DESIGN public contract): ``export``
+No sync logic lives here. Output rules (the public contract scripts rely on): ``export``
 prints the bundle path as its last stdout line (nothing when nothing is new);
 messages meant for people go to stderr; ``--json`` prints one JSON document.
 Every failure is one ``error: …`` line on stderr and a non-zero exit code.
@@ -18,15 +18,17 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
-from . import bundle as container
-from .device import Device, init_device, resolve_home
-from .errors import BundlesyncError
-from .exporter import export_bundle
-from .importer import import_bundle, verify_bundle
-from .plugins import PluginSet
-from .purge import purge_user
-from .status import device_status, list_conflicts
+from bundlesync import __version__
+from bundlesync.format import container as container
+from bundlesync.device import Device, init_device, resolve_home
+from bundlesync.errors import BundlesyncError
+from bundlesync.sync.exporter import export_bundle
+from bundlesync.sync.importer import import_bundle, verify_bundle
+from bundlesync.plugins.loader import PluginSet
+from bundlesync.sync.purge import purge_user
+from bundlesync.sync.status import device_status, list_conflicts
+from bundlesync.trust.authority import issue_grant, provision_facility
+from bundlesync.trust.enrolment import install_grant, request_certificate
 
 __all__ = ["cli", "main"]
 
@@ -94,7 +96,7 @@ def facility_provision(ctx: click.Context, facility_id: str, quiet: bool) -> Non
     """Make this device the facility's authority (root key and certificate)."""
     with _device(ctx) as device:
         dataset_id, fac = device.resolve_facility(facility_id)
-        cert = device.keyring.provision(dataset_id=dataset_id, facility_id=fac, profile=device.profile.name)
+        cert = provision_facility(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name)
         _say(f"this device is the authority of facility {fac} (dataset {dataset_id}); certificate {cert.cert_id}", quiet=quiet)
 
 
@@ -115,7 +117,7 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str)
             dataset_id, fac = device.resolve_facility(facility_id)
         except BundlesyncError:
             dataset_id, fac = "", facility_id  # a fresh device may not know the facility yet
-        path = device.keyring.request(dataset_id=dataset_id, facility_id=fac, profile=device.profile.name,
+        path = request_certificate(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name,
                                       scope=scope, instance_id=device.instance_id, out_dir=Path(out_dir))
         click.echo(str(path))
 
@@ -127,7 +129,7 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str)
 def cert_issue(ctx: click.Context, request: str, out_dir: str) -> None:
     """On the authority: sign a request; prints the grant's path."""
     with _device(ctx) as device:
-        click.echo(str(device.keyring.issue(Path(request), Path(out_dir))))
+        click.echo(str(issue_grant(device.keys, Path(request), Path(out_dir))))
 
 
 @cert.command("install")
@@ -137,7 +139,7 @@ def cert_issue(ctx: click.Context, request: str, out_dir: str) -> None:
 def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
     """Install a grant: this device's certificate and the facility's root."""
     with _device(ctx) as device:
-        leaf = device.keyring.install(Path(grant))
+        leaf = install_grant(device.keys, Path(grant))
         _say(f"installed certificate {leaf.cert_id} ({leaf.scope}) for facility {leaf.facility_id}", quiet=quiet)
 
 

@@ -2,7 +2,7 @@
 
 The home (``--home`` or ``BUNDLESYNC_HOME``, like KOLIBRI_HOME) holds
 ``config.yaml`` (app DB path, profile path, plugins), the keys (mode 0600) and
-certificates (:mod:`bundlesync.keyring`), and ``staging/`` where import copies
+certificates (:mod:`bundlesync.trust.keystore`), and ``staging/`` where import copies
 a bundle off the removable drive before trusting it. The device's replication
 identity (instance id, counter) lives in the app database itself.
 """
@@ -17,13 +17,13 @@ from typing import Any
 
 import yaml
 
-from . import db
-from .errors import ConfigError, StateError
-from .fsutil import atomic_write_bytes
-from .keyring import Keyring
-from .profile import Profile, bind_profile, load_profile
-from .store import ensure_identity, instance_id
-from .tracking import install_triggers
+from bundlesync.replica import db
+from bundlesync.errors import ConfigError, StateError
+from bundlesync.fsutil import atomic_write_bytes
+from bundlesync.trust.keystore import KeyStore
+from bundlesync.profile import Profile, bind_profile, load_profile
+from bundlesync.replica.store import ensure_identity, instance_id
+from bundlesync.replica.tracking import install_triggers
 
 __all__ = ["Config", "Device", "init_device", "resolve_home"]
 
@@ -76,14 +76,14 @@ class Config:
 
 
 class Device:
-    """An open device: the connection, the bound profile and the keyring."""
+    """An open device: the connection, the bound profile and the key store."""
 
     def __init__(self, home: Path, config: Config, conn: sqlite3.Connection, profile: Profile) -> None:
         self.home = home
         self.config = config
         self.conn = conn
         self.profile = profile
-        self.keyring = Keyring(home)
+        self.keys = KeyStore(home)
 
     @classmethod
     def open(cls, home: Path) -> Device:
@@ -127,8 +127,8 @@ class Device:
 
     def resolve_facility(self, facility: str) -> tuple[str, str]:
         """``--facility`` (a facility id or a dataset id) -> ``(dataset_id, facility_id)``."""
-        for dataset_id in self.keyring.datasets():
-            root = self.keyring.trusted_root(dataset_id)
+        for dataset_id in self.keys.datasets():
+            root = self.keys.trusted_root(dataset_id)
             if root is not None and facility in (root.dataset_id, root.facility_id):
                 return root.dataset_id, root.facility_id
         lookup = self.profile.facility

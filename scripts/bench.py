@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark bundlesync's export, import, memory and bundle size (a benchmark, not a test).
+from bundlesync.trust.authority import issue_grant, provision_facility
+from bundlesync.trust.enrolment import install_grant, request_certificate
 
 ``bench.py [--logs N | --sizes N1,N2,...] [--users U] [--seed S] [--changes C]
 [--workdir DIR] [--skip-memory] [--skip-zstd] [--profile DIR] [--json]``
@@ -57,13 +59,13 @@ CHANGED_TABLE = "logger_attemptlog"
 CHANGED_COLUMN = "time_spent"
 
 try:
-    from bundlesync import bundle as container
-    from bundlesync.db import write_transaction
+    from bundlesync.format import container
+    from bundlesync.replica.db import write_transaction
     from bundlesync.device import Device, init_device
     from bundlesync.errors import BundlesyncError
-    from bundlesync.exporter import export_bundle
-    from bundlesync.importer import import_bundle
-    from bundlesync.store import pending_changes, serialize_changes
+    from bundlesync.sync.exporter import export_bundle
+    from bundlesync.sync.importer import import_bundle
+    from bundlesync.replica.store import pending_changes, serialize_changes
 except ImportError as _exc:  # pragma: no cover - set-up problem, not a bench result
     if isinstance(_exc, ModuleNotFoundError) and (_exc.name or "").split(".")[0] == "bundlesync":
         print("error: bundlesync is not installed in this Python; run with the project's venv: "
@@ -223,19 +225,19 @@ def setup_pair(base: Path, a_db: Path, b_db: Path, facility: str) -> tuple[Path,
     with Device.open(home_a) as dev:
         queued = pending_changes(dev.conn)
         dataset_id, fac = dev.resolve_facility(facility)
-        dev.keyring.provision(dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name)
+        provision_facility(dev.keys, dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name)
     init_device(home_b, b_db, PROFILE)
     with Device.open(home_b) as dev:
         try:
             dataset_id, fac = dev.resolve_facility(facility)
         except BundlesyncError:
             dataset_id, fac = "", facility  # as the CLI: a fresh device does not know the facility
-        request = dev.keyring.request(dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name,
+        request = request_certificate(dev.keys, dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name,
                                       scope="full", instance_id=dev.instance_id, out_dir=usb)
     with Device.open(home_a) as dev:
-        grant = dev.keyring.issue(request, usb)
+        grant = issue_grant(dev.keys, request, usb)
     with Device.open(home_b) as dev:
-        dev.keyring.install(grant)
+        install_grant(dev.keys, grant)
     return home_a, home_b, init_s, queued
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 import sys
 
-from bundlesync.db import q
+from bundlesync.replica.db import q
 from bundlesync.profile import bind_profile, load_profile
 
 

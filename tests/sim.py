@@ -11,8 +11,10 @@ from pathlib import Path
 from conftest import PROFILE, make_db
 
 from bundlesync.device import Device, init_device
-from bundlesync.exporter import export_bundle
-from bundlesync.importer import import_bundle, leave_receipt
+from bundlesync.sync.exporter import export_bundle
+from bundlesync.sync.importer import import_bundle, leave_receipt
+from bundlesync.trust.authority import issue_grant, provision_facility
+from bundlesync.trust.enrolment import install_grant, request_certificate
 
 
 @dataclass
@@ -40,12 +42,12 @@ class World:
             world.devices.append(Device.open(root / f"home{i}"))
         first = world.devices[0]
         dataset_id, fac = first.resolve_facility(facility)
-        first.keyring.provision(dataset_id=dataset_id, facility_id=fac, profile=first.profile.name)
+        provision_facility(first.keys, dataset_id=dataset_id, facility_id=fac, profile=first.profile.name)
         for i, dev in enumerate(world.devices[1:], start=1):
             scope = (scopes or {}).get(i, "full")
-            request = dev.keyring.request(dataset_id=None, facility_id=fac, profile=dev.profile.name, scope=scope,
+            request = request_certificate(dev.keys, dataset_id=None, facility_id=fac, profile=dev.profile.name, scope=scope,
                                           instance_id=dev.instance_id, out_dir=drive)
-            dev.keyring.install(first.keyring.issue(request, drive))
+            install_grant(dev.keys, issue_grant(first.keys, request, drive))
         return world
 
     def close(self) -> None:

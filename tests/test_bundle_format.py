@@ -25,7 +25,7 @@ import zstandard as zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundlesync import bundle as B
+from bundlesync.format import container as B
 from bundlesync.errors import BundleError, FormatError, IntegrityError, SyncError
 
 KEY = b"bundlesync-test-key"

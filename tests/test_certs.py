@@ -1,4 +1,4 @@
-"""Tests for bundlesync.certs, .certfiles and .keyring: chains, request/grant files, round trip."""
+"""Tests for bundlesync.trust.certs, .certfiles and .keys: chains, request/grant files, round trip."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bundlesync.certfiles import (
+from bundlesync.trust.certfiles import (
     CertGrant,
     CertRequest,
     make_request,
@@ -24,7 +24,7 @@ from bundlesync.certfiles import (
     write_grant,
     write_request,
 )
-from bundlesync.certs import (
+from bundlesync.trust.certs import (
     MAX_CHAIN_LENGTH,
     Certificate,
     canonical_json,
@@ -35,9 +35,11 @@ from bundlesync.certs import (
     scope_covers,
     verify_chain,
 )
-from bundlesync.crypto import SigningKey
+from bundlesync.trust.crypto import SigningKey
 from bundlesync.errors import CertError, StateError, TrustError
-from bundlesync.keyring import Keyring
+from bundlesync.trust.keystore import KeyStore
+from bundlesync.trust.authority import issue_grant, provision_facility
+from bundlesync.trust.enrolment import install_grant, request_certificate
 
 NOW = datetime(2025, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 DATASET = "d" * 32
@@ -520,13 +522,13 @@ def test_chain_file_round_trip_and_damage(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def authority(tmp_path: Path) -> Keyring:
-    ring = Keyring(tmp_path / "authority")
-    ring.provision(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, now=NOW)
+def authority(tmp_path: Path) -> KeyStore:
+    ring = KeyStore(tmp_path / "authority")
+    provision_facility(ring, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, now=NOW)
     return ring
 
 
-def test_provision_creates_authority(authority: Keyring) -> None:
+def test_provision_creates_authority(authority: KeyStore) -> None:
     root = authority.trusted_root(DATASET)
     assert root is not None and root.is_root
     root_key = authority.root_key(DATASET)
@@ -543,41 +545,41 @@ def test_provision_creates_authority(authority: Keyring) -> None:
         assert stat.S_IMODE(keys.stat().st_mode) == 0o700
 
 
-def test_provision_is_idempotent(authority: Keyring) -> None:
+def test_provision_is_idempotent(authority: KeyStore) -> None:
     chain = authority.device_chain(DATASET)
     assert chain is not None
-    again = authority.provision(
+    again = provision_facility(authority, 
         dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, now=NOW + timedelta(hours=1)
     )
     assert again == chain[0]
     assert authority.trusted_root(DATASET) == chain[-1]
     with pytest.raises(CertError, match="already provisioned"):
-        authority.provision(dataset_id=DATASET, facility_id=FACILITY, profile="other")
+        provision_facility(authority, dataset_id=DATASET, facility_id=FACILITY, profile="other")
 
 
-def test_provision_refused_when_trusting_foreign_root(tmp_path: Path, authority: Keyring) -> None:
-    device = Keyring(tmp_path / "device")
-    req = device.request(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
+def test_provision_refused_when_trusting_foreign_root(tmp_path: Path, authority: KeyStore) -> None:
+    device = KeyStore(tmp_path / "device")
+    req = request_certificate(device, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
                          instance_id="dev1", out_dir=tmp_path / "usb", now=NOW)
-    device.install(authority.issue(req, tmp_path / "usb", now=NOW), now=NOW)
+    install_grant(device, issue_grant(authority, req, tmp_path / "usb", now=NOW), now=NOW)
     with pytest.raises(CertError, match="whose key it does not hold") as info:
-        device.provision(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE)
+        provision_facility(device, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE)
     one_line(info.value)
 
 
-def test_full_round_trip(tmp_path: Path, authority: Keyring) -> None:
+def test_full_round_trip(tmp_path: Path, authority: KeyStore) -> None:
     usb = tmp_path / "usb"
-    learner = Keyring(tmp_path / "learner")
+    learner = KeyStore(tmp_path / "learner")
     assert learner.datasets() == []
     assert learner.trusted_root(DATASET) is None
-    req_path = learner.request(
+    req_path = request_certificate(learner, 
         dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope=f"user:{USER}",
         instance_id="0a1b2c3d4e5f60718293a4b5c6d7e8f9", out_dir=usb, now=NOW,
     )
     assert req_path.name == f"{FACILITY[:8]}-0a1b2c3d.certreq.json"
-    grant_path = authority.issue(req_path, usb, now=NOW)
+    grant_path = issue_grant(authority, req_path, usb, now=NOW)
     assert grant_path.name == f"{FACILITY[:8]}-0a1b2c3d.certgrant.json"
-    leaf = learner.install(grant_path, now=NOW)
+    leaf = install_grant(learner, grant_path, now=NOW)
     assert leaf.scope == f"user:{USER}"
     assert leaf.subject_key == learner.device_key().public_key
     assert learner.trusted_root(DATASET) == authority.trusted_root(DATASET)
@@ -594,68 +596,68 @@ def test_full_round_trip(tmp_path: Path, authority: Keyring) -> None:
     verify_chain(auth_chain, root, now=NOW)
     # Installing again is a no-op.
     before = (learner.home / "certs" / DATASET / "device-chain.json").read_bytes()
-    assert learner.install(grant_path, now=NOW) == leaf
+    assert install_grant(learner, grant_path, now=NOW) == leaf
     assert (learner.home / "certs" / DATASET / "device-chain.json").read_bytes() == before
     assert not list(usb.glob("*.partial"))
 
 
-def test_install_grant_for_another_device_is_refused(tmp_path: Path, authority: Keyring) -> None:
+def test_install_grant_for_another_device_is_refused(tmp_path: Path, authority: KeyStore) -> None:
     usb = tmp_path / "usb"
-    a, b = Keyring(tmp_path / "a"), Keyring(tmp_path / "b")
-    grant = authority.issue(
-        a.request(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
+    a, b = KeyStore(tmp_path / "a"), KeyStore(tmp_path / "b")
+    grant = issue_grant(authority, 
+        request_certificate(a, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
                   instance_id="aaaa", out_dir=usb, now=NOW),
         usb, now=NOW,
     )
     b.device_key()
     with pytest.raises(CertError, match="not this device's key") as info:
-        b.install(grant, now=NOW)
+        install_grant(b, grant, now=NOW)
     one_line(info.value)
     assert b.trusted_root(DATASET) is None  # nothing was trusted on the way
-    fresh = Keyring(tmp_path / "fresh")
+    fresh = KeyStore(tmp_path / "fresh")
     with pytest.raises(CertError, match="has no key yet"):
-        fresh.install(grant, now=NOW)
+        install_grant(fresh, grant, now=NOW)
 
 
-def test_install_grant_from_another_root_is_refused(tmp_path: Path, authority: Keyring) -> None:
+def test_install_grant_from_another_root_is_refused(tmp_path: Path, authority: KeyStore) -> None:
     usb = tmp_path / "usb"
-    impostor = Keyring(tmp_path / "impostor")
-    impostor.provision(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, now=NOW)
-    device = Keyring(tmp_path / "device")
-    req = device.request(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
+    impostor = KeyStore(tmp_path / "impostor")
+    provision_facility(impostor, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, now=NOW)
+    device = KeyStore(tmp_path / "device")
+    req = request_certificate(device, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
                          instance_id="dev", out_dir=usb, now=NOW)
-    device.install(authority.issue(req, usb, now=NOW), now=NOW)
+    install_grant(device, issue_grant(authority, req, usb, now=NOW), now=NOW)
     trusted = device.trusted_root(DATASET)
-    evil = impostor.issue(req, tmp_path / "evil", now=NOW)
+    evil = issue_grant(impostor, req, tmp_path / "evil", now=NOW)
     with pytest.raises(CertError, match="grant's root differs from the trusted root of facility"):
-        device.install(evil, now=NOW)
+        install_grant(device, evil, now=NOW)
     assert device.trusted_root(DATASET) == trusted
 
 
-def test_issue_requires_the_authority(tmp_path: Path, authority: Keyring) -> None:
+def test_issue_requires_the_authority(tmp_path: Path, authority: KeyStore) -> None:
     usb = tmp_path / "usb"
-    device = Keyring(tmp_path / "device")
-    req = device.request(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
+    device = KeyStore(tmp_path / "device")
+    req = request_certificate(device, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE, scope="full",
                          instance_id="dev", out_dir=usb, now=NOW)
     with pytest.raises(StateError, match="not the authority of facility .*facility provision"):
-        device.issue(req, usb, now=NOW)
-    other_profile = device.request(dataset_id=DATASET, facility_id=FACILITY, profile="other",
+        issue_grant(device, req, usb, now=NOW)
+    other_profile = request_certificate(device, dataset_id=DATASET, facility_id=FACILITY, profile="other",
                                    scope="full", instance_id="dev2", out_dir=usb, now=NOW)
     with pytest.raises(CertError, match="profile"):
-        authority.issue(other_profile, usb, now=NOW)
-    other_facility = device.request(dataset_id=DATASET, facility_id="g" * 32, profile=PROFILE,
+        issue_grant(authority, other_profile, usb, now=NOW)
+    other_facility = request_certificate(device, dataset_id=DATASET, facility_id="g" * 32, profile=PROFILE,
                                     scope="full", instance_id="dev3", out_dir=usb, now=NOW)
     with pytest.raises(CertError, match="facility"):
-        authority.issue(other_facility, usb, now=NOW)
+        issue_grant(authority, other_facility, usb, now=NOW)
 
 
-def test_install_replaces_device_cert_with_new_grant(tmp_path: Path, authority: Keyring) -> None:
+def test_install_replaces_device_cert_with_new_grant(tmp_path: Path, authority: KeyStore) -> None:
     usb = tmp_path / "usb"
-    device = Keyring(tmp_path / "device")
+    device = KeyStore(tmp_path / "device")
     for scope in (f"user:{USER}", "full"):
-        req = device.request(dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE,
+        req = request_certificate(device, dataset_id=DATASET, facility_id=FACILITY, profile=PROFILE,
                              scope=scope, instance_id="dev", out_dir=usb, now=NOW)
-        leaf = device.install(authority.issue(req, usb, now=NOW), now=NOW)
+        leaf = install_grant(device, issue_grant(authority, req, usb, now=NOW), now=NOW)
         chain = device.device_chain(DATASET)
         assert chain is not None and chain[0] == leaf and leaf.scope == scope
 
@@ -663,7 +665,7 @@ def test_install_replaces_device_cert_with_new_grant(tmp_path: Path, authority: 
 def test_keyring_refuses_world_readable_device_key(tmp_path: Path) -> None:
     if os.name != "posix":
         pytest.skip("POSIX file modes")
-    ring = Keyring(tmp_path / "home")
+    ring = KeyStore(tmp_path / "home")
     ring.device_key()
     (tmp_path / "home" / "keys" / "device.key").chmod(0o644)
     with pytest.raises(CertError, match="chmod 600"):
@@ -671,7 +673,7 @@ def test_keyring_refuses_world_readable_device_key(tmp_path: Path) -> None:
 
 
 def test_keyring_refuses_path_like_dataset_ids(tmp_path: Path) -> None:
-    ring = Keyring(tmp_path / "home")
+    ring = KeyStore(tmp_path / "home")
     for bad in ("../x", "a/b", ""):
         with pytest.raises(CertError, match="dataset id"):
             ring.trusted_root(bad)
@@ -682,22 +684,22 @@ def test_keyring_refuses_path_like_dataset_ids(tmp_path: Path) -> None:
 @pytest.mark.parametrize("unknown", [None, ""])
 @pytest.mark.parametrize("named", [FACILITY, DATASET])
 def test_fresh_device_request_without_dataset(
-    tmp_path: Path, authority: Keyring, unknown: str | None, named: str
+    tmp_path: Path, authority: KeyStore, unknown: str | None, named: str
 ) -> None:
     # A device with an empty DB knows only what the operator typed (facility or dataset id).
     usb = tmp_path / "usb"
-    fresh = Keyring(tmp_path / "fresh")
-    req = fresh.request(dataset_id=unknown, facility_id=named, profile=PROFILE, scope="full",
+    fresh = KeyStore(tmp_path / "fresh")
+    req = request_certificate(fresh, dataset_id=unknown, facility_id=named, profile=PROFILE, scope="full",
                         instance_id="fresh1", out_dir=usb, now=NOW)
     assert json.loads(req.read_text())["dataset_id"] is None
     assert read_request(req).dataset_id is None
-    leaf = fresh.install(authority.issue(req, usb, now=NOW), now=NOW)
+    leaf = install_grant(fresh, issue_grant(authority, req, usb, now=NOW), now=NOW)
     assert (leaf.dataset_id, leaf.facility_id) == (DATASET, FACILITY)
     assert fresh.datasets() == [DATASET]
-    stranger = Keyring(tmp_path / "stranger")
-    other = fresh.request(dataset_id=None, facility_id="unknownfacility", profile=PROFILE,
+    stranger = KeyStore(tmp_path / "stranger")
+    other = request_certificate(fresh, dataset_id=None, facility_id="unknownfacility", profile=PROFILE,
                           scope="full", instance_id="fresh2", out_dir=usb, now=NOW)
     with pytest.raises(StateError, match="not the authority of facility unknownfacility"):
-        authority.issue(other, usb, now=NOW)
+        issue_grant(authority, other, usb, now=NOW)
     with pytest.raises(StateError):
-        stranger.issue(req, usb, now=NOW)
+        issue_grant(stranger, req, usb, now=NOW)

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import pytest
 
-from bundlesync import bundle as container
-from bundlesync.crypto import SigningKey
-from bundlesync.keyring import Keyring
+from bundlesync.format import container as container
+from bundlesync.trust.crypto import SigningKey
+from bundlesync.trust.keystore import KeyStore
 from conftest import PROFILE, CliResult, build_pair, dump_tables, make_db, run_cli, state
 
 PREAMBLE_SIZE = 16
@@ -415,7 +415,7 @@ def test_bundle_for_another_profile_is_refused(world: World, command: str, field
     profile = manifest["profile"]
     assert isinstance(profile, dict)
     profile[field] = value
-    path = _rewrite(world.good, world.bad / f"profile-{field}-{command}", manifest, Keyring(world.a).device_key())
+    path = _rewrite(world.good, world.bad / f"profile-{field}-{command}", manifest, KeyStore(world.a).device_key())
     run_cli(world.a, "inspect", str(path))  # structurally a fine bundle
     line = refuse(world, command, path, code=4, about=r"profile")
     assert str(value) in line

@@ -12,8 +12,8 @@ import pytest
 from conftest import Pair, dump_tables, make_db, run_cli
 from sim import World, random_edit
 
-from bundlesync.purge import purge_user
-from bundlesync.status import device_status, list_conflicts
+from bundlesync.sync.purge import purge_user
+from bundlesync.sync.status import device_status, list_conflicts
 
 
 @pytest.mark.parametrize("seed", range(12))

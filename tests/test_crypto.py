@@ -1,4 +1,4 @@
-"""Tests for bundlesync.crypto: signatures, domain separation and key files."""
+"""Tests for bundlesync.trust.crypto: signatures, domain separation and key files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bundlesync.crypto import (
+from bundlesync.trust.crypto import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
     SigningKey,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from bundlesync import db, fsic
+from bundlesync.replica import db, fsic
 
 
 def test_held_is_min_over_prefixes() -> None:

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 
 from conftest import Pair, dump_tables
 
-from bundlesync import bundle as container
+from bundlesync.format import container as container
 from bundlesync.device import Device
 from bundlesync.errors import BundleError
-from bundlesync.importer import import_bundle
-from bundlesync.keyring import Keyring
+from bundlesync.sync.importer import import_bundle
+from bundlesync.trust.keystore import KeyStore
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
@@ -53,7 +53,7 @@ def signed(pair: Pair) -> tuple[Pair, dict[str, object]]:
 @given(lines=st.lists(record_lines(), min_size=1, max_size=5))
 def test_malformed_records_never_crash_or_half_apply(signed: tuple[Pair, dict[str, object]], lines: list[bytes]) -> None:
     pair, manifest = signed
-    key = Keyring(pair.a).device_key()
+    key = KeyStore(pair.a).device_key()
     out = pair.tmp / "fuzz"
     out.mkdir(exist_ok=True)
     manifest = {**manifest, "bundle_id": f"{abs(hash(tuple(lines))):032x}"[-32:]}

@@ -7,7 +7,8 @@ import itertools
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bundlesync.merge import Outcome, Version, merge
+from bundlesync.format.records import Version
+from bundlesync.replica.merge import Outcome, merge
 
 
 def v(inst: str, ctr: int, hlc: int, vv: dict[str, int], data: str = "{}", deleted: bool = False,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from conftest import PROFILE, make_db, run_cli
 
-from bundlesync import bundle as container
+from bundlesync.format import container as container
 from bundlesync.device import Device
-from bundlesync.keyring import Keyring
+from bundlesync.trust.keystore import KeyStore
 
 
 def _tablet(tmp_path: Path) -> tuple[str, Path, Path, Path, Path, Path, str]:
@@ -66,7 +66,7 @@ def test_out_of_scope_records_are_refused_and_the_rest_applies(tmp_path: Path) -
     info = container.read_info(Path(honest))
     with Device.open(t) as dev:
         with dev.conn:
-            from bundlesync.store import serialize_changes
+            from bundlesync.replica.store import serialize_changes
             serialize_changes(dev.conn, dev.profile)
         forged_lines = [
             row[0] for row in dev.conn.execute(
@@ -75,7 +75,7 @@ def test_out_of_scope_records_are_refused_and_the_rest_applies(tmp_path: Path) -
                 "FROM bundlesync_store WHERE model = 'kolibriauth_collection' AND inst = ?", (dev.instance_id,))
         ]
     assert forged_lines
-    key = Keyring(t).device_key()
+    key = KeyStore(t).device_key()
     manifest = dict(info.manifest)
     manifest["bundle_id"] = "f" * 32
     out = tmp_path / "forged"

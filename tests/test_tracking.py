@@ -7,9 +7,9 @@ from pathlib import Path
 
 from conftest import PROFILE, make_db
 
-from bundlesync.db import write_transaction
+from bundlesync.replica.db import write_transaction
 from bundlesync.device import Device, init_device
-from bundlesync.store import serialize_changes
+from bundlesync.replica.store import serialize_changes
 
 
 def _device(tmp_path: Path) -> tuple[Device, Path]:
@@ -77,7 +77,7 @@ def test_every_write_path_is_tracked(tmp_path: Path) -> None:
 
 
 def test_floats_blobs_and_non_finite_values_round_trip(tmp_path: Path) -> None:
-    from bundlesync.codec import decode_data, encode_data
+    from bundlesync.format.records import decode_data, encode_data
 
     values = [0.1 + 0.2, 1e-310, -0.0, float("inf"), b"\x00\xff", "é\t\"x\"", None, 2**62]
     text = encode_data([str(i) for i in range(len(values))], values)

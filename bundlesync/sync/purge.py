@@ -3,7 +3,7 @@
 Every store record in the user's own partitions (those of the profile's ``user``
 scope that name the user: ``user-ro:U``, ``user-rw:U`` in the reference profile)
 gets a new *purged* version: data blanked to ``{}``, flagged so that it wins every
-merge (:mod:`bundlesync.merge`). The app rows are deleted, the conflict log
+merge (:mod:`bundlesync.replica.merge`). The app rows are deleted, the conflict log
 entries of those records are dropped, and the purge travels in the next bundle
 like any other change. Because a purged version beats every other version, an
 older bundle imported later cannot bring the data back, and a later local edit
@@ -16,13 +16,14 @@ import datetime
 import json
 from dataclasses import dataclass
 
-from .db import write_transaction
-from .deserialize import deserialize
-from .device import Device
-from .errors import StateError
-from .scope import covered, prefix_sql, scope_filters
-from .store import next_counter, serialize_changes
-from .tracking import suppressed
+from bundlesync.replica.db import write_transaction
+from bundlesync.sync.deserialize import deserialize
+from bundlesync.device import Device
+from bundlesync.errors import StateError
+from bundlesync.partitions import covered, prefix_sql
+from bundlesync.trust.scope import scope_filters
+from bundlesync.replica.store import next_counter, serialize_changes
+from bundlesync.replica.tracking import suppressed
 
 __all__ = ["PurgeResult", "purge_user"]
 
@@ -42,7 +43,7 @@ def purge_user(device: Device, facility: str, user_id: str) -> PurgeResult:
     """Purge ``user_id``'s personal data in the facility (one transaction)."""
     conn, profile = device.conn, device.profile
     dataset_id, _ = device.resolve_facility(facility)
-    chain = device.keyring.device_chain(dataset_id)
+    chain = device.keys.device_chain(dataset_id)
     if chain is None:
         raise StateError(f"this device holds no certificate for facility {facility}; it cannot sign a purge")
     user_scope = scope_filters(profile, dataset_id, f"user:{user_id}")

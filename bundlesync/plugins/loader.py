@@ -8,7 +8,7 @@ appear are credited to that plugin. ``--no-plugins`` (or
 ``BUNDLESYNC_NO_PLUGINS=1``) loads none, which is also how a device opts out of
 third-party code on the import path.
 
-pluggy was considered (style.md §3) and not used: the contract asked for is
+pluggy was considered and not used: the contract asked for is
 Kolibri's class-based one (operation lists per stage, two transfer methods),
 failures must be isolated per hook rather than propagated, and the entry-point
 scan is one call to :mod:`importlib.metadata`.
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from .errors import PluginError
-from .hooks import FacilityDataSyncHook, registered_hooks
-from .operations import LocalOperation, Stage, SyncContext
+from bundlesync.errors import PluginError
+from bundlesync.plugins.hooks import FacilityDataSyncHook, registered_hooks
+from bundlesync.plugins.operations import LocalOperation, Stage, SyncContext
 
 __all__ = ["ENTRY_POINT_GROUP", "LoadedPlugin", "PluginSet", "plugins_disabled"]
 

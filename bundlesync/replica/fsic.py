@@ -11,7 +11,7 @@ A bundle carries the sender's *basis* (what it assumed the receiver holds) and
 *result* (what the sender held for every prefix of the filter, so a receiver never
 claims more than was there to send). The receiver advances its counters for an
 instance only if it already held at least the basis, so knowledge never jumps
-over a bundle it did not see (issue 4: contiguous history); otherwise it records
+over a bundle it did not see (history stays contiguous); otherwise it records
 a gap and says how to fill it.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterable, Mapping, Sequence
 
-from .scope import within
+from bundlesync.partitions import within
 
 __all__ = [
     "Fsic",

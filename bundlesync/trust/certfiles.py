@@ -6,11 +6,11 @@ Three JSON file types, each with a ``type`` and a ``format`` (version) field:
   key as proof of possession (Morango's CSR, done with files);
 * a *grant* (``*.certgrant.json``): the authority's answer, the new leaf certificate and
   its issuers;
-* a *chain file*: a chain kept in a device home (see :mod:`bundlesync.keyring`).
+* a *chain file*: a chain kept in a device home (see :mod:`bundlesync.trust.keystore`).
 
 The round trip: the requesting device writes a request (:func:`make_request`,
 :func:`write_request`); the authority reads it (:func:`read_request`), issues a leaf
-(:func:`bundlesync.certs.issue_certificate`) and writes a grant (:func:`write_grant`);
+(:func:`bundlesync.trust.certs.issue_certificate`) and writes a grant (:func:`write_grant`);
 the requesting device reads the grant (:func:`read_grant`) and installs it.
 
 Because USB drives pass through untrusted hands, everything read from a file is validated
@@ -28,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
-from bundlesync._certfields import (
+from bundlesync.trust._certfields import (
     Malformed,
     check_fields,
     check_keys,
@@ -38,7 +38,7 @@ from bundlesync._certfields import (
     validate_id,
     validate_names,
 )
-from bundlesync.certs import (
+from bundlesync.trust.certs import (
     MAX_CHAIN_LENGTH,
     Certificate,
     canonical_json,
@@ -46,7 +46,7 @@ from bundlesync.certs import (
     parse_scope,
     verify_chain,
 )
-from bundlesync.crypto import SIGNATURE_SIZE, SigningKey, key_fingerprint, verify
+from bundlesync.trust.crypto import SIGNATURE_SIZE, SigningKey, key_fingerprint, verify
 from bundlesync.errors import CertError, TrustError
 from bundlesync.fsutil import atomic_write_bytes
 
@@ -263,7 +263,7 @@ class CertGrant:
 
     @property
     def full_chain(self) -> tuple[Certificate, ...]:
-        """``(leaf, *chain)``: the form :func:`~bundlesync.certs.verify_chain` takes."""
+        """``(leaf, *chain)``: the form :func:`~bundlesync.trust.certs.verify_chain` takes."""
         return (self.leaf, *self.chain)
 
     @property
@@ -313,7 +313,7 @@ def read_grant(path: Path, *, now: datetime | None = None) -> CertGrant:
     """Read a ``*.certgrant.json`` file and check that its chain verifies up to its own root.
 
     Whether that root is the one this device trusts is for the caller to decide (see
-    :meth:`bundlesync.keyring.Keyring.install`). ``now`` is the time to check expiry
+    :meth:`bundlesync.trust.keystore.KeyStore.install`). ``now`` is the time to check expiry
     against (default: the current time).
 
     Raises:
@@ -353,7 +353,7 @@ def _chain_from_json(obj: Mapping[str, object]) -> tuple[Certificate, ...]:
 def read_chain_file(path: Path) -> tuple[Certificate, ...]:
     """Read a chain written by :func:`write_chain_file`, in stored order.
 
-    Only the form and ids are checked; :func:`~bundlesync.certs.verify_chain` checks the
+    Only the form and ids are checked; :func:`~bundlesync.trust.certs.verify_chain` checks the
     signatures.
 
     Raises:

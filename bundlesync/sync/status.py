@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from . import fsic as fsic_mod
-from .device import Device
-from .store import current_counter, pending_changes
+from bundlesync.replica import fsic as fsic_mod
+from bundlesync.device import Device
+from bundlesync.replica.store import current_counter, pending_changes
 
 __all__ = ["device_status", "list_conflicts"]
 
@@ -19,9 +19,9 @@ def device_status(device: Device) -> dict[str, Any]:
     conn = device.conn
     rows = fsic_mod.read_rows(conn)
     facilities = []
-    for dataset_id in device.keyring.datasets():
-        root = device.keyring.trusted_root(dataset_id)
-        chain = device.keyring.device_chain(dataset_id)
+    for dataset_id in device.keys.datasets():
+        root = device.keys.trusted_root(dataset_id)
+        chain = device.keys.device_chain(dataset_id)
         gaps = [
             {"instance": inst, "have": have, "need": need, "bundle_id": bundle}
             for inst, have, need, bundle in conn.execute(
@@ -33,7 +33,7 @@ def device_status(device: Device) -> dict[str, Any]:
             "dataset_id": dataset_id,
             "facility_id": root.facility_id if root else None,
             "scope": chain[0].scope if chain else None,
-            "authority": device.keyring.root_key(dataset_id) is not None,
+            "authority": device.keys.root_key(dataset_id) is not None,
             "fsic": fsic_mod.held(rows, [dataset_id]),
             "gaps": gaps,
         })

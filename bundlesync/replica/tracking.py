@@ -1,7 +1,7 @@
 """Change tracking: triggers that log every write to a syncable table.
 
 Triggers (not application code) do the tracking so that a write by *any* SQLite
-client is seen (DESIGN invariant 1). Each trigger upserts ``(model, pk, at_ms)``
+client is seen (nothing is lost). Each trigger upserts ``(model, pk, at_ms)``
 into ``bundlesync_changes``; serialization later turns those rows into store
 versions. While an import applies incoming rows it puts a row into
 ``bundlesync_applying`` inside its transaction, and the triggers' ``WHEN`` clause
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator
 
-from .db import q
-from .profile import Profile, TableSpec
+from bundlesync.replica.db import q
+from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
     "NOW_MS_SQL",

@@ -5,7 +5,7 @@ the bundle: its FSIC for the facility (what it holds, per writer), signed with i
 device key and carrying its certificate chain. The next ``export`` into that folder
 reads the receipts of known peers and sends exactly what the least up-to-date of
 them lacks — Morango's FSIC exchange, done asynchronously over the drive
-(research/peers.md §4.2). ``export --since RECEIPT`` answers one peer.
+(like a Briar acknowledgement). ``export --since RECEIPT`` answers one peer.
 
 A receipt can only lower what is sent (it is a basis); a forged or stale one
 costs bandwidth, never data, and receipts from untrusted signers are ignored.
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .bundle import canonical_json
-from .certs import Certificate, verify_chain
-from .crypto import SigningKey, verify
-from .errors import BundlesyncError, CertError, FormatError, TrustError
-from .fsutil import atomic_write_bytes
-from .keyring import Keyring
-from .manifest import fsic_from_json
+from bundlesync.format.container import canonical_json
+from bundlesync.trust.certs import Certificate, verify_chain
+from bundlesync.trust.crypto import SigningKey, verify
+from bundlesync.errors import BundlesyncError, CertError, FormatError, ReceiptError, TrustError
+from bundlesync.fsutil import atomic_write_bytes
+from bundlesync.trust.keystore import KeyStore
+from bundlesync.format.manifest import fsic_from_json
 
 __all__ = ["Receipt", "find_receipts", "read_receipt", "write_receipt"]
 
@@ -69,23 +69,23 @@ def write_receipt(out_dir: Path, receipt: Receipt, key: SigningKey) -> Path:
     return path
 
 
-def read_receipt(path: Path, keyring: Keyring) -> Receipt:
+def read_receipt(path: Path, keys: KeyStore) -> Receipt:
     """Read and verify a receipt against the trusted root of its facility."""
     try:
         if path.stat().st_size > MAX_RECEIPT_BYTES:
-            raise FormatError(f"{path} is too large to be a receipt")
+            raise ReceiptError(f"{path} is too large to be a receipt")
         doc = json.loads(path.read_bytes())
         body, signature = doc["receipt"], bytes.fromhex(doc["signature"])
         if body.get("kind") != RECEIPT_KIND or body.get("format") != RECEIPT_FORMAT:
-            raise FormatError(f"{path} is not a bundlesync receipt (format {RECEIPT_FORMAT})")
+            raise ReceiptError(f"{path} is not a bundlesync receipt (format {RECEIPT_FORMAT})")
         receipt = Receipt(
             dataset_id=str(body["dataset_id"]), instance_id=str(body["instance_id"]),
             filter=tuple(str(p) for p in body["filter"]), fsic=fsic_from_json(body["fsic"], "fsic"),
             created_at=str(body["created_at"]), chain=tuple(body["chain"]),
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise FormatError(f"cannot read receipt {path}: {exc}; copy it again or export with --full") from exc
-    root = keyring.trusted_root(receipt.dataset_id)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, FormatError) as exc:
+        raise ReceiptError(f"cannot read receipt {path}: {exc}; copy it again or export with --full") from exc
+    root = keys.trusted_root(receipt.dataset_id)
     if root is None:
         raise TrustError(f"receipt {path.name} is for facility dataset {receipt.dataset_id}, which this device does not trust")
     try:
@@ -96,13 +96,13 @@ def read_receipt(path: Path, keyring: Keyring) -> Receipt:
     return receipt
 
 
-def find_receipts(folder: Path, keyring: Keyring, dataset_id: str, me: str) -> tuple[list[Receipt], list[str]]:
+def find_receipts(folder: Path, keys: KeyStore, dataset_id: str, me: str) -> tuple[list[Receipt], list[str]]:
     """Valid receipts of other devices for ``dataset_id`` in ``folder``, and why others were skipped."""
     found: dict[str, Receipt] = {}
     skipped: list[str] = []
     for path in sorted(folder.glob(f"receipt-{dataset_id[:8]}-*.json")):
         try:
-            receipt = read_receipt(path, keyring)
+            receipt = read_receipt(path, keys)
         except BundlesyncError as exc:
             skipped.append(f"{path.name}: {exc}")
             continue

@@ -9,7 +9,7 @@ The rule is a join: the result keeps the version with the greatest
 ``(purged, hlc, inst, ctr)`` and the pointwise maximum of both vectors. A join
 is commutative, associative and idempotent, so any set of versions delivered in
 any order, any number of times, through any relays, ends in the same state
-(DESIGN invariant 3). Version vectors only *classify* the meeting, so that a
+(idempotent and order-free). Version vectors only *classify* the meeting, so that a
 truly concurrent loser can be kept for operators (``bundlesync conflicts``):
 
 - NEW: no local record.
@@ -27,10 +27,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, replace
 
+from bundlesync.format.records import Version, VersionVector
+
 __all__ = ["Outcome", "Version", "merge", "merge_vectors"]
-
-VersionVector = dict[str, int]
-
 
 class Outcome(enum.Enum):
     """How an incoming version related to the local one."""
@@ -40,30 +39,6 @@ class Outcome(enum.Enum):
     FAST_FORWARD = "fast_forward"
     CONFLICT = "conflict"
     PURGE_KEPT = "purge_kept"
-
-
-@dataclass(frozen=True, slots=True)
-class Version:
-    """One record version as stored and as carried in bundles."""
-
-    model: str
-    id: str
-    partition: str
-    data: str
-    deleted: bool
-    purged: bool
-    hlc: int
-    inst: str
-    ctr: int
-    vv: VersionVector
-
-    def key(self) -> tuple[bool, int, str, int]:
-        """Total order used to pick a winner deterministically."""
-        return (self.purged, self.hlc, self.inst, self.ctr)
-
-    def covers(self, inst: str, ctr: int) -> bool:
-        """True if this record's history includes write ``(inst, ctr)``."""
-        return self.vv.get(inst, 0) >= ctr
 
 
 def merge_vectors(a: VersionVector, b: VersionVector) -> VersionVector:

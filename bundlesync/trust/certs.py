@@ -19,7 +19,7 @@ clocks drift by days, and refusing a fresh certificate as "not yet valid" would 
 them; only ``expires_at`` is enforced.
 
 The files that carry certificates between devices (requests, grants, stored chains) are
-in :mod:`bundlesync.certfiles`; the field rules both share are in ``_certfields``.
+in :mod:`bundlesync.trust.certfiles`; the field rules both share are in ``_certfields``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
-from bundlesync._certfields import (
+from bundlesync.trust._certfields import (
     FULL_SCOPE,
     Malformed,
     check_fields,
@@ -42,8 +42,8 @@ from bundlesync._certfields import (
     validate_id,
     validate_names,
 )
-from bundlesync.bundle import canonical_json
-from bundlesync.crypto import (
+from bundlesync.format.container import canonical_json
+from bundlesync.trust.crypto import (
     PUBLIC_KEY_SIZE,
     SIGNATURE_SIZE,
     SigningKey,

@@ -26,22 +26,24 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import __version__
-from . import bundle as container
-from . import fsic as fsic_mod
-from .crypto import verify
-from .db import read_transaction, write_transaction
-from .certs import Certificate
-from .device import Device
-from .errors import StateError, SyncError
-from .hooks import FacilityDataSyncHook
-from .manifest import Manifest
-from .operations import EXPORT_STAGES, Stage, Step, SyncContext
-from .plugins import PluginSet, Warn
-from .profile import Profile
-from .receipts import find_receipts, read_receipt
-from .scope import covered, prefix_sql, scope_filters
-from .store import current_counter, record_transfer, serialize_changes
+from bundlesync import __version__
+from bundlesync.format import container as container
+from bundlesync.replica import fsic as fsic_mod
+from bundlesync.trust.crypto import verify
+from bundlesync.replica.db import read_transaction, write_transaction
+from bundlesync.trust.certs import Certificate
+from bundlesync.device import Device
+from bundlesync.errors import StateError, SyncError
+from bundlesync.plugins.hooks import FacilityDataSyncHook
+from bundlesync.format.manifest import Manifest
+from bundlesync.format.records import LINE_SQL
+from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
+from bundlesync.plugins.loader import PluginSet, Warn
+from bundlesync.profile import Profile
+from bundlesync.trust.receipts import find_receipts, read_receipt
+from bundlesync.partitions import covered, prefix_sql
+from bundlesync.trust.scope import scope_filters
+from bundlesync.replica.store import current_counter, record_transfer, serialize_changes
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -72,11 +74,7 @@ def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
                            (model, row[0])).fetchone()
 
 
-_LINE_SQL = (
-    "SELECT CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'i', inst, 'c', ctr, "
-    "'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB) "
-    "FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {prefixes} ORDER BY rowid"
-)
+_LINE_SQL = f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {{prefixes}} ORDER BY rowid"
 
 
 def outgoing_lines(
@@ -147,11 +145,11 @@ class ExportWork(FacilityDataSyncHook):
         if self.full:
             return {}, "full"
         if self.since is not None:
-            receipt = read_receipt(self.since, self.device.keyring)
+            receipt = read_receipt(self.since, self.device.keys)
             if receipt.dataset_id != ctx.dataset_id:
                 raise StateError(f"receipt {self.since.name} is for another facility: pick one of {ctx.facility_id}")
             return dict(receipt.fsic), f"receipt of {receipt.instance_id[:8]}"
-        receipts, skipped = find_receipts(self.out_dir, self.device.keyring, ctx.dataset_id, ctx.instance_id)
+        receipts, skipped = find_receipts(self.out_dir, self.device.keys, ctx.dataset_id, ctx.instance_id)
         # A receipt speaks only for its own filter: a narrower one says nothing about the rest of ours.
         narrower = [r for r in receipts if not covered(ctx.filter, r.filter)]
         receipts = [r for r in receipts if r not in narrower]
@@ -194,7 +192,7 @@ class ExportWork(FacilityDataSyncHook):
         ctx.manifest = manifest
         self.result.result = held
         name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
-        key = self.device.keyring.device_key()
+        key = self.device.keys.device_key()
         self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
         counts = self.result.counts
         for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
@@ -250,7 +248,7 @@ def export_bundle(
     plugins = plugins or PluginSet()
     conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
-    chain = device.keyring.device_chain(dataset_id)
+    chain = device.keys.device_chain(dataset_id)
     if chain is None:
         raise StateError(
             f"this device holds no certificate for facility {facility}: run `bundlesync facility provision` "

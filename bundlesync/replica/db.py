@@ -1,13 +1,13 @@
 """Opening the app database and bundlesync's own tables inside it.
 
 bundlesync keeps its state next to the application's tables, in tables prefixed
-``bundlesync_`` (DESIGN.md: "never changes app columns"). Their schema is a list of
+``bundlesync_`` and never changes app columns. Their schema is a list of
 named migrations (sqlite-utils ``Migrations``) so later versions can extend it.
 
 Transactions: connections run in autocommit mode and every write goes through
 :func:`write_transaction`, which takes SQLite's write lock up front
 (``BEGIN IMMEDIATE``) so a sync never deadlocks half-way while upgrading a read
-lock, and commits or rolls back as one unit (DESIGN invariant 2).
+lock, and commits or rolls back as one unit.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from sqlite_utils import Database
 from sqlite_utils.db import quote_identifier
 from sqlite_utils.migrations import Migrations
 
-from .errors import ConfigError, SyncError
+from bundlesync.errors import BusyError, ConfigError, SyncError
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -169,7 +169,7 @@ def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Conne
     try:
         conn.execute(begin)
     except sqlite3.OperationalError as exc:
-        raise SyncError(
+        raise BusyError(
             f"the database is busy ({exc}); another program holds its write lock: try again in a moment"
         ) from exc
     try:

@@ -1,11 +1,11 @@
 """The store: bundlesync's serialized copy of every syncable row, and the device identity.
 
 ``bundlesync_store`` holds one row per app record: its JSON data and its winning
-version (see :mod:`bundlesync.merge`). *Serialization* (the SERIALIZING stage)
+version (see :mod:`bundlesync.replica.merge`). *Serialization* (the SERIALIZING stage)
 turns the change log the triggers filled into new versions stamped with this
 device's instance id and a fresh counter; everything else (export, import,
 status) reads and writes versions here, never app rows directly, except
-:mod:`bundlesync.deserialize` which writes the store back into app tables.
+:mod:`bundlesync.sync.deserialize` which writes the store back into app tables.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .db import q
-from .errors import StateError
-from .merge import Version
-from .codec import encode_data
-from .profile import Profile, TableSpec
+from bundlesync.replica.db import q
+from bundlesync.errors import StateError
+from bundlesync.format.records import Version
+from bundlesync.format.records import encode_data
+from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
     "BATCH",

@@ -36,7 +36,7 @@ from typing import BinaryIO, Final, TypeVar
 
 import zstandard as zstd
 
-from ._frames import (
+from bundlesync.format._frames import (
     CHUNK_SIZE,
     DIGEST_SIZE,
     END_MAGIC,
@@ -64,7 +64,7 @@ from ._frames import (
     read_error,
     write_error,
 )
-from ._payload import (
+from bundlesync.format._payload import (
     DEFAULT_LEVEL,
     DestinationError,
     check_unchanged,
@@ -73,8 +73,8 @@ from ._payload import (
     iter_line_blocks,
     open_read,
 )
-from .errors import FormatError, SyncError
-from .fsutil import PARTIAL_SUFFIX, AtomicFile, fsync_dir, partial_path
+from bundlesync.errors import FormatError, SyncError
+from bundlesync.fsutil import PARTIAL_SUFFIX, AtomicFile, fsync_dir, partial_path
 
 __all__ = [
     "CHUNK_SIZE",

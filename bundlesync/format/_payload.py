@@ -1,6 +1,6 @@
 """The bulk bytes of a bundle: zstd settings, bounded decompression, line splitting, hashing.
 
-Private to :mod:`bundlesync.bundle`. Reading never trusts the file: the frame must carry a
+Private to :mod:`bundlesync.format.container`. Reading never trusts the file: the frame must carry a
 content checksum and need at most a 2^MAX_WINDOW_LOG window, each decompressor call is fed
 little enough input that its output stays bounded, and the output may never exceed the
 size the summary announces (so a decompression bomb stops at once). The last batch of
@@ -17,8 +17,8 @@ from typing import BinaryIO, Final
 
 import zstandard as zstd
 
-from ._frames import AGAIN, CHUNK_SIZE, MAX_RECORD, MAX_WINDOW_LOG, BundleInfo, damaged, read_error
-from .errors import FormatError
+from bundlesync.format._frames import AGAIN, CHUNK_SIZE, MAX_RECORD, MAX_WINDOW_LOG, BundleInfo, damaged, read_error
+from bundlesync.errors import FormatError
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -97,7 +97,7 @@ def open_read(path: Path) -> io.BufferedReader:
 
 
 def check_unchanged(file: BinaryIO, info: BundleInfo) -> None:
-    """Refuse a file whose size changed since :func:`~bundlesync.bundle.read_info`."""
+    """Refuse a file whose size changed since :func:`~bundlesync.format.container.read_info`."""
     size = os.fstat(file.fileno()).st_size
     if size != info.size:
         raise FormatError(

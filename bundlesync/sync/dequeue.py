@@ -2,9 +2,9 @@
 
 Each record line is ``<head JSON>\\t<data JSON>\\n``. For each record this
 module checks that it may be applied — the partition it claims is the one its
-data yields, it lies in the signer's write scope (DESIGN invariant 4) and in
+data yields, it lies in the signer's write scope (scope is enforced per record) and in
 this device's read scope — and then joins it into the store with
-:func:`bundlesync.merge.merge`. Records that won the merge have their app rows
+:func:`bundlesync.replica.merge.merge`. Records that won the merge have their app rows
 written right away (the row was decoded once, for the partition check); rows
 whose parent is not there yet stay dirty for the DESERIALIZING stage. Refused
 records are counted and a few are named for the report; the rest of the bundle
@@ -19,15 +19,16 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import decode_data
-from .deserialize import DeserializeResult, TableWriter
-from .errors import FormatError
-from .merge import MergeResult, Outcome, Version, merge
-from .profile import Profile
-from .scope import within
-from .store import fetch_versions, log_conflicts, loser_json, update_vectors, upsert_versions
+from bundlesync.format.records import decode_data, parse_record
+from bundlesync.sync.deserialize import DeserializeResult, TableWriter
+from bundlesync.errors import FormatError
+from bundlesync.format.records import Version
+from bundlesync.replica.merge import MergeResult, Outcome, merge
+from bundlesync.profile import Profile
+from bundlesync.partitions import within
+from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, update_vectors, upsert_versions
 
-__all__ = ["DequeueResult", "dequeue", "parse_record"]
+__all__ = ["DequeueResult", "dequeue"]
 
 SAMPLE = 5
 """How many refused records a report names."""
@@ -54,24 +55,6 @@ class DequeueResult:
     def refused(self) -> int:
         """Records not applied because their signer may not write them or the data lies."""
         return self.out_of_scope + self.bad_partition
-
-
-def parse_record(line: bytes) -> Version:
-    """Decode one record line; :class:`FormatError` if it is malformed."""
-    head, tab, data = line.rstrip(b"\n").partition(b"\t")
-    try:
-        h = json.loads(head)
-        flags = int(h["f"])
-        version = Version(
-            model=str(h["m"]), id=str(h["id"]), partition=str(h["p"]), data=data.decode("utf-8"),
-            deleted=bool(flags & 1), purged=bool(flags & 2), hlc=int(h["h"]), inst=str(h["i"]),
-            ctr=int(h["c"]), vv={str(k): int(v) for k, v in h["v"].items()},
-        )
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"malformed record in bundle ({exc!r}); the signer wrote a bad bundle: report it") from exc
-    if not tab:
-        raise FormatError("malformed record in bundle (no data part); the signer wrote a bad bundle: report it")
-    return version
 
 
 def _decode_checked(profile: Profile, version: Version) -> dict[str, Any] | None:

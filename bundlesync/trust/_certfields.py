@@ -1,6 +1,6 @@
 """The field rules shared by certificates and certificate requests, and their JSON form.
 
-Private to :mod:`bundlesync.certs` and :mod:`bundlesync.certfiles`. Each field name has
+Private to :mod:`bundlesync.trust.certs` and :mod:`bundlesync.trust.certfiles`. Each field name has
 one rule, whichever dataclass it appears in; :func:`check_fields` applies them on
 construction. The JSON form of such a dataclass is an object with exactly its fields:
 optional ones are written as null (so an absent field means damage), ``bytes`` as
@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from bundlesync.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
+from bundlesync.trust.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 from bundlesync.errors import CertError
 
 __all__ = [

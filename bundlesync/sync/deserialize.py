@@ -14,7 +14,7 @@ stage) then places every row still dirty — children whose parent came later,
 rows left from earlier imports — table by table in foreign-key order, and
 self-referencing tables in rounds until no more rows can be placed.
 
-Tracking triggers must be suppressed by the caller (:class:`~bundlesync.tracking.suppressed`).
+Tracking triggers must be suppressed by the caller (:class:`~bundlesync.replica.tracking.suppressed`).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .codec import decode_data
-from .db import q
-from .profile import Profile, TableSpec
-from .store import BATCH
+from bundlesync.format.records import decode_data
+from bundlesync.replica.db import q
+from bundlesync.profile import Profile, TableSpec
+from bundlesync.replica.store import BATCH
 
 __all__ = ["DeserializeResult", "TableWriter", "deserialize"]
 

@@ -1,6 +1,6 @@
 """The signed manifest every bundle carries, as a typed value.
 
-The container (:mod:`bundlesync.bundle`) stores the manifest as canonical JSON;
+The container (:mod:`bundlesync.format.container`) stores the manifest as canonical JSON;
 this module defines which fields it has and checks them when reading, so the
 rest of the engine never touches untyped dicts. Field meanings are documented
 in ``docs/format.md`` ("Manifest fields").
@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import FormatError
+from bundlesync.errors import FormatError
 
 __all__ = ["Manifest", "fsic_from_json"]
 

@@ -29,23 +29,24 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bundle as container
-from . import fsic as fsic_mod
-from .certs import Certificate, verify_chain
-from .crypto import verify
-from .db import write_transaction
-from .dequeue import DequeueResult, dequeue
-from .deserialize import DeserializeResult, deserialize
-from .device import Device
-from .errors import BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
-from .hooks import FacilityDataSyncHook
-from .manifest import Manifest
-from .operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
-from .plugins import PluginSet, Warn
-from .receipts import make_receipt, write_receipt
-from .scope import ScopeFilters, covered, scope_filters, within
-from .store import record_transfer, serialize_changes
-from .tracking import suppressed
+from bundlesync.format import container as container
+from bundlesync.replica import fsic as fsic_mod
+from bundlesync.trust.certs import Certificate, verify_chain
+from bundlesync.trust.crypto import verify
+from bundlesync.replica.db import write_transaction
+from bundlesync.sync.dequeue import DequeueResult, dequeue
+from bundlesync.sync.deserialize import DeserializeResult, deserialize
+from bundlesync.device import Device
+from bundlesync.errors import BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
+from bundlesync.plugins.hooks import FacilityDataSyncHook
+from bundlesync.format.manifest import Manifest
+from bundlesync.plugins.operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
+from bundlesync.plugins.loader import PluginSet, Warn
+from bundlesync.trust.receipts import make_receipt, write_receipt
+from bundlesync.partitions import covered, within
+from bundlesync.trust.scope import ScopeFilters, scope_filters
+from bundlesync.replica.store import record_transfer, serialize_changes
+from bundlesync.replica.tracking import suppressed
 
 __all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
 
@@ -88,7 +89,7 @@ def check_trust(device: Device, info: container.BundleInfo, *, shown_as: str | N
             f"bundle was written for profile {manifest.profile_name} v{manifest.profile_version}, this device "
             f"uses {profile.name} v{profile.version}: upgrade the older device so both use the same profile"
         )
-    root = device.keyring.trusted_root(manifest.dataset_id)
+    root = device.keys.trusted_root(manifest.dataset_id)
     if root is None:
         raise TrustError(
             f"this device does not trust facility {manifest.facility_id} (dataset {manifest.dataset_id}) yet: "
@@ -179,7 +180,7 @@ class ImportWork(FacilityDataSyncHook):
         m = verified.manifest
         ctx.manifest, ctx.dataset_id, ctx.facility_id, ctx.filter = m, m.dataset_id, m.facility_id, m.filter
         ctx.remote_scope = verified.signer.scope
-        chain = self.device.keyring.device_chain(m.dataset_id)
+        chain = self.device.keys.device_chain(m.dataset_id)
         ctx.local_scope = chain[0].scope if chain else None
         self.result.bundle_id = m.bundle_id
 
@@ -252,13 +253,13 @@ class ImportWork(FacilityDataSyncHook):
 
 def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
     """Write this device's signed receipt for ``dataset_id`` into ``folder`` (e.g. the drive)."""
-    chain = device.keyring.device_chain(dataset_id)
+    chain = device.keys.device_chain(dataset_id)
     if chain is None:
         raise StateError(f"this device holds no certificate for dataset {dataset_id}, so it cannot sign a receipt")
     prefixes = scope_filters(device.profile, dataset_id, chain[0].scope).read
     held = fsic_mod.held(fsic_mod.read_rows(device.conn), prefixes)
     receipt = make_receipt(dataset_id, device.instance_id, prefixes, held, chain)
-    return write_receipt(folder, receipt, device.keyring.device_key())
+    return write_receipt(folder, receipt, device.keys.device_key())
 
 
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,

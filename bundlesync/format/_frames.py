@@ -1,6 +1,6 @@
 """The fixed parts of a bundle: layout constants, limits, Preamble, Footer, BundleInfo.
 
-Private to :mod:`bundlesync.bundle`, which re-exports the public names; the byte layout is
+Private to :mod:`bundlesync.format.container`, which re-exports the public names; the byte layout is
 specified in ``docs/format.md``. Nothing here does I/O. Also here: canonical JSON (the
 manifest and summary encoding) and the error constructors that give every bundle error
 its one-line wording.
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .errors import BundleError, FormatError, IntegrityError, SyncError
+from bundlesync.errors import BundleError, FormatError, IntegrityError, SyncError
 
 __all__ = [
     "AGAIN",
