@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bundlesync.replica.db import q
-from bundlesync.errors import StateError
+from bundlesync.errors import ProfileError, StateError
 from bundlesync.format.records import Version
 from bundlesync.format.records import encode_data
 from bundlesync.profile import Profile, TableSpec
@@ -206,6 +206,13 @@ def _vector_text(vv: Mapping[str, int]) -> str:
     return json.dumps(vv, separators=(",", ":"), sort_keys=True)
 
 
+def _no_partition(table: TableSpec, pk: object) -> str:
+    why = (f"its lookup ({', '.join(table.lookups)}) finds no row" if table.lookups
+           else f"every template of {list(table.partitions)} uses a NULL column")
+    return (f"table {table.name!r} row {pk}: no partition, {why}; fix the row (or the profile) "
+            "and export again")
+
+
 def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeResult:
     """Turn logged app changes into store versions (must run in a write transaction).
 
@@ -232,6 +239,8 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
             for row in rows:
                 _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
                 s_dirty, s_inst, s_ctr, s_bundle = row[11:15]
+                if present and partition is None:
+                    raise ProfileError(_no_partition(table, pk))
                 if s_data is None:  # not in the store yet
                     if present:
                         data = encode_data(columns, row[15:])
