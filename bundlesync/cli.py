@@ -22,6 +22,7 @@ from bundlesync import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, resolve_home
 from bundlesync.errors import BundlesyncError
+from bundlesync.profile import builtin_profiles, load_profile
 from bundlesync.sync.exporter import export_bundle
 from bundlesync.sync.importer import import_bundle, verify_bundle
 from bundlesync.plugins.loader import PluginSet
@@ -63,7 +64,9 @@ def cli(ctx: click.Context, home: str | None, no_plugins: bool) -> None:
 
 
 def _plugins(ctx: click.Context, device: Device) -> PluginSet:
-    return PluginSet.load(device.config.plugins, enabled=ctx.obj["plugins"])
+    # The profile's plugins (e.g. the Kolibri profile's single-user lessons) come after the home's own.
+    paths = tuple(dict.fromkeys((*device.config.plugins, *device.profile.plugins)))
+    return PluginSet.load(paths, enabled=ctx.obj["plugins"])
 
 
 def _warn(message: str) -> None:
@@ -72,13 +75,14 @@ def _warn(message: str) -> None:
 
 @cli.command()
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The app's SQLite database.")
-@click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False), help="Profile YAML.")
+@click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
+              help="Profile YAML, or the name of a built-in profile (see `bundlesync profiles`).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @click.pass_context
 def init(ctx: click.Context, db_path: str, profile_path: str, quiet: bool) -> None:
     """Set up this device: tracking triggers, identity, config (idempotent)."""
     home = resolve_home(ctx.obj["home"])
-    me, newly, created = init_device(home, Path(db_path), Path(profile_path))
+    me, newly, created = init_device(home, Path(db_path), profile_path)
     verb = "initialised" if created else "already initialised; refreshed"
     _say(f"{verb} {home} (instance {me}); tracking {len(newly)} new table(s)", quiet=quiet)
 
@@ -330,6 +334,25 @@ def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, quiet: bool) -
         r = purge_user(device, facility_id, user_id)
     _say(f"purged {r.records} record(s) of user {user_id} in {', '.join(r.partitions)}; "
          f"{r.app_rows_deleted} app row(s) deleted; the next export carries the purge", quiet=quiet)
+
+
+@cli.command("profiles")
+@click.option("--json", "as_json", is_flag=True)
+def profiles_cmd(as_json: bool) -> None:
+    """List the profiles built into bundlesync (use one with `init --profile NAME`)."""
+    found: list[dict[str, Any]] = []
+    for name, path in builtin_profiles().items():
+        profile = load_profile(name)
+        found.append({"name": name, "profile": profile.name, "version": profile.version,
+                      "tables": len(profile.tables), "scopes": sorted(profile.scopes),
+                      "plugins": list(profile.plugins), "path": str(path)})
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+        return
+    for p in found:
+        plugins = f"; plugins: {', '.join(p['plugins'])}" if p["plugins"] else ""
+        click.echo(f"{p['name']}: profile {p['profile']} v{p['version']}, {p['tables']} tables, "
+                   f"scopes {', '.join(p['scopes'])}{plugins} ({p['path']})")
 
 
 @cli.command("plugins")

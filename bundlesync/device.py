@@ -21,7 +21,7 @@ from bundlesync.replica import db
 from bundlesync.errors import ConfigError, StateError
 from bundlesync.fsutil import atomic_write_bytes
 from bundlesync.trust.keystore import KeyStore
-from bundlesync.profile import Profile, bind_profile, load_profile
+from bundlesync.profile import Profile, bind_profile, is_builtin_name, load_profile
 from bundlesync.replica.store import ensure_identity, instance_id
 from bundlesync.replica.tracking import install_triggers
 
@@ -44,7 +44,7 @@ class Config:
     """The contents of ``config.yaml``."""
 
     db: Path
-    profile: Path
+    profile: Path | str  # a file, or the name of a built-in profile
     plugins: tuple[str, ...] = field(default_factory=tuple)
 
     @classmethod
@@ -62,7 +62,8 @@ class Config:
         plugins = raw.get("plugins") or []
         if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
             raise ConfigError(f"{path}: 'plugins' must be a list of import paths")
-        return cls(db=(home / raw["db"]).absolute(), profile=(home / raw["profile"]).absolute(), plugins=tuple(plugins))
+        profile = raw["profile"] if is_builtin_name(raw["profile"]) else (home / raw["profile"]).absolute()
+        return cls(db=(home / raw["db"]).absolute(), profile=profile, plugins=tuple(plugins))
 
     def save(self, home: Path) -> None:
         """Write ``config.yaml`` atomically, keeping any keys we do not know."""
@@ -149,9 +150,14 @@ class Device:
         return str(row[0]), str(row[1])
 
 
-def init_device(home: Path, db_path: Path, profile_path: Path) -> tuple[str, list[str], bool]:
-    """Create or refresh a home; idempotent. Returns (instance id, newly tracked tables, created)."""
-    db_path, profile_path = db_path.absolute(), profile_path.absolute()
+def init_device(home: Path, db_path: Path, profile_path: Path | str) -> tuple[str, list[str], bool]:
+    """Create or refresh a home; idempotent. Returns (instance id, newly tracked tables, created).
+
+    ``profile_path`` is a YAML file or the name of a built-in profile (kept as a name in config.yaml, so
+    the device follows the profile of the bundlesync it runs).
+    """
+    db_path = db_path.absolute()
+    profile_path = profile_path if is_builtin_name(profile_path) else Path(profile_path).absolute()
     created = not (home / CONFIG_NAME).exists()
     if not created:
         existing = Config.load(home)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 import re
 import sqlite3
@@ -55,7 +56,7 @@ import yaml
 from bundlesync.errors import ProfileError
 
 __all__ = ["FacilityLookup", "Lookup", "Profile", "Received", "ScopeTemplate", "TableSpec", "bind_profile",
-           "load_profile", "parse_profile"]
+           "builtin_profiles", "is_builtin_name", "load_profile", "parse_profile", "resolve_profile"]
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -341,18 +342,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return mapping
 
 
+def builtin_profiles() -> dict[str, Path]:
+    """The profiles shipped with bundlesync (``bundlesync/profiles/NAME.yaml``), by name."""
+    folder = importlib.resources.files("bundlesync.profiles")
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".yaml") and entry.is_file():
+            found[entry.name[: -len(".yaml")]] = Path(str(entry))
+    return dict(sorted(found.items()))
+
+
+def is_builtin_name(spec: str | Path) -> bool:
+    """Whether ``spec`` names a built-in profile (a bare name; anything with a path separator is a path)."""
+    text = str(spec)
+    return "/" not in text and "\\" not in text and text in builtin_profiles()
+
+
+def resolve_profile(spec: str | Path) -> Path:
+    """The file of ``spec``: a built-in profile's name (``kolibri``), else a path to a YAML file."""
+    return builtin_profiles()[str(spec)] if is_builtin_name(spec) else Path(spec)
+
+
 def load_profile(path: str | Path) -> Profile:
-    """Read and validate a profile YAML file (not yet checked against a database).
+    """Read and validate a profile: a built-in profile's name or a YAML file (not yet checked against a database).
 
     Raises:
         ProfileError: The file is missing, unreadable, not YAML or not a valid profile.
     """
-    source = Path(path)
+    source = resolve_profile(path)
     try:
         text = source.read_bytes()  # YAML decodes UTF-8/16 itself and reports bad bytes as a YAMLError
     except FileNotFoundError:
-        raise ProfileError(f"profile {source} does not exist; check the path "
-                           "(fixtures/facility_profile.yaml is an example)") from None
+        names = ", ".join(builtin_profiles()) or "none"
+        raise ProfileError(f"profile {source} does not exist; check the path, or name a built-in profile "
+                           f"({names}; see `bundlesync profiles`)") from None
     except OSError as exc:
         raise ProfileError(f"cannot read profile {source}: {exc.strerror or exc}; pass a readable file") from None
     try:
