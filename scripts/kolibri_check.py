@@ -157,7 +157,8 @@ def main(kolibri_db: Path, work: Path) -> int:
     mine = tuple(f"{dataset}:{s}:{learner}" for s in ("user-ro", "user-rw")) + (f"{dataset}:allusers-ro",)
     sync_tables = [t for t in tables if t not in ("lessons_lesson", "lessons_lessonassignment", "exams_exam",
                                                    "exams_examassignment")]
-    ca.close(), cl.close()
+    ca.close()
+    cl.close()
     compare(a_db, l_db, sync_tables, "A and L in the learner's partitions",
             "WHERE _morango_partition IN (?, ?, ?)", mine)
 
