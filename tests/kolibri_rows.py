@@ -87,8 +87,8 @@ def populate(conn: sqlite3.Connection) -> Facility:
     u1, u2, u3, u4 = f.learners
     w.row("kolibriauth_role", f"{dataset}:user-ro:{f.coach}", user_id=f.coach, collection_id=c1, dataset_id=dataset,
           kind="coach")
-    for user, collection in ((u1, c1), (u2, c1), (u1, f.group), (u3, c1), (u3, f.adhoc), (u4, c2)):
-        w.member(user, collection)
+    for member, collection in ((u1, c1), (u2, c1), (u1, f.group), (u3, c1), (u3, f.adhoc), (u4, c2)):
+        w.member(member, collection)
 
     def lesson(name: str, classroom: str, active: bool, *assigned_to: str) -> None:
         lid = w.row("lessons_lesson", dataset, title=name, description="", resources='[{"contentnode_id": "n1"}]',
