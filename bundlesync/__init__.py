@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from bundlesync._version import __version__
 
 if TYPE_CHECKING:  # the names below are imported on first use, so `bundlesync --version` starts fast
     from bundlesync.device import Device
