@@ -58,7 +58,11 @@ class DequeueResult:
 
 
 def _decode_checked(profile: Profile, version: Version) -> dict[str, Any] | None:
-    """The record's row if its claimed partition is the one its data yields, else None."""
+    """The record's row if its claimed partition is the one its data yields, else None.
+
+    Where the partition needs a lookup, the lookup's part is checked when the row is written
+    (:class:`~bundlesync.sync.deserialize.TableWriter`), with the rows it is looked up from in place.
+    """
     if not profile.has_table(version.model):
         return None
     if version.purged:
