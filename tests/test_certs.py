@@ -609,7 +609,7 @@ def test_install_grant_for_another_device_is_refused(tmp_path: Path, authority: 
                   instance_id="aaaa", out_dir=usb, now=NOW),
         usb, now=NOW,
     )
-    b.device_key()
+    b.ensure_device_key()
     with pytest.raises(CertError, match="not this device's key") as info:
         install_grant(b, grant, now=NOW)
     one_line(info.value)
