@@ -666,7 +666,7 @@ def test_keyring_refuses_world_readable_device_key(tmp_path: Path) -> None:
     if os.name != "posix":
         pytest.skip("POSIX file modes")
     ring = KeyStore(tmp_path / "home")
-    ring.device_key()
+    ring.ensure_device_key()
     (tmp_path / "home" / "keys" / "device.key").chmod(0o644)
     with pytest.raises(CertError, match="chmod 600"):
         ring.device_key()
