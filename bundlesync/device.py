@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from bundlesync.replica import db
-from bundlesync.errors import ConfigError, StateError
+from bundlesync.errors import BundlesyncError, ConfigError, StateError
 from bundlesync.fsutil import atomic_write_bytes
 from bundlesync.trust.keystore import KeyStore
 from bundlesync.profile import Profile, bind_profile, load_profile
@@ -175,7 +175,7 @@ class Device:
                 counter = current_counter(self.conn)
                 if counter > mine.counter:
                     HomeIdentity(mine.instance_id, counter).save(self.home)
-        except (sqlite3.Error, OSError, ConfigError):
+        except (sqlite3.Error, OSError, BundlesyncError):
             pass  # only sharpens a later check; the run itself already succeeded or failed
         finally:
             self.conn.close()

@@ -151,6 +151,18 @@ def test_table_rebuilt_by_a_migration_loses_no_change(pair: Pair) -> None:
     assert _status(pair.a)["pending_changes"] == 1
 
 
+def test_unique_index_added_by_an_upgrade_gets_tracked(pair: Pair) -> None:
+    _sync(pair.a, pair.b, pair.facility, pair.usb)
+    table = "kolibriauth_membership"
+    _sql(pair.a_db, f"CREATE UNIQUE INDEX membership_user_collection ON {table} (user_id, collection_id)")
+    status = _status(pair.a)  # the next command installs the trigger that sees OR REPLACE through this index
+    assert any(r["table"] == table and r["what"] == "stale" for r in status["repairs"])
+    _sql(pair.a_db, f"INSERT OR REPLACE INTO {table} SELECT 'abcdefabcdefabcdefabcdefabcdef02', user_id, collection_id, "
+                    f"dataset_id FROM {table} WHERE id = (SELECT min(id) FROM {table})")
+    _sync(pair.a, pair.b, pair.facility, pair.usb)
+    assert dump_tables(pair.a_db) == dump_tables(pair.b_db)
+
+
 def _columns(db: Path, table: str) -> list[str]:
     conn = sqlite3.connect(db)
     try:

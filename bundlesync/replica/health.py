@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from bundlesync.profile import Profile
 from bundlesync.replica.db import q, write_transaction
 from bundlesync.replica.store import reconcile_table
-from bundlesync.replica.tracking import expected_triggers, install_table_triggers, installed_triggers
+from bundlesync.replica.tracking import expected_triggers, install_table_triggers, installed_triggers, trigger_names
 
 __all__ = ["ADDED", "MISSING", "REMOVED", "STALE", "Drift", "Repair", "check_tracking", "ensure_tracking",
            "recent_repairs", "record_repair"]
@@ -99,7 +99,7 @@ def check_tracking(conn: sqlite3.Connection, profile: Profile) -> Drift:
             continue
         if table.name not in previously:
             drift.broken[table.name] = ADDED
-        elif any(name not in installed for name in expected):
+        elif any(name not in installed for name in trigger_names(table)):
             drift.broken[table.name] = MISSING
         else:
             drift.broken[table.name] = STALE
@@ -166,7 +166,8 @@ def describe(repair: Repair) -> str:
         return (f"table {repair.table} joined the profile: tracking installed and {repair.changes} existing row(s) "
                 f"queued for export ({repair.at})")
     if repair.what in (MISSING, STALE):
-        cause = "missing (table rebuilt by an app upgrade?)" if repair.what == MISSING else "out of date"
+        cause = ("missing (table rebuilt by an app upgrade?)" if repair.what == MISSING
+                 else "incomplete or out of date (an index or the table changed?)")
         return (f"tracking of {repair.table} was {cause}: reinstalled {repair.at}; {repair.changes} change(s) made "
                 "meanwhile recovered by comparing the table with the store")
     return f"{repair.what} ({repair.at})"

@@ -49,10 +49,9 @@ _DEVICE_KEY = "device.key"
 _TRUSTED_ROOT = "trusted-root.json"
 _DEVICE_CHAIN = "device-chain.json"
 _NEW_CERT = (
-    "its certificate cannot be used without it, and a new key is never made silently: get a new certificate "
-    "(run `bundlesync cert request --facility FACILITY --scope SCOPE --out DRIVE` here, `bundlesync cert issue "
-    "REQUEST --out DRIVE` on the facility's authority, then `bundlesync cert install GRANT` here; on the "
-    "authority itself, `bundlesync facility provision --facility FACILITY`)"
+    "get a new certificate: run `bundlesync cert request --facility FACILITY --scope SCOPE --out DRIVE` here, "
+    "`bundlesync cert issue REQUEST --out DRIVE` on the facility's authority, then `bundlesync cert install GRANT` "
+    "here (on the authority itself: `bundlesync facility provision --facility FACILITY`)"
 )
 
 
@@ -118,7 +117,8 @@ class KeyStore:
         """
         path = self._device_key_path()
         if not path.exists():
-            raise StateError(f"this device's signing key {path} is missing; {_NEW_CERT}")
+            raise StateError(f"this device's signing key {path} is missing and a new one is never made silently: "
+                             f"restore it from a backup, or {_NEW_CERT}")
         return load_private_key(path)
 
     def signing_key(self, chain: tuple[Certificate, ...]) -> SigningKey:
@@ -136,16 +136,18 @@ class KeyStore:
         leaf = chain[0]
         hint = _NEW_CERT.replace("FACILITY", leaf.facility_id).replace("SCOPE", leaf.scope)
         if not path.exists():
-            raise StateError(f"this device's signing key {path} is missing; {hint}")
+            raise StateError(f"this device's signing key {path} is missing and a new one is never made silently "
+                             f"(no certificate would name it): restore it from a backup, or {hint}")
         try:
             key = load_private_key(path)
         except CertError as exc:
             if "chmod" in str(exc):
                 raise
-            raise StateError(f"this device's signing key {path} is damaged; {hint}") from exc
+            raise StateError(f"this device's signing key {path} is damaged: restore it from a backup, or delete "
+                             f"it and {hint}") from exc
         if key.public_key != leaf.subject_key:
             raise StateError(f"this device's signing key {path} is not the key its certificate {leaf.cert_id} "
-                             f"names (replaced?); {hint}")
+                             f"names (replaced?): restore the original from a backup, or {hint}")
         return key
 
     def existing_device_key(self) -> SigningKey | None:
