@@ -8,6 +8,10 @@ versions. While an import applies incoming rows it puts a row into
 skips the logging, so imported rows are not mistaken for local edits. Other
 connections never see that row: it is inserted and deleted inside one
 transaction that holds the write lock.
+
+Triggers can vanish (an app migration that rebuilds a table drops them) or fall out
+of date; :mod:`bundlesync.replica.health` compares :func:`expected_triggers` with
+:func:`installed_triggers` on every open and repairs the difference.
 """
 
 from __future__ import annotations
