@@ -1,1 +1,0 @@
-"""Profiles shipped with bundlesync, one ``NAME.yaml`` each; ``bundlesync init --profile NAME`` uses one by name."""
