@@ -21,9 +21,9 @@ import click
 from bundlesync import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, resolve_home
-from bundlesync.errors import BundlesyncError
+from bundlesync.errors import EXIT_PARTIAL, BundlesyncError
 from bundlesync.sync.exporter import export_bundle
-from bundlesync.sync.importer import import_bundle, verify_bundle
+from bundlesync.sync.importer import ImportResult, bundles_to_import, exit_rank, import_bundle, verify_bundle
 from bundlesync.plugins.loader import PluginSet
 from bundlesync.sync.purge import purge_user
 from bundlesync.sync.status import device_status, list_conflicts
@@ -163,11 +163,7 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
                                since=Path(since) if since else None,
                                plugins=_plugins(ctx, device), warn=_warn)
     if as_json:
-        click.echo(json.dumps({
-            "path": str(result.path) if result.path else None, "bundle_id": result.bundle_id,
-            "records": result.records, "counts": result.counts, "bytes": result.size,
-            "basis": result.basis, "basis_source": result.basis_source, "result": result.result,
-        }, indent=2, sort_keys=True))
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return
     if result.path is None:
         _say(f"nothing new to export for facility {facility_id} ({result.basis_source}); no file written", quiet=quiet)
@@ -184,44 +180,66 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quiet: bool, as_json: bool) -> None:
-    """Verify, then apply bundles (in the order given); re-importing is a no-op."""
-    reports = []
+    """Verify, then apply bundles, or every bundle in a folder; re-importing is a no-op.
+
+    Goes on past a bundle that fails; exits with the most serious code: a failure's,
+    else 9 if any import left records refused, rows waiting or gaps, else 0.
+    """
+    reports: list[dict[str, object]] = []
+    worst = 0
+    done: list[ImportResult] = []
     with _device(ctx) as device:
         plugins = _plugins(ctx, device)
-        for name in bundles:
-            r = import_bundle(device, Path(name), plugins=plugins, warn=_warn, receipt=receipt)
-            dq, ds = r.dequeue, r.deserialize
-            reports.append({
-                "path": name, "bundle_id": r.bundle_id, "already_imported": r.already,
-                "received": dq.received, "outcomes": dq.outcomes, "refused": dq.refused,
-                "refused_sample": dq.refused_sample, "not_for_this_device": dq.not_for_us,
-                "written": ds.written, "deleted": ds.deleted, "waiting": ds.waiting, "failed": ds.failed,
-                "gaps": {k: {"have": h, "need": n} for k, (h, n) in r.gaps.items()},
-                "receipt": str(r.receipt) if r.receipt else None,
-                "local_changes_serialized": r.local_serialized,
-            })
-            if as_json:
+        for path in bundles_to_import(bundles):
+            try:
+                r = import_bundle(device, path, plugins=plugins, warn=_warn, receipt=receipt)
+            except (BundlesyncError, OSError) as exc:
+                code = exc.exit_code if isinstance(exc, BundlesyncError) else 1
+                message = f"error: {exc}" if isinstance(exc, BundlesyncError) else f"error: {path}: {exc}; check the path"
+                reports.append({"path": str(path), "error": message, "exit_code": code, "complete": False})
+                click.echo(message, err=True)
+                worst = max(worst, code, key=exit_rank)
                 continue
-            if r.already:
-                _say(f"{name}: already imported (bundle {r.bundle_id}); nothing changed", quiet=quiet)
-                continue
-            o = dq.outcomes
-            _say(
-                f"{name}: {dq.received} records: {o['new']} new, {o['fast_forward']} updated, "
-                f"{o['already']} already here, {o['conflict']} conflicts; {ds.written} rows written, "
-                f"{ds.deleted} deleted",
-                quiet=quiet,
-            )
-            if dq.refused:
-                _say(f"  refused {dq.refused} record(s) outside the signer's scope, e.g. {dq.refused_sample[0]}")
-            if ds.waiting or ds.failed:
-                _say(f"  {ds.waiting} row(s) wait for their parent rows, {ds.failed} refused by the database "
-                     "(kept and retried on the next import; see `bundlesync status`)")
-            for inst, (have, need) in r.gaps.items():
-                _say(f"  gap: changes of device {inst[:8]} after counter {have} up to {need} are missing; import "
-                     f"that device's earlier bundle, or ask for `bundlesync export --full`")
+            done.append(r)
+            reports.append(r.to_json())
+            worst = max(worst, r.exit_code, key=exit_rank)
+            if not as_json:
+                _report_import(r, quiet)
     if as_json:
         click.echo(json.dumps(reports, indent=2, sort_keys=True))
+    if worst == EXIT_PARTIAL and done:
+        refused = sum(r.dequeue.refused for r in done)
+        gaps = sum(len(r.gaps) for r in done)
+        ds = done[-1].deserialize
+        _warn(f"incomplete: {refused} record(s) refused, {ds.waiting} row(s) waiting for their parents, {ds.failed} "
+              f"refused by the database, {gaps} gap(s) in a writer's history; import the missing bundles (or ask the "
+              "sender for `bundlesync export --full`), then check `bundlesync status`")
+    ctx.exit(worst)
+
+
+def _report_import(r: ImportResult, quiet: bool) -> None:
+    name = str(r.path)
+    if r.own:
+        _say(f"{name}: this device wrote it (bundle {r.bundle_id}); nothing to import, no receipt left", quiet=quiet)
+        return
+    if r.already:
+        _say(f"{name}: already imported (bundle {r.bundle_id}); nothing changed", quiet=quiet)
+        return
+    dq, ds, o = r.dequeue, r.deserialize, r.dequeue.outcomes
+    _say(
+        f"{name}: {dq.received} records: {o['new']} new, {o['fast_forward']} updated, "
+        f"{o['already']} already here, {o['conflict']} conflicts; {ds.written} rows written, "
+        f"{ds.deleted} deleted",
+        quiet=quiet,
+    )
+    if dq.refused:
+        _say(f"  refused {dq.refused} record(s) outside the signer's scope, e.g. {dq.refused_sample[0]}")
+    if ds.waiting or ds.failed:
+        _say(f"  {ds.waiting} row(s) wait for their parent rows, {ds.failed} refused by the database "
+             "(kept and retried on the next import; see `bundlesync status`)")
+    for inst, (have, need) in r.gaps.items():
+        _say(f"  gap: changes of device {inst[:8]} after counter {have} up to {need} are missing; import "
+             f"that device's earlier bundle, or ask for `bundlesync export --full`")
 
 
 @cli.command("verify")
@@ -354,7 +372,7 @@ def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning every failure into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="bundlesync", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="bundlesync", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
         return 130
@@ -374,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted; nothing was changed", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

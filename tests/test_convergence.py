@@ -12,6 +12,7 @@ import pytest
 from conftest import Pair, dump_tables, make_db, run_cli
 from sim import World, random_edit
 
+from bundlesync.errors import EXIT_PARTIAL
 from bundlesync.sync.purge import purge_user
 from bundlesync.sync.status import device_status, list_conflicts
 
@@ -101,15 +102,17 @@ def test_out_of_order_import_reports_gap_and_relay_fills_it(tmp_path: Path) -> N
                      "(SELECT min(id) FROM kolibriauth_facilityuser)")
         b2 = world.export(0, tmp_path / "oa")
         assert b1 is not None and b2 is not None
-        result = world.deliver(b2, 2)  # C sees the newer bundle first
+        result = world.deliver(b2, 2, receipt=True)  # C sees the newer bundle first, and leaves its receipt
         assert a.instance_id in result.gaps  # type: ignore[attr-defined]
         gaps = device_status(world.devices[2])["facilities"][0]["gaps"]
         assert [g["instance"] for g in gaps] == [a.instance_id]
         held = device_status(world.devices[2])["facilities"][0]["fsic"]
         assert held.get(a.instance_id, 0) == 0  # knowledge did not jump over b1
-        # B gets both and relays to C.
+        # B gets both and relays to C. Into an empty folder B assumes a reader like A, which holds it
+        # all; onto C's drive, C's receipt says what C lacks.
         world.deliver(b1, 1), world.deliver(b2, 1)
-        relay = world.export(1, tmp_path / "ob")
+        assert world.export(1, tmp_path / "ob") is None
+        relay = world.export(1, tmp_path / "oa")
         assert relay is not None
         world.deliver(relay, 2)
         assert world.app_rows(2) == world.app_rows(0)
@@ -137,7 +140,8 @@ def test_dropped_bundle_is_filled_through_a_receipt_cli(pair: Pair) -> None:
     later = pair.tmp / "later"
     later.mkdir()
     second = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(later)).last_line
-    res = run_cli(pair.b, "import", second)
+    res = run_cli(pair.b, "import", second, check=False)
+    assert res.code == EXIT_PARTIAL
     assert "gap: changes of device" in res.err and "--full" in res.err
     receipts = list(later.glob("receipt-*.json"))
     assert len(receipts) == 1  # B left what it holds next to the bundle
@@ -201,8 +205,8 @@ def test_child_before_parent_waits_then_applies(pair: Pair) -> None:
     conn.commit()
     conn.close()
     child = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(child_dir)).last_line
-    res = run_cli(pair.b, "import", child)
-    assert "1 row(s) wait for their parent rows" in res.err
+    res = run_cli(pair.b, "import", child, check=False)
+    assert res.code == EXIT_PARTIAL and "1 row(s) wait for their parent rows" in res.err
     waiting = json.loads(run_cli(pair.b, "status", "--json").out)["waiting_records"]
     assert waiting == [{"model": "logger_contentsessionlog", "count": 1, "example": waiting[0]["example"]}]
     assert "waiting for kolibriauth_facilityuser abcdabcd" in waiting[0]["example"]
@@ -234,9 +238,12 @@ def test_a_narrow_relay_never_makes_a_device_claim_what_it_lacks(tmp_path: Path)
         w.sql(g, "UPDATE kolibriauth_collection SET name = 'renamed by G' WHERE id = ?", (room,))
         w.sql(g, "UPDATE logger_contentsessionlog SET progress = 0.77 WHERE user_id = ?", (user,))
         w.deliver(w.export(g, tmp_path / "g2u", user=user), u)  # type: ignore[arg-type]
-        w.deliver(w.export(u, tmp_path / "u2f"), f)  # type: ignore[arg-type]  # the tablet carries only its own rows
+        w.sql(u, "UPDATE logger_contentsessionlog SET time_spent = 5.5 WHERE user_id = ?", (user,))
+        # The tablet carries its own rows: G's edits are assumed known to its readers, so F claims none of them.
+        w.deliver(w.export(u, tmp_path / "u2f"), f)  # type: ignore[arg-type]
         drive = tmp_path / "drive-v"
-        w.deliver(w.export(f, drive, user=user), v, receipt=True)  # type: ignore[arg-type]
+        # V is a second tablet of the same user, unknown to F (which assumes a reader like U): set up in full.
+        w.deliver(w.export(f, drive, user=user, full=True), v, receipt=True)  # type: ignore[arg-type]
         w.deliver(w.export(g, tmp_path / "g2f"), f)  # type: ignore[arg-type]
         later = w.export(f, drive, user=user)
         assert later is not None, "V's receipt must not claim the rename it never received"
