@@ -10,61 +10,101 @@ from pathlib import Path
 import pytest
 
 from conftest import Pair, dump_tables, make_db, run_cli
-from sim import World, random_edit
+from sim import World, edit
 
 from bundlesync.errors import EXIT_PARTIAL
+from bundlesync.partitions import within
 from bundlesync.sync.purge import purge_user
+from bundlesync.trust.scope import scope_filters
 from bundlesync.sync.status import device_status, list_conflicts
 
 
+def _within_read(world: World, i: int) -> list[tuple[object, ...]]:
+    """Device i's store rows in partitions a device of its scope reads (all of them for a full device)."""
+    dev = world.devices[i]
+    dataset_id, _ = dev.resolve_facility(world.facility)
+    scope = f"user:{world.users[i]}" if i in world.users else "full"
+    read = scope_filters(dev.profile, dataset_id, scope).read
+    return [r[1:] for r in dev.conn.execute(
+        "SELECT partition, model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id")
+        if within(str(r[0]), read)]
+
+
+def _reference_for(world: World, i: int) -> list[tuple[object, ...]]:
+    """The authority's store rows in what device i reads."""
+    dev = world.devices[i]
+    dataset_id, _ = dev.resolve_facility(world.facility)
+    scope = f"user:{world.users[i]}" if i in world.users else "full"
+    read = scope_filters(dev.profile, dataset_id, scope).read
+    return [r[1:] for r in world.devices[0].conn.execute(
+        "SELECT partition, model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id")
+        if within(str(r[0]), read)]
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_random_sneakernet_converges(tmp_path: Path, seed: int) -> None:
+def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed: int) -> None:
+    """Full and single-user devices edit, export, relay, lose drives and purge in a random order.
+
+    Once every surviving bundle has reached every device and a shared drive has closed the
+    loop, every device holds what its scope reads (full devices: the same rows and store).
+    Once every device has said what it holds (a receipt on the shared drive), no export of
+    any device — full, single-user or a learner's own — into that drive or any new folder
+    has anything to send.
+    """
     rnd = random.Random(seed)
     n = 3 + seed % 2
-    world = World.create(tmp_path, n, seed=seed + 1)
+    learners = 1 + (seed % 3 == 0)
+    world = World.create(tmp_path, n + learners, seed=seed + 1, learners=learners)
+    total = n + learners
     try:
         pool: list[Path] = []
-        first = world.export(0, tmp_path / "out0")
-        assert first is not None
-        pool.append(first)
+        pool += world.natural_exports(0, tmp_path / "out0")
         dropped = 0
         for step in range(40):
             action = rnd.random()
-            dev = rnd.randrange(n)
+            dev = rnd.randrange(total)
             if action < 0.35:
-                random_edit(world, dev, rnd)
+                edit(world, dev, rnd)
             elif action < 0.55:
-                bundle = world.export(dev, tmp_path / f"out{dev}", full=rnd.random() < 0.1)
-                if bundle is not None:
-                    pool.append(bundle)
+                pool += world.natural_exports(dev, tmp_path / f"out{dev}", full=rnd.random() < 0.1)
             elif action < 0.9 and pool:
-                world.deliver(rnd.choice(pool), dev)  # duplicates and any order welcome
+                world.deliver(rnd.choice(pool), dev)  # duplicates, any order, relays through learners welcome
             elif len(pool) > 1:
                 pool.remove(rnd.choice(pool[1:]))  # a lost drive
                 dropped += 1
             if step == 20 and rnd.random() < 0.5:
-                user = world.devices[0].conn.execute("SELECT max(id) FROM kolibriauth_facilityuser").fetchone()[0]
+                user = world.devices[0].conn.execute(
+                    "SELECT max(id) FROM kolibriauth_facilityuser WHERE id NOT IN (%s)"
+                    % ",".join("?" * len(world.users)), tuple(world.users.values())).fetchone()[0]
                 if user:
                     purge_user(world.devices[0], world.facility, user)
         # Every surviving bundle reaches every device, in a random order, some twice.
-        for dev in range(n):
+        for dev in range(total):
             for bundle in rnd.sample(pool, len(pool)) + rnd.sample(pool, len(pool) // 2):
                 world.deliver(bundle, dev)
         # Closing the loop: receipts on one drive let each device send what the others lack.
         drive = tmp_path / "drive"
         drive.mkdir()
-        for dev in range(n):
+        for dev in range(total):
             world.receipt(dev, drive)
-        closing = [b for dev in range(n) if (b := world.export(dev, drive)) is not None]
-        for dev in range(n):
+        closing = [b for dev in range(total) for b in world.natural_exports(dev, drive)]
+        for dev in range(total):
             for bundle in rnd.sample(closing, len(closing)):
                 world.deliver(bundle, dev)
         reference_rows, reference_store = world.app_rows(0), world.store(0)
         for dev in range(1, n):
             assert world.app_rows(dev) == reference_rows, f"device {dev} differs (seed {seed}, {dropped} dropped)"
             assert world.store(dev) == reference_store
-        for dev in range(n):
+        for dev in world.users:
+            assert _within_read(world, dev) == _reference_for(world, dev), f"learner {dev} differs (seed {seed})"
+        for dev in range(total):
             assert device_status(world.devices[dev])["facilities"][0]["gaps"] == []
+        # Quiescence is silent, once every device has said what it holds.
+        for dev in range(total):
+            world.receipt(dev, drive)
+        for folder in (drive, tmp_path / "quiet"):
+            for dev in range(total):
+                assert world.natural_exports(dev, folder) == [], f"device {dev} spoke into {folder.name} (seed {seed})"
     finally:
         world.close()
 
