@@ -276,8 +276,8 @@ def inspect_cmd(bundle: str, as_json: bool) -> None:
         f"profile    {profile.get('name')} v{profile.get('version')}",
         f"sender     instance {sender.get('instance_id')} counter {sender.get('counter')}",
         f"filter     {', '.join(m.get('filter', []))}",
-        f"basis      {json.dumps(m.get('basis_fsic'), sort_keys=True)}",
-        f"result     {json.dumps(m.get('result_fsic'), sort_keys=True)}",
+        f"basis      {json.dumps(m.get('basis', m.get('basis_fsic')), sort_keys=True)}",
+        f"held       {json.dumps(m.get('held', m.get('result_fsic')), sort_keys=True)}",
         f"records    {s.get('records')}",
     ]
     counts: Any = s.get("counts", {})
@@ -308,6 +308,12 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         lines.append(f"facility   {f['facility_id']} dataset {f['dataset_id']} ({role})")
         for inst, ctr in sorted(f["fsic"].items()):
             lines.append(f"  holds    {inst} up to {ctr}")
+        for prefix, counters in sorted(f["knowledge"].items()):
+            for inst, ctr in sorted(counters.items()):
+                if f["fsic"].get(inst, 0) < ctr:
+                    lines.append(f"  holds    {inst} up to {ctr} under {prefix}")
+        for p in f["peers"]:
+            lines.append(f"  peer     {p['instance']} ({p['scope']}), last heard in {p['last_heard']}")
         for g in f["gaps"]:
             lines.append(f"  gap      {g['instance']}: have {g['have']}, need {g['need']}")
     for t in st["last_transfers"]:

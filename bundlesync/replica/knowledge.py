@@ -17,6 +17,7 @@ from bundlesync.partitions import within
 
 __all__ = [
     "Knowledge",
+    "ancestors",
     "clip",
     "covers",
     "effective",
@@ -38,14 +39,19 @@ def strictly_under(partition: str, prefix: str) -> bool:
     return partition != prefix and within(partition, [prefix])
 
 
+def ancestors(partition: str) -> list[str]:
+    """The prefixes ``partition`` lies under: ``""`` and each ``:``-boundary prefix, itself included."""
+    parts = partition.split(":") if partition else []
+    return ["", *(":".join(parts[: n + 1]) for n in range(len(parts)))]
+
+
 def effective(knowledge: Mapping[str, Mapping[str, int]], partition: str) -> dict[str, int]:
     """Per instance, what is held for ``partition``: the maximum over the prefixes above it."""
     out: dict[str, int] = {}
-    for prefix, counters in knowledge.items():
-        if within(partition, [prefix]):
-            for inst, ctr in counters.items():
-                if out.get(inst, 0) < ctr:
-                    out[inst] = ctr
+    for prefix in ancestors(partition):
+        for inst, ctr in knowledge.get(prefix, {}).items():
+            if out.get(inst, 0) < ctr:
+                out[inst] = ctr
     return out
 
 

@@ -99,23 +99,16 @@ def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
 _LINE_SQL = f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {{prefixes}}{{held}} ORDER BY rowid"
 
 
-def _held_sql(basis: Mapping[str, Mapping[str, int]], prefixes: Sequence[str], inst: str) -> tuple[int, str, list[object]]:
-    """For one writer: the counter every record in the filter is above, and the finer exclusions.
-
-    A record is left out when the basis holds its writer's counter for a prefix above its
-    partition. The lowest such counter over the filter's prefixes bounds an index range;
-    basis entries that say more for a finer prefix become ``NOT (under P AND ctr <= C)`` terms.
-    """
-    floor = min(kn.effective(basis, p).get(inst, 0) for p in prefixes)
+def _held_sql(floor: int, finer: Sequence[tuple[str, int]]) -> tuple[str, list[object]]:
+    """``NOT (under P AND ctr <= C)`` terms for basis entries above one writer's ``floor``."""
     terms: list[str] = []
     params: list[object] = []
-    for prefix, counters in sorted(basis.items()):
-        ctr = counters.get(inst, 0)
+    for prefix, ctr in finer:
         if ctr > floor:
             where, args = prefix_sql([prefix])
             terms.append(f"({where} AND ctr <= ?)")
             params += [*args, ctr]
-    return floor, (" AND NOT (" + " OR ".join(terms) + ")") if terms else "", params
+    return (" AND NOT (" + " OR ".join(terms) + ")") if terms else "", params
 
 
 def outgoing_lines(
@@ -124,14 +117,23 @@ def outgoing_lines(
 ) -> Iterator[list[bytes]]:
     """Batches of record lines (``head JSON \\t data JSON \\n``) inside the filter the basis does not hold.
 
-    ``basis`` is per prefix (:mod:`bundlesync.replica.knowledge`). Tables come in
-    foreign-key order, parents first, so an importer can usually write each record's
-    app row as soon as it has merged it.
+    ``basis`` is per prefix (:mod:`bundlesync.replica.knowledge`): a record is left out when
+    a prefix above its partition holds its writer's counter. For each writer, the lowest
+    such counter over the filter's prefixes bounds an index range, and basis entries that
+    say more for some prefix become exclusion terms. Tables come in foreign-key order,
+    parents first, so an importer can usually write each record's app row as soon as it
+    has merged it.
     """
     where, params = prefix_sql(prefixes)
+    at_filter = [kn.effective(basis, p) for p in prefixes]
+    finer: dict[str, list[tuple[str, int]]] = {}
+    for prefix, counters in sorted(basis.items()):
+        for inst, ctr in counters.items():
+            finer.setdefault(inst, []).append((prefix, ctr))
     for table in profile.tables:
         for inst in list(_writers(conn, table.name)):
-            floor, held, held_params = _held_sql(basis, prefixes, inst)
+            floor = min(view.get(inst, 0) for view in at_filter)
+            held, held_params = _held_sql(floor, finer.get(inst, []))
             cursor = conn.execute(_LINE_SQL.format(prefixes=where, held=held),
                                   [table.name, inst, floor, *params, *held_params])
             while rows := cursor.fetchmany(2000):

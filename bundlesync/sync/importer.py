@@ -165,7 +165,8 @@ def _check_payload(info: container.BundleInfo) -> None:
 def _require_file(path: Path) -> None:
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not a file"
-        raise FormatError(f"{path} is {what}, not a bundle: check the path (a bundle is named bundle-….bsync)")
+        hint = " and holds no bundle" if path.is_dir() else ""
+        raise FormatError(f"{path} is {what}{hint}, not a bundle: check the path (a bundle is named bundle-….bsync)")
 
 
 def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
@@ -341,7 +342,8 @@ def bundles_to_import(names: Sequence[str]) -> list[Path]:
             except (BundlesyncError, OSError):
                 key = (1, "", 0, bundle.name)
             keyed.append((key, bundle))
-        out.extend(bundle for _, bundle in sorted(keyed))
+        # A folder without a bundle stays in the list: importing it says it is not a bundle.
+        out.extend([bundle for _, bundle in sorted(keyed)] or [path])
     return out
 
 
