@@ -23,7 +23,14 @@ from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, resolve_home
 from bundlesync.errors import EXIT_PARTIAL, BundlesyncError
 from bundlesync.sync.exporter import export_bundle
-from bundlesync.sync.importer import ImportResult, bundles_to_import, exit_rank, import_bundle, verify_bundle
+from bundlesync.sync.importer import (
+    ImportResult,
+    bundles_to_import,
+    exit_rank,
+    failure_json,
+    import_bundle,
+    verify_bundle,
+)
 from bundlesync.plugins.loader import PluginSet
 from bundlesync.sync.purge import purge_user
 from bundlesync.sync.status import device_status, list_conflicts
@@ -194,11 +201,10 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
             try:
                 r = import_bundle(device, path, plugins=plugins, warn=_warn, receipt=receipt)
             except (BundlesyncError, OSError) as exc:
-                code = exc.exit_code if isinstance(exc, BundlesyncError) else 1
-                message = f"error: {exc}" if isinstance(exc, BundlesyncError) else f"error: {path}: {exc}; check the path"
-                reports.append({"path": str(path), "error": message, "exit_code": code, "complete": False})
-                click.echo(message, err=True)
-                worst = max(worst, code, key=exit_rank)
+                failed = failure_json(path, exc)
+                reports.append(failed)
+                click.echo(str(failed["error"]), err=True)
+                worst = max(worst, int(str(failed["exit_code"])), key=exit_rank)
                 continue
             done.append(r)
             reports.append(r.to_json())

@@ -57,6 +57,7 @@ __all__ = [
     "VerifiedBundle",
     "bundles_to_import",
     "exit_rank",
+    "failure_json",
     "import_bundle",
     "verify_bundle",
 ]
@@ -313,6 +314,14 @@ def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
     knowledge = kn.clip(fsic_mod.read_knowledge(device.conn), prefixes)
     receipt = make_receipt(dataset_id, device.instance_id, prefixes, kn.flat(knowledge, prefixes), chain, knowledge)
     return write_receipt(folder, receipt, device.keys.device_key())
+
+
+def failure_json(path: Path, exc: BaseException) -> dict[str, object]:
+    """The ``import --json`` entry of a bundle that could not be imported (nothing of it was applied)."""
+    if isinstance(exc, BundlesyncError):
+        return {"path": str(path), "error": f"error: {exc}", "exit_code": exc.exit_code, "complete": False}
+    return {"path": str(path), "error": f"error: {path}: {exc}; check the path and permissions", "exit_code": 1,
+            "complete": False}
 
 
 def exit_rank(code: int) -> int:
