@@ -131,7 +131,21 @@ def m002_indexes_for_streaming(db: Database) -> None:
 
 
 @migrations()
-def m003_knowledge_of_peers_and_pending(db: Database) -> None:
+def m003_repairs(db: Database) -> None:
+    """What bundlesync found wrong with this database and repaired (shown by ``status``)."""
+    _run_script(db.conn, """
+        CREATE TABLE bundlesync_repairs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            what TEXT NOT NULL,
+            changes INTEGER NOT NULL
+        )
+        """)
+
+
+@migrations()
+def m004_knowledge_of_peers_and_pending(db: Database) -> None:
     """What peers are known to hold (from their bundles and receipts); knowledge waiting on a gap."""
     _run_script(db.conn, """
         -- One row per peer device this one has heard from: its scope and where it was last heard.

@@ -313,7 +313,7 @@ def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
     prefixes = scope_filters(device.profile, dataset_id, chain[0].scope).read
     knowledge = kn.clip(fsic_mod.read_knowledge(device.conn), prefixes)
     receipt = make_receipt(dataset_id, device.instance_id, prefixes, kn.flat(knowledge, prefixes), chain, knowledge)
-    return write_receipt(folder, receipt, device.keys.device_key())
+    return write_receipt(folder, receipt, device.keys.signing_key(chain))
 
 
 def failure_json(path: Path, exc: BaseException) -> dict[str, object]:

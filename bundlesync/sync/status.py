@@ -10,6 +10,7 @@ from bundlesync.replica import knowledge as kn
 from bundlesync.replica.peers import known_peers
 from bundlesync.trust.scope import scope_filters
 from bundlesync.device import Device
+from bundlesync.replica.health import describe, recent_repairs
 from bundlesync.replica.store import current_counter, pending_changes
 
 __all__ = ["device_status", "list_conflicts"]
@@ -70,6 +71,8 @@ def device_status(device: Device) -> dict[str, Any]:
         "conflicts": int(conn.execute("SELECT count(*) FROM bundlesync_conflicts").fetchone()[0]),
         "facilities": facilities,
         "last_transfers": transfers,
+        "repairs": [{"at": r.at, "table": r.table, "what": r.what, "changes": r.changes, "sentence": describe(r)}
+                    for r in recent_repairs(conn)],
     }
 
 
