@@ -21,10 +21,17 @@ import click
 from bundlesync._version import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, reidentify, resolve_home
-from bundlesync.errors import BundlesyncError
+from bundlesync.errors import EXIT_PARTIAL, BundlesyncError
 from bundlesync.profile import builtin_profiles, load_profile
 from bundlesync.sync.exporter import export_bundle
-from bundlesync.sync.importer import import_bundle, verify_bundle
+from bundlesync.sync.importer import (
+    ImportResult,
+    bundles_to_import,
+    exit_rank,
+    failure_json,
+    import_bundle,
+    verify_bundle,
+)
 from bundlesync.plugins.loader import PluginSet
 from bundlesync.replica.health import describe as describe_repair
 from bundlesync.sync.purge import plan_purge, purge_user
@@ -170,11 +177,7 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
                                since=Path(since) if since else None,
                                plugins=_plugins(ctx, device), warn=_warn)
     if as_json:
-        click.echo(json.dumps({
-            "path": str(result.path) if result.path else None, "bundle_id": result.bundle_id,
-            "records": result.records, "counts": result.counts, "bytes": result.size,
-            "basis": result.basis, "basis_source": result.basis_source, "result": result.result,
-        }, indent=2, sort_keys=True))
+        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return
     if result.path is None:
         _say(f"nothing new to export for facility {facility_id} ({result.basis_source}); no file written", quiet=quiet)
@@ -191,44 +194,65 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quiet: bool, as_json: bool) -> None:
-    """Verify, then apply bundles (in the order given); re-importing is a no-op."""
-    reports = []
+    """Verify, then apply bundles, or every bundle in a folder; re-importing is a no-op.
+
+    Goes on past a bundle that fails; exits with the most serious code: a failure's,
+    else 9 if any import left records refused, rows waiting or gaps, else 0.
+    """
+    reports: list[dict[str, object]] = []
+    worst = 0
+    done: list[ImportResult] = []
     with _device(ctx) as device:
         plugins = _plugins(ctx, device)
-        for name in bundles:
-            r = import_bundle(device, Path(name), plugins=plugins, warn=_warn, receipt=receipt)
-            dq, ds = r.dequeue, r.deserialize
-            reports.append({
-                "path": name, "bundle_id": r.bundle_id, "already_imported": r.already,
-                "received": dq.received, "outcomes": dq.outcomes, "refused": dq.refused,
-                "refused_sample": dq.refused_sample, "not_for_this_device": dq.not_for_us,
-                "written": ds.written, "deleted": ds.deleted, "waiting": ds.waiting, "failed": ds.failed,
-                "gaps": {k: {"have": h, "need": n} for k, (h, n) in r.gaps.items()},
-                "receipt": str(r.receipt) if r.receipt else None,
-                "local_changes_serialized": r.local_serialized,
-            })
-            if as_json:
+        for path in bundles_to_import(bundles):
+            try:
+                r = import_bundle(device, path, plugins=plugins, warn=_warn, receipt=receipt)
+            except (BundlesyncError, OSError) as exc:
+                failed = failure_json(path, exc)
+                reports.append(failed)
+                click.echo(str(failed["error"]), err=True)
+                worst = max(worst, int(str(failed["exit_code"])), key=exit_rank)
                 continue
-            if r.already:
-                _say(f"{name}: already imported (bundle {r.bundle_id}); nothing changed", quiet=quiet)
-                continue
-            o = dq.outcomes
-            _say(
-                f"{name}: {dq.received} records: {o['new']} new, {o['fast_forward']} updated, "
-                f"{o['already']} already here, {o['conflict']} conflicts; {ds.written} rows written, "
-                f"{ds.deleted} deleted",
-                quiet=quiet,
-            )
-            if dq.refused:
-                _say(f"  refused {dq.refused} record(s) outside the signer's scope, e.g. {dq.refused_sample[0]}")
-            if ds.waiting or ds.failed:
-                _say(f"  {ds.waiting} row(s) wait for their parent rows, {ds.failed} refused by the database "
-                     "(kept and retried on the next import; see `bundlesync status`)")
-            for inst, (have, need) in r.gaps.items():
-                _say(f"  gap: changes of device {inst[:8]} after counter {have} up to {need} are missing; import "
-                     f"that device's earlier bundle, or ask for `bundlesync export --full`")
+            done.append(r)
+            reports.append(r.to_json())
+            worst = max(worst, r.exit_code, key=exit_rank)
+            if not as_json:
+                _report_import(r, quiet)
     if as_json:
         click.echo(json.dumps(reports, indent=2, sort_keys=True))
+    if worst == EXIT_PARTIAL and done:
+        refused = sum(r.dequeue.refused for r in done)
+        gaps = sum(len(r.gaps) for r in done)
+        ds = done[-1].deserialize
+        _warn(f"incomplete: {refused} record(s) refused, {ds.waiting} row(s) waiting for their parents, {ds.failed} "
+              f"refused by the database, {gaps} gap(s) in a writer's history; import the missing bundles (or ask the "
+              "sender for `bundlesync export --full`), then check `bundlesync status`")
+    ctx.exit(worst)
+
+
+def _report_import(r: ImportResult, quiet: bool) -> None:
+    name = str(r.path)
+    if r.own:
+        _say(f"{name}: this device wrote it (bundle {r.bundle_id}); nothing to import, no receipt left", quiet=quiet)
+        return
+    if r.already:
+        _say(f"{name}: already imported (bundle {r.bundle_id}); nothing changed", quiet=quiet)
+        return
+    dq, ds, o = r.dequeue, r.deserialize, r.dequeue.outcomes
+    _say(
+        f"{name}: {dq.received} records: {o['new']} new, {o['fast_forward']} updated, "
+        f"{o['already']} already here, {o['conflict']} conflicts; {ds.written} rows written, "
+        f"{ds.deleted} deleted",
+        quiet=quiet,
+    )
+    if dq.refused:
+        _say(f"  refused {dq.refused} record(s) outside the signer's scope, e.g. {dq.refused_sample[0]}")
+    if ds.waiting or ds.failed:
+        _say(f"  {ds.waiting} row(s) wait for their parent rows, {ds.failed} refused by the database "
+             "(kept and retried on the next import; see `bundlesync status`)")
+    for inst, (have, need) in r.gaps.items():
+        _say(f"  gap: changes of device {inst[:8]} after counter {have} up to {need} are missing; import "
+             f"that device's earlier bundle, or ask for `bundlesync export --full`")
 
 
 @cli.command("verify")
@@ -265,8 +289,8 @@ def inspect_cmd(bundle: str, as_json: bool) -> None:
         f"profile    {profile.get('name')} v{profile.get('version')}",
         f"sender     instance {sender.get('instance_id')} counter {sender.get('counter')}",
         f"filter     {', '.join(m.get('filter', []))}",
-        f"basis      {json.dumps(m.get('basis_fsic'), sort_keys=True)}",
-        f"result     {json.dumps(m.get('result_fsic'), sort_keys=True)}",
+        f"basis      {json.dumps(m.get('basis', m.get('basis_fsic')), sort_keys=True)}",
+        f"held       {json.dumps(m.get('held', m.get('result_fsic')), sort_keys=True)}",
         f"records    {s.get('records')}",
     ]
     counts: Any = s.get("counts", {})
@@ -298,6 +322,12 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         lines.append(f"facility   {f['facility_id']} dataset {f['dataset_id']} ({role})")
         for inst, ctr in sorted(f["fsic"].items()):
             lines.append(f"  holds    {inst} up to {ctr}")
+        for prefix, counters in sorted(f["knowledge"].items()):
+            for inst, ctr in sorted(counters.items()):
+                if f["fsic"].get(inst, 0) < ctr:
+                    lines.append(f"  holds    {inst} up to {ctr} under {prefix}")
+        for p in f["peers"]:
+            lines.append(f"  peer     {p['instance']} ({p['scope']}), last heard in {p['last_heard']}")
         for g in f["gaps"]:
             lines.append(f"  gap      {g['instance']}: have {g['have']}, need {g['need']}")
     for t in st["last_transfers"]:
@@ -401,7 +431,7 @@ def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the CLI, turning every failure into one line and an exit code."""
     try:
-        cli.main(args=argv, prog_name="bundlesync", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="bundlesync", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
         return 130
@@ -421,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted; nothing was changed", err=True)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,16 +25,29 @@ class World:
     facility: str
     devices: list[Device] = field(default_factory=list)
     dbs: list[Path] = field(default_factory=list)
+    users: dict[int, str] = field(default_factory=dict)
+    """Single-user devices: device index -> the user their certificate is for."""
 
     @classmethod
     def create(cls, root: Path, n: int, *, users: int = 4, logs: int = 24, seed: int = 1,
-               scopes: dict[int, str] | None = None) -> World:
+               scopes: dict[int, str] | None = None, learners: int = 0) -> World:
+        """``learners``: the last devices get single-user certificates for the busiest learners."""
         root.mkdir(parents=True, exist_ok=True)
         dbs = [root / f"d{i}.sqlite3" for i in range(n)]
         facility = make_db(dbs[0], users=users, logs=logs, seed=seed)
         for db in dbs[1:]:
             make_db(db, schema_only=True)
         world = cls(root, facility, dbs=dbs)
+        scopes = dict(scopes or {})
+        if learners:
+            conn = sqlite3.connect(dbs[0])
+            busiest = [r[0] for r in conn.execute(
+                "SELECT user_id FROM logger_contentsessionlog WHERE user_id IS NOT NULL GROUP BY user_id "
+                "ORDER BY count(*) DESC, user_id LIMIT ?", (learners,))]
+            conn.close()
+            for k, user in enumerate(busiest):
+                scopes[n - learners + k] = f"user:{user}"
+        world.users = {i: s.split(":", 1)[1] for i, s in scopes.items() if s.startswith("user:")}
         drive = root / "certs"
         drive.mkdir()
         for i, db in enumerate(dbs):
@@ -44,7 +57,7 @@ class World:
         dataset_id, fac = first.resolve_facility(facility)
         provision_facility(first.keys, dataset_id=dataset_id, facility_id=fac, profile=first.profile.name)
         for i, dev in enumerate(world.devices[1:], start=1):
-            scope = (scopes or {}).get(i, "full")
+            scope = scopes.get(i, "full")
             request = request_certificate(dev.keys, dataset_id=None, facility_id=fac, profile=dev.profile.name, scope=scope,
                                           instance_id=dev.instance_id, out_dir=drive)
             install_grant(dev.keys, issue_grant(first.keys, request, drive))
@@ -65,6 +78,14 @@ class World:
         dev = self.devices[i]
         dataset_id, _ = dev.resolve_facility(self.facility)
         return leave_receipt(dev, dataset_id, folder)
+
+    def natural_exports(self, i: int, out: Path, **kw: object) -> list[Path]:
+        """What device i sends in the field: a learner its own rows; a full device the facility,
+        and a single-user bundle for each learner device's user."""
+        kinds: list[dict[str, object]] = [{}]
+        if i not in self.users:
+            kinds += [{"user": user} for user in sorted(set(self.users.values()))]
+        return [b for kind in kinds if (b := self.export(i, out, **kind, **kw)) is not None]
 
     def sql(self, i: int, statement: str, params: tuple[object, ...] = ()) -> None:
         conn = sqlite3.connect(self.dbs[i])
@@ -105,3 +126,29 @@ def random_edit(world: World, i: int, rnd: random.Random) -> None:
         world.sql(i, "DELETE FROM logger_contentsessionlog WHERE id = ?", (rnd.choice(logs),))
     else:
         world.sql(i, "DELETE FROM logger_contentsummarylog WHERE id = (SELECT min(id) FROM logger_contentsummarylog)")
+
+
+def learner_edit(world: World, i: int, rnd: random.Random) -> None:
+    """One edit on learner device i: its own logs, a new log, or an anonymous log (write-only for it)."""
+    user = world.users[i]
+    conn = world.devices[i].conn
+    logs = [r[0] for r in conn.execute("SELECT id FROM logger_contentsessionlog WHERE user_id = ? ORDER BY id", (user,))]
+    if not logs:
+        return
+    kind = rnd.choice(["progress", "insert", "anonymous"])
+    if kind == "progress":
+        world.sql(i, "UPDATE logger_contentsessionlog SET progress = ?, time_spent = ? WHERE id = ?",
+                  (rnd.random(), rnd.random() * 100, rnd.choice(logs)))
+    else:
+        world.sql(i, "INSERT INTO logger_contentsessionlog SELECT ?, ?, content_id, channel_id, start_timestamp, "
+                  "end_timestamp, time_spent, progress, kind, extra_fields, dataset_id FROM logger_contentsessionlog "
+                  "WHERE id = ?", (uuid.UUID(int=rnd.getrandbits(128)).hex, user if kind == "insert" else None,
+                                   rnd.choice(logs)))
+
+
+def edit(world: World, i: int, rnd: random.Random) -> None:
+    """One edit by "another program" on device i, within what that device may write."""
+    if i in world.users:
+        learner_edit(world, i, rnd)
+    else:
+        random_edit(world, i, rnd)

@@ -10,60 +10,101 @@ from pathlib import Path
 import pytest
 
 from conftest import Pair, dump_tables, make_db, run_cli
-from sim import World, random_edit
+from sim import World, edit
 
+from bundlesync.errors import EXIT_PARTIAL
+from bundlesync.partitions import within
 from bundlesync.sync.purge import purge_user
+from bundlesync.trust.scope import scope_filters
 from bundlesync.sync.status import device_status, list_conflicts
 
 
+def _within_read(world: World, i: int) -> list[tuple[object, ...]]:
+    """Device i's store rows in partitions a device of its scope reads (all of them for a full device)."""
+    dev = world.devices[i]
+    dataset_id, _ = dev.resolve_facility(world.facility)
+    scope = f"user:{world.users[i]}" if i in world.users else "full"
+    read = scope_filters(dev.profile, dataset_id, scope).read
+    return [r[1:] for r in dev.conn.execute(
+        "SELECT partition, model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id")
+        if within(str(r[0]), read)]
+
+
+def _reference_for(world: World, i: int) -> list[tuple[object, ...]]:
+    """The authority's store rows in what device i reads."""
+    dev = world.devices[i]
+    dataset_id, _ = dev.resolve_facility(world.facility)
+    scope = f"user:{world.users[i]}" if i in world.users else "full"
+    read = scope_filters(dev.profile, dataset_id, scope).read
+    return [r[1:] for r in world.devices[0].conn.execute(
+        "SELECT partition, model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id")
+        if within(str(r[0]), read)]
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_random_sneakernet_converges(tmp_path: Path, seed: int) -> None:
+def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed: int) -> None:
+    """Full and single-user devices edit, export, relay, lose drives and purge in a random order.
+
+    Once every surviving bundle has reached every device and a shared drive has closed the
+    loop, every device holds what its scope reads (full devices: the same rows and store).
+    Once every device has said what it holds (a receipt on the shared drive), no export of
+    any device — full, single-user or a learner's own — into that drive or any new folder
+    has anything to send.
+    """
     rnd = random.Random(seed)
     n = 3 + seed % 2
-    world = World.create(tmp_path, n, seed=seed + 1)
+    learners = 1 + (seed % 3 == 0)
+    world = World.create(tmp_path, n + learners, seed=seed + 1, learners=learners)
+    total = n + learners
     try:
         pool: list[Path] = []
-        first = world.export(0, tmp_path / "out0")
-        assert first is not None
-        pool.append(first)
+        pool += world.natural_exports(0, tmp_path / "out0")
         dropped = 0
         for step in range(40):
             action = rnd.random()
-            dev = rnd.randrange(n)
+            dev = rnd.randrange(total)
             if action < 0.35:
-                random_edit(world, dev, rnd)
+                edit(world, dev, rnd)
             elif action < 0.55:
-                bundle = world.export(dev, tmp_path / f"out{dev}", full=rnd.random() < 0.1)
-                if bundle is not None:
-                    pool.append(bundle)
+                pool += world.natural_exports(dev, tmp_path / f"out{dev}", full=rnd.random() < 0.1)
             elif action < 0.9 and pool:
-                world.deliver(rnd.choice(pool), dev)  # duplicates and any order welcome
+                world.deliver(rnd.choice(pool), dev)  # duplicates, any order, relays through learners welcome
             elif len(pool) > 1:
                 pool.remove(rnd.choice(pool[1:]))  # a lost drive
                 dropped += 1
             if step == 20 and rnd.random() < 0.5:
-                user = world.devices[0].conn.execute("SELECT max(id) FROM kolibriauth_facilityuser").fetchone()[0]
+                user = world.devices[0].conn.execute(
+                    "SELECT max(id) FROM kolibriauth_facilityuser WHERE id NOT IN (%s)"
+                    % ",".join("?" * len(world.users)), tuple(world.users.values())).fetchone()[0]
                 if user:
                     purge_user(world.devices[0], world.facility, user)
         # Every surviving bundle reaches every device, in a random order, some twice.
-        for dev in range(n):
+        for dev in range(total):
             for bundle in rnd.sample(pool, len(pool)) + rnd.sample(pool, len(pool) // 2):
                 world.deliver(bundle, dev)
         # Closing the loop: receipts on one drive let each device send what the others lack.
         drive = tmp_path / "drive"
         drive.mkdir()
-        for dev in range(n):
+        for dev in range(total):
             world.receipt(dev, drive)
-        closing = [b for dev in range(n) if (b := world.export(dev, drive)) is not None]
-        for dev in range(n):
+        closing = [b for dev in range(total) for b in world.natural_exports(dev, drive)]
+        for dev in range(total):
             for bundle in rnd.sample(closing, len(closing)):
                 world.deliver(bundle, dev)
         reference_rows, reference_store = world.app_rows(0), world.store(0)
         for dev in range(1, n):
             assert world.app_rows(dev) == reference_rows, f"device {dev} differs (seed {seed}, {dropped} dropped)"
             assert world.store(dev) == reference_store
-        for dev in range(n):
+        for dev in world.users:
+            assert _within_read(world, dev) == _reference_for(world, dev), f"learner {dev} differs (seed {seed})"
+        for dev in range(total):
             assert device_status(world.devices[dev])["facilities"][0]["gaps"] == []
+        # Quiescence is silent, once every device has said what it holds.
+        for dev in range(total):
+            world.receipt(dev, drive)
+        for folder in (drive, tmp_path / "quiet"):
+            for dev in range(total):
+                assert world.natural_exports(dev, folder) == [], f"device {dev} spoke into {folder.name} (seed {seed})"
     finally:
         world.close()
 
@@ -101,15 +142,17 @@ def test_out_of_order_import_reports_gap_and_relay_fills_it(tmp_path: Path) -> N
                      "(SELECT min(id) FROM kolibriauth_facilityuser)")
         b2 = world.export(0, tmp_path / "oa")
         assert b1 is not None and b2 is not None
-        result = world.deliver(b2, 2)  # C sees the newer bundle first
+        result = world.deliver(b2, 2, receipt=True)  # C sees the newer bundle first, and leaves its receipt
         assert a.instance_id in result.gaps  # type: ignore[attr-defined]
         gaps = device_status(world.devices[2])["facilities"][0]["gaps"]
         assert [g["instance"] for g in gaps] == [a.instance_id]
         held = device_status(world.devices[2])["facilities"][0]["fsic"]
         assert held.get(a.instance_id, 0) == 0  # knowledge did not jump over b1
-        # B gets both and relays to C.
+        # B gets both and relays to C. Into an empty folder B assumes a reader like A, which holds it
+        # all; onto C's drive, C's receipt says what C lacks.
         world.deliver(b1, 1), world.deliver(b2, 1)
-        relay = world.export(1, tmp_path / "ob")
+        assert world.export(1, tmp_path / "ob") is None
+        relay = world.export(1, tmp_path / "oa")
         assert relay is not None
         world.deliver(relay, 2)
         assert world.app_rows(2) == world.app_rows(0)
@@ -137,7 +180,8 @@ def test_dropped_bundle_is_filled_through_a_receipt_cli(pair: Pair) -> None:
     later = pair.tmp / "later"
     later.mkdir()
     second = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(later)).last_line
-    res = run_cli(pair.b, "import", second)
+    res = run_cli(pair.b, "import", second, check=False)
+    assert res.code == EXIT_PARTIAL
     assert "gap: changes of device" in res.err and "--full" in res.err
     receipts = list(later.glob("receipt-*.json"))
     assert len(receipts) == 1  # B left what it holds next to the bundle
@@ -201,8 +245,8 @@ def test_child_before_parent_waits_then_applies(pair: Pair) -> None:
     conn.commit()
     conn.close()
     child = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(child_dir)).last_line
-    res = run_cli(pair.b, "import", child)
-    assert "1 row(s) wait for their parent rows" in res.err
+    res = run_cli(pair.b, "import", child, check=False)
+    assert res.code == EXIT_PARTIAL and "1 row(s) wait for their parent rows" in res.err
     waiting = json.loads(run_cli(pair.b, "status", "--json").out)["waiting_records"]
     assert waiting == [{"model": "logger_contentsessionlog", "count": 1, "example": waiting[0]["example"]}]
     assert "waiting for kolibriauth_facilityuser abcdabcd" in waiting[0]["example"]
@@ -234,9 +278,12 @@ def test_a_narrow_relay_never_makes_a_device_claim_what_it_lacks(tmp_path: Path)
         w.sql(g, "UPDATE kolibriauth_collection SET name = 'renamed by G' WHERE id = ?", (room,))
         w.sql(g, "UPDATE logger_contentsessionlog SET progress = 0.77 WHERE user_id = ?", (user,))
         w.deliver(w.export(g, tmp_path / "g2u", user=user), u)  # type: ignore[arg-type]
-        w.deliver(w.export(u, tmp_path / "u2f"), f)  # type: ignore[arg-type]  # the tablet carries only its own rows
+        w.sql(u, "UPDATE logger_contentsessionlog SET time_spent = 5.5 WHERE user_id = ?", (user,))
+        # The tablet carries its own rows: G's edits are assumed known to its readers, so F claims none of them.
+        w.deliver(w.export(u, tmp_path / "u2f"), f)  # type: ignore[arg-type]
         drive = tmp_path / "drive-v"
-        w.deliver(w.export(f, drive, user=user), v, receipt=True)  # type: ignore[arg-type]
+        # V is a second tablet of the same user, unknown to F (which assumes a reader like U): set up in full.
+        w.deliver(w.export(f, drive, user=user, full=True), v, receipt=True)  # type: ignore[arg-type]
         w.deliver(w.export(g, tmp_path / "g2f"), f)  # type: ignore[arg-type]
         later = w.export(f, drive, user=user)
         assert later is not None, "V's receipt must not claim the rename it never received"

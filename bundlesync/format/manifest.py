@@ -14,7 +14,7 @@ from typing import Any
 
 from bundlesync.errors import FormatError
 
-__all__ = ["Manifest", "fsic_from_json"]
+__all__ = ["Manifest", "fsic_from_json", "knowledge_from_json"]
 
 MANIFEST_KIND = "bundlesync-bundle"
 
@@ -26,6 +26,18 @@ def fsic_from_json(raw: object, what: str) -> dict[str, int]:
     ):
         raise FormatError(f"bundle manifest field {what} is not a map of instance ids to counters")
     return dict(raw)
+
+
+def knowledge_from_json(raw: object, what: str, dataset_id: str) -> dict[str, dict[str, int]]:
+    """Check a ``{prefix: {instance_id: counter}}`` mapping; every prefix lies in ``dataset_id``."""
+    if not isinstance(raw, dict):
+        raise FormatError(f"bundle manifest field {what} is not a map of partition prefixes to counters")
+    out: dict[str, dict[str, int]] = {}
+    for prefix, counters in raw.items():
+        if not isinstance(prefix, str) or not (prefix == dataset_id or prefix.startswith(dataset_id + ":")):
+            raise FormatError(f"bundle manifest field {what} names a prefix outside its facility: {prefix!r}")
+        out[prefix] = fsic_from_json(counters, what)
+    return out
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,8 @@ class Manifest:
     basis_fsic: Mapping[str, int]
     result_fsic: Mapping[str, int]
     operations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    basis: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    held: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written into the bundle."""
@@ -64,6 +78,8 @@ class Manifest:
             "basis_fsic": dict(self.basis_fsic),
             "result_fsic": dict(self.result_fsic),
             "operations": [dict(o) for o in self.operations],
+            "basis": {p: dict(c) for p, c in self.basis.items()},
+            "held": {p: dict(c) for p, c in self.held.items()},
         }
 
     @classmethod
@@ -82,6 +98,14 @@ class Manifest:
             operations = raw.get("operations", [])
             if not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
                 raise FormatError("bundle manifest field operations is not a list")
+            dataset_id = _text(raw["dataset_id"])
+            basis_fsic = fsic_from_json(raw["basis_fsic"], "basis_fsic")
+            result_fsic = fsic_from_json(raw["result_fsic"], "result_fsic")
+            # Bundles written before per-prefix knowledge carry only the flat fields: each holds for every prefix.
+            basis = (knowledge_from_json(raw["basis"], "basis", dataset_id) if "basis" in raw
+                     else {p: dict(basis_fsic) for p in filt})
+            held = (knowledge_from_json(raw["held"], "held", dataset_id) if "held" in raw
+                    else {p: dict(result_fsic) for p in filt})
             return cls(
                 bundle_id=_text(raw["bundle_id"]),
                 created_at=_text(raw["created_at"]),
@@ -89,15 +113,17 @@ class Manifest:
                 profile_name=_text(profile["name"]),
                 profile_version=_int(profile["version"]),
                 profile_digest=_text(profile["digest"]),
-                dataset_id=_text(raw["dataset_id"]),
+                dataset_id=dataset_id,
                 facility_id=_text(raw["facility_id"]),
                 filter=tuple(filt),
                 sender_instance=_text(sender["instance_id"]),
                 sender_counter=_int(sender["counter"]),
                 chain=tuple(chain),
-                basis_fsic=fsic_from_json(raw["basis_fsic"], "basis_fsic"),
-                result_fsic=fsic_from_json(raw["result_fsic"], "result_fsic"),
+                basis_fsic=basis_fsic,
+                result_fsic=result_fsic,
                 operations=tuple(operations),
+                basis=basis,
+                held=held,
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"bundle manifest is missing or mangles field {exc}; the file is not usable") from exc

@@ -164,6 +164,43 @@ def m003_repairs(db: Database) -> None:
         """)
 
 
+@migrations()
+def m004_knowledge_of_peers_and_pending(db: Database) -> None:
+    """What peers are known to hold (from their bundles and receipts); knowledge waiting on a gap."""
+    _run_script(db.conn, """
+        -- One row per peer device this one has heard from: its scope and where it was last heard.
+        CREATE TABLE bundlesync_peers (
+            dataset_id TEXT NOT NULL,
+            peer TEXT NOT NULL,
+            scope TEXT NOT NULL,
+            read TEXT NOT NULL,
+            source TEXT NOT NULL,
+            at TEXT NOT NULL,
+            PRIMARY KEY (dataset_id, peer)
+        );
+        -- "Peer `peer` holds, under `partition`, everything `inst` wrote up to `ctr`" (a lower bound).
+        CREATE TABLE bundlesync_peer_fsic (
+            dataset_id TEXT NOT NULL,
+            peer TEXT NOT NULL,
+            partition TEXT NOT NULL,
+            inst TEXT NOT NULL,
+            ctr INTEGER NOT NULL,
+            PRIMARY KEY (dataset_id, peer, partition, inst)
+        );
+        -- A bundle imported over a gap: once `needs` (JSON [[partition, ctr], ...] of `inst`) are
+        -- held, this device holds `inst` up to `ctr` under `partition`, because that bundle carried the rest.
+        CREATE TABLE bundlesync_pending (
+            dataset_id TEXT NOT NULL,
+            partition TEXT NOT NULL,
+            inst TEXT NOT NULL,
+            ctr INTEGER NOT NULL,
+            needs TEXT NOT NULL,
+            bundle_id TEXT NOT NULL,
+            PRIMARY KEY (partition, inst, ctr, needs)
+        );
+        """)
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated DDL inside the caller's transaction (``executescript`` would commit)."""
     for statement in script.split(";"):

@@ -357,7 +357,7 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
 
 def record_transfer(conn: sqlite3.Connection, *, bundle_id: str, direction: str, dataset_id: str,
                     prefixes: Sequence[str], peer_instance: str, path: str, at: str, records: int,
-                    stats: Mapping[str, object], result_fsic: Mapping[str, int]) -> None:
+                    stats: Mapping[str, object], result_fsic: Mapping[str, object]) -> None:
     """Note an export or import in ``bundlesync_transfers`` (status, bases, re-import detection)."""
     conn.execute(
         "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, "

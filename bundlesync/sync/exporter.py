@@ -29,6 +29,9 @@ from pathlib import Path
 from bundlesync._version import __version__
 from bundlesync.format import container as container
 from bundlesync.replica import fsic as fsic_mod
+from bundlesync.replica import knowledge as kn
+from bundlesync.replica.knowledge import Knowledge
+from bundlesync.sync.basis import choose_basis
 from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import read_transaction, write_transaction
 from bundlesync.trust.certs import Certificate
@@ -40,7 +43,6 @@ from bundlesync.format.records import LINE_SQL
 from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.profile import Profile
-from bundlesync.trust.receipts import find_receipts, read_receipt
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
 from bundlesync.replica.store import current_counter, record_transfer, serialize_changes
@@ -59,10 +61,30 @@ class ExportResult:
     records: int = 0
     counts: dict[str, int] = field(default_factory=dict)
     serialized: int = 0
-    basis: dict[str, int] = field(default_factory=dict)
+    basis: Knowledge = field(default_factory=dict)
     basis_source: str = "none"
-    result: dict[str, int] = field(default_factory=dict)
+    result: Knowledge = field(default_factory=dict)
     size: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        """The ``export --json`` report."""
+        return {
+            "path": str(self.path) if self.path else None, "bundle_id": self.bundle_id, "records": self.records,
+            "counts": self.counts, "bytes": self.size, "basis": self.basis, "basis_source": self.basis_source,
+            "result": self.result,
+        }
+
+
+def _most(knowledge: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for counters in knowledge.values():
+        for inst, ctr in counters.items():
+            out[inst] = max(out.get(inst, 0), ctr)
+    return out
+
+
+def _now_text(now: datetime.datetime | None) -> str:
+    return (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
@@ -74,23 +96,46 @@ def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
                            (model, row[0])).fetchone()
 
 
-_LINE_SQL = f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {{prefixes}} ORDER BY rowid"
+_LINE_SQL = f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {{prefixes}}{{held}} ORDER BY rowid"
+
+
+def _held_sql(floor: int, finer: Sequence[tuple[str, int]]) -> tuple[str, list[object]]:
+    """``NOT (under P AND ctr <= C)`` terms for basis entries above one writer's ``floor``."""
+    terms: list[str] = []
+    params: list[object] = []
+    for prefix, ctr in finer:
+        if ctr > floor:
+            where, args = prefix_sql([prefix])
+            terms.append(f"({where} AND ctr <= ?)")
+            params += [*args, ctr]
+    return (" AND NOT (" + " OR ".join(terms) + ")") if terms else "", params
 
 
 def outgoing_lines(
-    conn: sqlite3.Connection, profile: Profile, prefixes: Sequence[str], basis: Mapping[str, int],
+    conn: sqlite3.Connection, profile: Profile, prefixes: Sequence[str], basis: Mapping[str, Mapping[str, int]],
     counts: dict[str, int],
 ) -> Iterator[list[bytes]]:
-    """Batches of record lines (``head JSON \\t data JSON \\n``) above ``basis`` inside the filter.
+    """Batches of record lines (``head JSON \\t data JSON \\n``) inside the filter the basis does not hold.
 
-    Tables come in foreign-key order, parents first, so an importer can usually
-    write each record's app row as soon as it has merged it.
+    ``basis`` is per prefix (:mod:`bundlesync.replica.knowledge`): a record is left out when
+    a prefix above its partition holds its writer's counter. For each writer, the lowest
+    such counter over the filter's prefixes bounds an index range, and basis entries that
+    say more for some prefix become exclusion terms. Tables come in foreign-key order,
+    parents first, so an importer can usually write each record's app row as soon as it
+    has merged it.
     """
     where, params = prefix_sql(prefixes)
-    sql = _LINE_SQL.format(prefixes=where)
+    at_filter = [kn.effective(basis, p) for p in prefixes]
+    finer: dict[str, list[tuple[str, int]]] = {}
+    for prefix, counters in sorted(basis.items()):
+        for inst, ctr in counters.items():
+            finer.setdefault(inst, []).append((prefix, ctr))
     for table in profile.tables:
         for inst in list(_writers(conn, table.name)):
-            cursor = conn.execute(sql, [table.name, inst, basis.get(inst, 0), *params])
+            floor = min(view.get(inst, 0) for view in at_filter)
+            held, held_params = _held_sql(floor, finer.get(inst, []))
+            cursor = conn.execute(_LINE_SQL.format(prefixes=where, held=held),
+                                  [table.name, inst, floor, *params, *held_params])
             while rows := cursor.fetchmany(2000):
                 counts[table.name] = counts.get(table.name, 0) + len(rows)
                 yield [line for (line,) in rows]
@@ -106,6 +151,7 @@ class ExportWork(FacilityDataSyncHook):
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
         self.skipped_receipts: list[str] = []
+        self.scope_prefixes: tuple[str, ...] = ()
         self.key = key
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
@@ -132,43 +178,15 @@ class ExportWork(FacilityDataSyncHook):
             raise StateError(f"output folder {self.out_dir} does not exist: create it or mount the drive")
         ctx.filter = tuple(prefixes)
         self.result.dataset_id, self.result.filter = ctx.dataset_id, ctx.filter
-        basis, source = self._choose_basis(ctx)
-        self.result.basis, self.result.basis_source = dict(basis), source
-
-    def _choose_basis(self, ctx: SyncContext) -> tuple[dict[str, int], str]:
-        """What the receivers are assumed to hold already, and why.
-
-        ``--full``: nothing. ``--since RECEIPT``: what that peer holds. Else, if the
-        output folder holds receipts of peers: what the least up-to-date of them holds.
-        Else the result of this device's last export of the same filter (a receiver
-        that missed that one reports the gap).
-        """
-        assert ctx.dataset_id is not None
-        if self.full:
-            return {}, "full"
-        if self.since is not None:
-            receipt = read_receipt(self.since, self.device.keys)
-            if receipt.dataset_id != ctx.dataset_id:
-                raise StateError(f"receipt {self.since.name} is for another facility: pick one of {ctx.facility_id}")
-            return dict(receipt.fsic), f"receipt of {receipt.instance_id[:8]}"
-        receipts, skipped = find_receipts(self.out_dir, self.device.keys, ctx.dataset_id, ctx.instance_id)
-        # A receipt speaks only for its own filter: a narrower one says nothing about the rest of ours.
-        narrower = [r for r in receipts if not covered(ctx.filter, r.filter)]
-        receipts = [r for r in receipts if r not in narrower]
-        self.skipped_receipts = skipped + [
-            f"receipt of {r.instance_id[:8]}: it covers {', '.join(r.filter)}, not this export's filter" for r in narrower
-        ]
-        if receipts:
-            peers = ", ".join(sorted(r.instance_id[:8] for r in receipts))
-            return fsic_mod.pointwise_min(r.fsic for r in receipts), f"receipts of {peers}"
-        row = ctx.connection.execute(
-            "SELECT result_fsic, bundle_id FROM bundlesync_transfers WHERE direction = 'export' AND dataset_id = ? "
-            "AND filter = ? ORDER BY id DESC LIMIT 1",
-            (ctx.dataset_id, "\n".join(ctx.filter)),
-        ).fetchone()
-        if row is None:
-            return {}, "first export"
-        return dict(json.loads(row[0])), f"since last export {row[1][:8]}"
+        assert ctx.facility_id is not None
+        basis = choose_basis(
+            ctx.connection, self.device.keys, dataset_id=ctx.dataset_id, facility_id=ctx.facility_id,
+            me=ctx.instance_id, prefixes=ctx.filter, user=self.user, full=self.full, since=self.since,
+            out_dir=self.out_dir, at=_now_text(self.now),
+        )
+        self.result.basis, self.result.basis_source = basis.knowledge, basis.source
+        self.skipped_receipts = basis.skipped
+        self.scope_prefixes = tuple(dict.fromkeys((*mine.read, *mine.write)))
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:
@@ -179,8 +197,10 @@ class ExportWork(FacilityDataSyncHook):
     def queue(self, ctx: SyncContext) -> None:
         conn, me = ctx.connection, ctx.instance_id
         assert ctx.dataset_id is not None and ctx.facility_id is not None
-        # What this device holds for *every* prefix of the filter: a receiver may claim no more.
-        held = fsic_mod.held(fsic_mod.read_rows(conn), ctx.filter)
+        # What this device holds for its scope, per prefix: readers learn it (a lower bound of what it
+        # holds) and claim its part under the filter once they hold the basis (then they hold it all).
+        held = kn.clip(fsic_mod.read_knowledge(conn), (*self.scope_prefixes, *ctx.filter))
+        result = kn.clip(held, ctx.filter)
         counter = current_counter(conn)
         created = (self.now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         manifest = Manifest(
@@ -188,11 +208,14 @@ class ExportWork(FacilityDataSyncHook):
             profile_name=ctx.profile.name, profile_version=ctx.profile.version, profile_digest=ctx.profile.digest,
             dataset_id=ctx.dataset_id, facility_id=ctx.facility_id, filter=ctx.filter,
             sender_instance=me, sender_counter=counter, chain=tuple(c.to_dict() for c in self.chain),
-            basis_fsic=self.result.basis, result_fsic=held,
+            # The flat fields, for readers that predate per-prefix knowledge: the most any prefix assumed,
+            # the least every prefix holds.
+            basis_fsic=_most(self.result.basis), result_fsic=kn.flat(result, ctx.filter),
             operations=tuple(self.plugins.manifest_entries(EXPORT_STAGES)),
+            basis=self.result.basis, held=held,
         )
         ctx.manifest = manifest
-        self.result.result = held
+        self.result.result = result
         name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
         key = self.key or self.device.keys.signing_key(self.chain)
         self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))

@@ -26,29 +26,41 @@ recognised after the checks and changes nothing.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundlesync.format import container as container
 from bundlesync.replica import fsic as fsic_mod
+from bundlesync.replica import knowledge as kn
+from bundlesync.replica.peers import learn
 from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.crypto import verify
 from bundlesync.replica.db import write_transaction
 from bundlesync.sync.dequeue import DequeueResult, dequeue
 from bundlesync.sync.deserialize import DeserializeResult, deserialize
 from bundlesync.device import Device
-from bundlesync.errors import BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
+from bundlesync.errors import EXIT_PARTIAL, BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.manifest import Manifest
 from bundlesync.plugins.operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.trust.receipts import make_receipt, write_receipt
-from bundlesync.partitions import covered, within
+from bundlesync.partitions import covered
 from bundlesync.trust.scope import ScopeFilters, scope_filters
 from bundlesync.replica.store import record_transfer, serialize_changes
 from bundlesync.replica.tracking import suppressed
 
-__all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
+__all__ = [
+    "ImportResult",
+    "ImportWork",
+    "VerifiedBundle",
+    "bundles_to_import",
+    "exit_rank",
+    "failure_json",
+    "import_bundle",
+    "verify_bundle",
+]
 
 APPLY_BATCH_BYTES = 2 << 20
 """Record lines merged and written per batch: bounds memory (decoded rows) whatever the bundle size."""
@@ -78,6 +90,39 @@ class ImportResult:
     advanced: tuple[str, ...] = ()
     warnings: list[str] = field(default_factory=list)
     receipt: Path | None = None
+    own: bool = False
+    """The bundle was written by this device: nothing was imported."""
+
+    @property
+    def complete(self) -> bool:
+        """Every record of the bundle that concerns this device is in the app tables (or already was).
+
+        Records refused (scope, partition), rows waiting for a parent or refused by the
+        database, and gaps in a writer's history make the import incomplete.
+        """
+        if self.already or self.own:
+            return True
+        dq, ds = self.dequeue, self.deserialize
+        return not (dq.refused or ds.waiting or ds.failed or self.gaps)
+
+    @property
+    def exit_code(self) -> int:
+        """0, or :data:`~bundlesync.errors.EXIT_PARTIAL` when the import is not complete."""
+        return 0 if self.complete else EXIT_PARTIAL
+
+    def to_json(self) -> dict[str, object]:
+        """The ``import --json`` report of this bundle."""
+        dq, ds = self.dequeue, self.deserialize
+        return {
+            "path": str(self.path), "bundle_id": self.bundle_id, "already_imported": self.already,
+            "own_bundle": self.own, "received": dq.received, "outcomes": dq.outcomes, "refused": dq.refused,
+            "refused_sample": dq.refused_sample, "not_for_this_device": dq.not_for_us,
+            "written": ds.written, "deleted": ds.deleted, "waiting": ds.waiting, "failed": ds.failed,
+            "gaps": {k: {"have": h, "need": n} for k, (h, n) in self.gaps.items()},
+            "receipt": str(self.receipt) if self.receipt else None,
+            "local_changes_serialized": self.local_serialized,
+            "complete": self.complete, "exit_code": self.exit_code, "error": None,
+        }
 
 
 def check_trust(device: Device, info: container.BundleInfo, *, shown_as: str | None = None) -> VerifiedBundle:
@@ -121,7 +166,8 @@ def _check_payload(info: container.BundleInfo) -> None:
 def _require_file(path: Path) -> None:
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not a file"
-        raise FormatError(f"{path} is {what}, not a bundle: check the path (a bundle is named bundle-….bsync)")
+        hint = " and holds no bundle" if path.is_dir() else ""
+        raise FormatError(f"{path} is {what}{hint}, not a bundle: check the path (a bundle is named bundle-….bsync)")
 
 
 def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
@@ -223,9 +269,15 @@ class ImportWork(FacilityDataSyncHook):
         verified, conn, r = self._verified(), ctx.connection, self.result
         m = verified.manifest
         local_read = self._local_read(ctx)
-        r.advanced = tuple(p for p in m.filter if within(p, verified.signer_scope.write) and within(p, local_read))
+        # Knowledge advances where the bundle's records could all land: inside its filter, the
+        # signer's write scope (else refused) and this device's read scope (else skipped).
+        r.advanced = kn.intersect(kn.intersect(m.filter, verified.signer_scope.write), local_read)
         if r.advanced:
-            r.gaps = fsic_mod.advance(conn, r.advanced, m.basis_fsic, m.result_fsic)
+            r.gaps = fsic_mod.advance_knowledge(conn, r.advanced, m.basis, m.held, dataset_id=m.dataset_id,
+                                                bundle_id=m.bundle_id)
+        # The signer held at least this when it wrote the bundle: what later exports may assume of it.
+        learn(conn, m.dataset_id, m.sender_instance, scope=verified.signer.scope, read=verified.signer_scope.read,
+              knowledge=m.held, source=f"bundle {m.bundle_id[:8]}", at=m.created_at)
         for inst, (have, need) in r.gaps.items():
             conn.execute(
                 "INSERT INTO bundlesync_gaps (dataset_id, inst, have, need, bundle_id, at) VALUES (?, ?, ?, ?, ?, ?) "
@@ -233,11 +285,13 @@ class ImportWork(FacilityDataSyncHook):
                 "bundle_id = excluded.bundle_id, at = excluded.at",
                 (m.dataset_id, inst, have, need, m.bundle_id, self.now),
             )
-        held = fsic_mod.held(fsic_mod.read_rows(conn), list(r.advanced or local_read))
-        for inst, need in conn.execute("SELECT inst, need FROM bundlesync_gaps WHERE dataset_id = ?",
-                                       (m.dataset_id,)).fetchall():
-            if held.get(inst, 0) >= need:
-                conn.execute("DELETE FROM bundlesync_gaps WHERE dataset_id = ? AND inst = ?", (m.dataset_id, inst))
+        # A gap closes once every claim that waited on it has been taken (see fsic.advance_knowledge).
+        still = fsic_mod.pending_instances(conn, m.dataset_id)
+        conn.executemany("DELETE FROM bundlesync_gaps WHERE dataset_id = ? AND inst = ?",
+                         [(m.dataset_id, inst) for (inst,) in conn.execute(
+                             "SELECT inst FROM bundlesync_gaps WHERE dataset_id = ?", (m.dataset_id,)).fetchall()
+                          if inst not in still])
+        r.gaps = {inst: gap for inst, gap in r.gaps.items() if inst in still}
         dq, ds = r.dequeue, r.deserialize
         stats = {
             "outcomes": dq.outcomes, "out_of_scope": dq.out_of_scope, "bad_partition": dq.bad_partition,
@@ -257,9 +311,49 @@ def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
     if chain is None:
         raise StateError(f"this device holds no certificate for dataset {dataset_id}, so it cannot sign a receipt")
     prefixes = scope_filters(device.profile, dataset_id, chain[0].scope).read
-    held = fsic_mod.held(fsic_mod.read_rows(device.conn), prefixes)
-    receipt = make_receipt(dataset_id, device.instance_id, prefixes, held, chain)
+    knowledge = kn.clip(fsic_mod.read_knowledge(device.conn), prefixes)
+    receipt = make_receipt(dataset_id, device.instance_id, prefixes, kn.flat(knowledge, prefixes), chain, knowledge)
     return write_receipt(folder, receipt, device.keys.signing_key(chain))
+
+
+def failure_json(path: Path, exc: BaseException) -> dict[str, object]:
+    """The ``import --json`` entry of a bundle that could not be imported (nothing of it was applied)."""
+    if isinstance(exc, BundlesyncError):
+        return {"path": str(path), "error": f"error: {exc}", "exit_code": exc.exit_code, "complete": False}
+    return {"path": str(path), "error": f"error: {path}: {exc}; check the path and permissions", "exit_code": 1,
+            "complete": False}
+
+
+def exit_rank(code: int) -> int:
+    """How serious an exit code is: success, then a partial import, then failures by code."""
+    return 0 if code == 0 else 1 if code == EXIT_PARTIAL else 2 + code
+
+
+def bundles_to_import(names: Sequence[str]) -> list[Path]:
+    """The bundles named on the command line, each folder replaced by the bundles in it.
+
+    A folder's bundles (``*.bsync``; ``*.partial`` files are unfinished writes) come in the
+    order that avoids needless waits and gaps: by sender, then by the sender's counter, so
+    each writer's history arrives in the order it was written. Files whose header cannot be
+    read come last (importing them reports why).
+    """
+    out: list[Path] = []
+    for name in names:
+        path = Path(name)
+        if not path.is_dir():
+            out.append(path)
+            continue
+        keyed: list[tuple[tuple[int, str, int, str], Path]] = []
+        for bundle in path.glob("*.bsync"):
+            try:
+                m = Manifest.from_dict(container.read_info(bundle).manifest)
+                key = (0, m.sender_instance, m.sender_counter, m.created_at)
+            except (BundlesyncError, OSError):
+                key = (1, "", 0, bundle.name)
+            keyed.append((key, bundle))
+        # A folder without a bundle stays in the list: importing it says it is not a bundle.
+        out.extend([bundle for _, bundle in sorted(keyed)] or [path])
+    return out
 
 
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
@@ -275,6 +369,9 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
         work.stage_and_check()
         work.describe(ctx)
+        work.result.own = work._verified().manifest.sender_instance == device.instance_id
+        if work.result.own:
+            return work.result  # its records are this device's own: nothing to apply, no receipt for itself
         already = conn.execute("SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'",
                                (work.result.bundle_id,)).fetchone()
         work.result.already = already is not None

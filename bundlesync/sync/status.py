@@ -6,6 +6,9 @@ import json
 from typing import Any
 
 from bundlesync.replica import fsic as fsic_mod
+from bundlesync.replica import knowledge as kn
+from bundlesync.replica.peers import known_peers
+from bundlesync.trust.scope import scope_filters
 from bundlesync.device import Device
 from bundlesync.replica.health import describe, recent_repairs
 from bundlesync.replica.store import current_counter, pending_changes
@@ -18,7 +21,7 @@ RECENT_TRANSFERS = 10
 def device_status(device: Device) -> dict[str, Any]:
     """Identity, facilities with their certificates and knowledge, pending work, recent transfers."""
     conn = device.conn
-    rows = fsic_mod.read_rows(conn)
+    knowledge = fsic_mod.read_knowledge(conn)
     facilities = []
     for dataset_id in device.keys.datasets():
         root = device.keys.trusted_root(dataset_id)
@@ -30,12 +33,16 @@ def device_status(device: Device) -> dict[str, Any]:
                 (dataset_id,),
             )
         ]
+        read = scope_filters(device.profile, dataset_id, chain[0].scope).read if chain else (dataset_id,)
         facilities.append({
             "dataset_id": dataset_id,
             "facility_id": root.facility_id if root else None,
             "scope": chain[0].scope if chain else None,
             "authority": device.keys.root_key(dataset_id) is not None,
-            "fsic": fsic_mod.held(rows, [dataset_id]),
+            "fsic": kn.flat(knowledge, read),
+            "knowledge": kn.clip(knowledge, read),
+            "peers": [{"instance": p.instance_id, "scope": p.scope, "last_heard": p.source}
+                      for p in known_peers(conn, dataset_id)],
             "gaps": gaps,
         })
     waiting = [

@@ -26,7 +26,7 @@ from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.errors import BundlesyncError, CertError, FormatError, ReceiptError, TrustError
 from bundlesync.fsutil import atomic_write_bytes
 from bundlesync.trust.keystore import KeyStore
-from bundlesync.format.manifest import fsic_from_json
+from bundlesync.format.manifest import fsic_from_json, knowledge_from_json
 
 __all__ = ["Receipt", "find_receipts", "read_receipt", "write_receipt"]
 
@@ -45,14 +45,25 @@ class Receipt:
     fsic: Mapping[str, int]
     created_at: str
     chain: tuple[Mapping[str, Any], ...]
+    knowledge: Mapping[str, Mapping[str, int]] | None = None
+    """Per prefix (``{prefix: {instance: counter}}``); receipts written before it have only ``fsic``."""
 
     def body(self) -> dict[str, Any]:
         """The signed part."""
-        return {
+        body = {
             "kind": RECEIPT_KIND, "format": RECEIPT_FORMAT, "dataset_id": self.dataset_id,
             "instance_id": self.instance_id, "filter": list(self.filter), "fsic": dict(self.fsic),
             "created_at": self.created_at, "chain": [dict(c) for c in self.chain],
         }
+        if self.knowledge is not None:
+            body["knowledge"] = {p: dict(c) for p, c in self.knowledge.items()}
+        return body
+
+    def held(self) -> dict[str, dict[str, int]]:
+        """What the signer held, per prefix (the flat ``fsic`` holds for every prefix of ``filter``)."""
+        if self.knowledge is not None:
+            return {p: dict(c) for p, c in self.knowledge.items()}
+        return {p: dict(self.fsic) for p in self.filter}
 
 
 def receipt_name(dataset_id: str, instance_id: str) -> str:
@@ -82,6 +93,8 @@ def read_receipt(path: Path, keys: KeyStore) -> Receipt:
             dataset_id=str(body["dataset_id"]), instance_id=str(body["instance_id"]),
             filter=tuple(str(p) for p in body["filter"]), fsic=fsic_from_json(body["fsic"], "fsic"),
             created_at=str(body["created_at"]), chain=tuple(body["chain"]),
+            knowledge=(knowledge_from_json(body["knowledge"], "knowledge", str(body["dataset_id"]))
+                       if "knowledge" in body else None),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, FormatError) as exc:
         raise ReceiptError(f"cannot read receipt {path}: {exc}; copy it again or export with --full") from exc
@@ -120,6 +133,7 @@ def now_text() -> str:
 
 
 def make_receipt(dataset_id: str, instance_id: str, prefixes: Sequence[str], fsic: Mapping[str, int],
-                 chain: Sequence[Certificate]) -> Receipt:
+                 chain: Sequence[Certificate], knowledge: Mapping[str, Mapping[str, int]] | None = None) -> Receipt:
     """A receipt for the current state."""
-    return Receipt(dataset_id, instance_id, tuple(prefixes), dict(fsic), now_text(), tuple(c.to_dict() for c in chain))
+    return Receipt(dataset_id, instance_id, tuple(prefixes), dict(fsic), now_text(), tuple(c.to_dict() for c in chain),
+                   None if knowledge is None else {p: dict(c) for p, c in knowledge.items()})
