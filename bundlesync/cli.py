@@ -12,7 +12,7 @@ import json
 import sqlite3
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +21,7 @@ import click
 from bundlesync import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, resolve_home
+from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import BundlesyncError
 from bundlesync.sync.exporter import export_bundle
 from bundlesync.sync.importer import import_bundle, verify_bundle
@@ -34,19 +35,43 @@ __all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+MIN_DB_WAIT_S = 2.0
+"""Shortest busy timeout on the app database, whatever ``--wait`` says."""
+
 
 def _say(message: str, *, quiet: bool = False) -> None:
     if not quiet:
         click.echo(message, err=True)
 
 
+def _store_wait(ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    ctx.ensure_object(dict)
+    ctx.obj["wait"] = value
+    return value
+
+
+def _wait_option(f: F) -> F:
+    """``--wait SECONDS``: the command holds the home's run lock (one run at a time per home)."""
+    return click.option(
+        "--wait", type=click.FloatRange(min=0), default=DEFAULT_WAIT_S, show_default=True, expose_value=False,
+        callback=_store_wait, is_eager=True,
+        help="Seconds to wait for another run on this home (and for another program's database lock); then exit 8.",
+    )(f)
+
+
 @contextmanager
 def _device(ctx: click.Context) -> Iterator[Device]:
-    device = Device.open(resolve_home(ctx.obj["home"]))
-    try:
-        yield device
-    finally:
-        device.close()
+    """Open the home's device; commands with ``--wait`` hold the home's run lock meanwhile."""
+    home = resolve_home(ctx.obj["home"])
+    wait: float | None = ctx.obj.get("wait")
+    with home_lock(home, wait=wait, what=ctx.command_path) if wait is not None else nullcontext():
+        # The database lock of another program gets the same patience, but never less than a moment:
+        # the app's own short transactions must not fail a run.
+        device = Device.open(home, busy_timeout=max(wait, MIN_DB_WAIT_S)) if wait is not None else Device.open(home)
+        try:
+            yield device
+        finally:
+            device.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -89,6 +114,7 @@ def facility() -> None:
 
 
 @facility.command("provision")
+@_wait_option
 @click.option("--facility", "facility_id", required=True, help="Facility id (or dataset id) in the app DB.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
@@ -106,6 +132,7 @@ def cert() -> None:
 
 
 @cert.command("request")
+@_wait_option
 @click.option("--facility", "facility_id", required=True)
 @click.option("--scope", required=True, help="full, or user:USER_ID")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -123,6 +150,7 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str)
 
 
 @cert.command("issue")
+@_wait_option
 @click.argument("request", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.pass_context
@@ -133,6 +161,7 @@ def cert_issue(ctx: click.Context, request: str, out_dir: str) -> None:
 
 
 @cert.command("install")
+@_wait_option
 @click.argument("grant", type=click.Path(dir_okay=False))
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
@@ -144,6 +173,7 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
 
 
 @cli.command("export")
+@_wait_option
 @click.option("--facility", "facility_id", required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--full", is_flag=True, help="Everything in scope, not only what changed.")
@@ -177,6 +207,7 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
 
 
 @cli.command("import")
+@_wait_option
 @click.argument("bundles", nargs=-1, required=True)
 @click.option("--receipt/--no-receipt", default=True, show_default=True,
               help="Leave a signed receipt (what this device holds) next to each bundle.")
@@ -320,6 +351,7 @@ def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bo
 
 
 @cli.command("purge")
+@_wait_option
 @click.option("--facility", "facility_id", required=True)
 @click.option("--user", "user_id", required=True, help="The user whose personal data is erased for good.")
 @click.option("--quiet", "-q", is_flag=True)

@@ -86,10 +86,13 @@ class Device:
         self.keys = KeyStore(home)
 
     @classmethod
-    def open(cls, home: Path) -> Device:
-        """Open an initialised home; clear errors if anything is missing."""
+    def open(cls, home: Path, *, busy_timeout: float = db.BUSY_TIMEOUT_S) -> Device:
+        """Open an initialised home; clear errors if anything is missing.
+
+        ``busy_timeout``: how long database statements wait for another program's lock.
+        """
         config = Config.load(home)
-        conn = db.connect(config.db)
+        conn = db.connect(config.db, busy_timeout=busy_timeout)
         try:
             has_tables = conn.execute(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'bundlesync_meta'"
