@@ -21,6 +21,7 @@ import click
 from bundlesync import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, resolve_home
+from bundlesync import runlog
 from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import BundlesyncError
 from bundlesync.sync.exporter import export_bundle
@@ -93,6 +94,48 @@ def _plugins(ctx: click.Context, device: Device) -> PluginSet:
 
 def _warn(message: str) -> None:
     click.echo(message, err=True)
+
+
+def _home_or_none(ctx: click.Context) -> Path | None:
+    try:
+        return resolve_home(ctx.obj["home"])
+    except BundlesyncError:
+        return None
+
+
+def _warner(ctx: click.Context, quiet: bool) -> Callable[[str], None]:
+    """Warnings go to stderr, or only to the home's log under ``--quiet`` (a quiet success prints nothing)."""
+    home = _home_or_none(ctx)
+
+    def warn(message: str) -> None:
+        if quiet and home is not None:
+            runlog.append(home, message)
+        else:
+            _warn(message)
+
+    return warn
+
+
+@contextmanager
+def _logged(ctx: click.Context, command: str) -> Iterator[Callable[[str], None]]:
+    """Yield a function that logs the run's one success line; a failure is logged as it leaves."""
+    home = _home_or_none(ctx)
+
+    def log(message: str) -> None:
+        if home is not None:
+            runlog.append(home, f"{command} {message}")
+
+    try:
+        yield log
+    except BundlesyncError as exc:
+        log(f"failed (exit {exc.exit_code}): {exc}")
+        raise
+    except click.ClickException as exc:
+        log(f"failed (exit {exc.exit_code}): {exc.format_message()}")
+        raise
+    except Exception as exc:
+        log(f"failed (exit 1): {type(exc).__name__}: {exc}")
+        raise
 
 
 @cli.command()
@@ -186,12 +229,17 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
 def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, user_id: str | None,
                since: str | None, quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
-    with _device(ctx) as device:
+    with _logged(ctx, "export") as log, _device(ctx) as device:
         if full and since:
             raise click.UsageError("--full and --since exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
                                since=Path(since) if since else None,
-                               plugins=_plugins(ctx, device), warn=_warn)
+                               plugins=_plugins(ctx, device), warn=_warner(ctx, quiet))
+        if result.path is None:
+            log(f"facility {facility_id}: nothing new ({result.basis_source}); no file written")
+        else:
+            log(f"facility {facility_id}: {result.records} records, {result.size} bytes, "
+                f"basis {result.basis_source}: {result.path}")
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path) if result.path else None, "bundle_id": result.bundle_id,
@@ -203,7 +251,8 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
         _say(f"nothing new to export for facility {facility_id} ({result.basis_source}); no file written", quiet=quiet)
         return
     _say(f"exported {result.records} records ({result.size} bytes, basis: {result.basis_source})", quiet=quiet)
-    click.echo(str(result.path))
+    if not quiet:  # the path is the last stdout line; --quiet prints nothing on success (cron mails any output)
+        click.echo(str(result.path))
 
 
 @cli.command("import")
@@ -217,11 +266,14 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
 def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quiet: bool, as_json: bool) -> None:
     """Verify, then apply bundles (in the order given); re-importing is a no-op."""
     reports = []
-    with _device(ctx) as device:
+    with _logged(ctx, "import") as log, _device(ctx) as device:
         plugins = _plugins(ctx, device)
         for name in bundles:
-            r = import_bundle(device, Path(name), plugins=plugins, warn=_warn, receipt=receipt)
+            r = import_bundle(device, Path(name), plugins=plugins, warn=_warner(ctx, quiet), receipt=receipt)
             dq, ds = r.dequeue, r.deserialize
+            log(f"{name}: already imported (bundle {r.bundle_id})" if r.already else
+                f"{name}: bundle {r.bundle_id}, {dq.received} records, {ds.written} rows written, "
+                f"{ds.deleted} deleted, {dq.refused} refused, {ds.waiting} waiting, {len(r.gaps)} gap(s)")
             reports.append({
                 "path": name, "bundle_id": r.bundle_id, "already_imported": r.already,
                 "received": dq.received, "outcomes": dq.outcomes, "refused": dq.refused,
@@ -362,6 +414,20 @@ def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, quiet: bool) -
         r = purge_user(device, facility_id, user_id)
     _say(f"purged {r.records} record(s) of user {user_id} in {', '.join(r.partitions)}; "
          f"{r.app_rows_deleted} app row(s) deleted; the next export carries the purge", quiet=quiet)
+
+
+@cli.command("log")
+@click.option("--lines", "-n", "count", default=50, show_default=True, type=click.IntRange(min=0),
+              help="The last N lines (0: all that is kept).")
+@click.pass_context
+def log_cmd(ctx: click.Context, count: int) -> None:
+    """Show the home's run log: one timestamped line per export and import."""
+    home = resolve_home(ctx.obj["home"])
+    lines = runlog.read(home)
+    if not lines:
+        _say(f"no runs logged yet in {home / runlog.LOG_NAME}")
+        return
+    click.echo("\n".join(lines[-count:] if count else lines))
 
 
 @cli.command("plugins")
