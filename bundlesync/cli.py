@@ -24,7 +24,7 @@ from bundlesync.device import Device, init_device, resolve_home
 from bundlesync import runlog
 from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import BundlesyncError
-from bundlesync.sync.exporter import export_bundle
+from bundlesync.sync.exporter import DEFAULT_MAX_SIZE, export_bundle
 from bundlesync.sync.importer import import_bundle, verify_bundle
 from bundlesync.plugins.loader import PluginSet
 from bundlesync.sync.purge import purge_user
@@ -43,6 +43,23 @@ MIN_DB_WAIT_S = 2.0
 def _say(message: str, *, quiet: bool = False) -> None:
     if not quiet:
         click.echo(message, err=True)
+
+
+MIN_VOLUME = 4096
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _parse_size(_ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A byte size: ``65536``, ``64K``, ``4000M``, ``3.5G`` (powers of 1024)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        size = int(float(text[: len(text) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 65536, 64K, 4000M or 3.5G", param=param) from None
+    if size < MIN_VOLUME:
+        raise click.BadParameter(f"{value!r} is below the smallest volume size, {MIN_VOLUME} bytes", param=param)
+    return size
 
 
 def _store_wait(ctx: click.Context, _param: click.Parameter, value: float) -> float:
@@ -223,18 +240,22 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
 @click.option("--user", "user_id", default=None, help="Only what user USER_ID's single-user device may read.")
 @click.option("--since", "since", default=None, type=click.Path(dir_okay=False),
               help="Only what the device that wrote this receipt lacks.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--require-mount", is_flag=True,
+              help="Refuse a folder that is not on a mounted drive (other than the system disk and the home's).")
+@click.option("--max-size", callback=_parse_size, default=str(DEFAULT_MAX_SIZE), metavar="SIZE", show_default="4000M (below FAT32's 4 GiB)",
+              help="Split a larger bundle into numbered volumes of at most SIZE bytes (K, M, G suffixes).")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing on success (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 @click.pass_context
 def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, user_id: str | None,
-               since: str | None, quiet: bool, as_json: bool) -> None:
+               since: str | None, require_mount: bool, max_size: int, quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
     with _logged(ctx, "export") as log, _device(ctx) as device:
         if full and since:
             raise click.UsageError("--full and --since exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
-                               since=Path(since) if since else None,
-                               plugins=_plugins(ctx, device), warn=_warner(ctx, quiet))
+                               since=Path(since) if since else None, require_mount=require_mount,
+                               max_size=max_size, plugins=_plugins(ctx, device), warn=_warner(ctx, quiet))
         if result.path is None:
             log(f"facility {facility_id}: nothing new ({result.basis_source}); no file written")
         else:

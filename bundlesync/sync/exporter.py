@@ -22,12 +22,14 @@ import datetime
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundlesync import __version__
 from bundlesync.format import container as container
+from bundlesync.format.volumes import remove_bundle_files
+from bundlesync.sync import drive
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.trust.crypto import verify
 from bundlesync.replica.db import read_transaction, write_transaction
@@ -63,6 +65,7 @@ class ExportResult:
     basis_source: str = "none"
     result: dict[str, int] = field(default_factory=dict)
     size: int = 0
+    removed_partials: list[str] = field(default_factory=list)
 
 
 def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
@@ -96,14 +99,48 @@ def outgoing_lines(
                 yield [line for (line,) in rows]
 
 
+Progress = Callable[[int, int], None]
+"""Told (records done, records expected) as a sync goes; the CLI draws a progress bar with it."""
+
+DEFAULT_MAX_SIZE = 4000 << 20
+"""Largest bundle file written by default: below FAT32's 4 GiB file limit, with room to spare."""
+
+COMPRESSION_GUESS = 3
+"""Record lines shrink at least this much in zstd (JSON rows shrink 5-10x): the free-space estimate."""
+
+_HEAD_BYTES = 260
+"""Bytes of a record line besides its data: the JSON head (ids, clock, version vector)."""
+
+
+def estimate(conn: sqlite3.Connection, profile: Profile, basis: Mapping[str, int]) -> tuple[int, int]:
+    """(records, raw bytes) an export above ``basis`` will write, at most; cheap (index counts, sampled sizes).
+
+    The filter is ignored, so this is an upper bound for a narrower export.
+    """
+    records = raw = 0
+    for table in profile.tables:
+        count = 0
+        for inst in list(_writers(conn, table.name)):
+            count += conn.execute("SELECT count(*) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+                                  (table.name, inst, basis.get(inst, 0))).fetchone()[0]
+        if count:
+            avg = conn.execute("SELECT avg(length(CAST(data AS BLOB))) FROM (SELECT data FROM bundlesync_store "
+                               "WHERE model = ? LIMIT 256)", (table.name,)).fetchone()[0] or 0
+            records += count
+            raw += int(count * (avg + _HEAD_BYTES))
+    return records, raw
+
+
 class ExportWork(FacilityDataSyncHook):
     """bundlesync's own export work, one operation per stage."""
 
     def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
-                 since: Path | None, plugins: PluginSet, now: datetime.datetime | None) -> None:
+                 since: Path | None, plugins: PluginSet, now: datetime.datetime | None,
+                 require_mount: bool = False, max_size: int | None = None, progress: Progress | None = None) -> None:
         self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
+        self.require_mount, self.max_size, self.progress = require_mount, max_size, progress
         self.skipped_receipts: list[str] = []
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
@@ -126,6 +163,8 @@ class ExportWork(FacilityDataSyncHook):
             prefixes = mine.read
         else:
             prefixes = mine.write  # a single-user device only sends what it may sign for
+        if self.require_mount:
+            drive.require_mount(self.out_dir, self.device.home)
         if not self.out_dir.is_dir():
             raise StateError(f"output folder {self.out_dir} does not exist: create it or mount the drive")
         ctx.filter = tuple(prefixes)
@@ -191,12 +230,21 @@ class ExportWork(FacilityDataSyncHook):
         )
         ctx.manifest = manifest
         self.result.result = held
-        name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
+        own = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-"
+        name = drive.require_fat_safe(f"{own}{counter:06d}-{self.result.bundle_id[:8]}.bsync")
+        # A killed run of this device left these; the home lock says no run of ours is writing them now.
+        self.result.removed_partials = [p.name for p in drive.remove_stale_partials(self.out_dir, own)]
+        total, raw = estimate(conn, ctx.profile, self.result.basis)
+        if total:
+            drive.check_free(self.out_dir, raw // COMPRESSION_GUESS)
         key = self.device.keys.device_key()
-        self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
+        self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d),
+                                             max_volume=self.max_size)
         counts = self.result.counts
         for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
             self.writer.write_records(lines)
+            if self.progress is not None:
+                self.progress(self.writer.records, max(total, self.writer.records))
         self.result.records = self.writer.records
         ctx.counts["records"], ctx.counts["by_model"] = self.result.records, counts
 
@@ -229,7 +277,7 @@ class ExportWork(FacilityDataSyncHook):
         if self.writer is not None:
             self.writer.abort()
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            remove_bundle_files(self.path)
 
 
 def export_bundle(
@@ -243,8 +291,16 @@ def export_bundle(
     plugins: PluginSet | None = None,
     warn: Warn | None = None,
     now: datetime.datetime | None = None,
+    require_mount: bool = False,
+    max_size: int | None = DEFAULT_MAX_SIZE,
+    progress: Progress | None = None,
 ) -> ExportResult:
-    """Export what the receiver lacks as one signed bundle in ``out_dir``."""
+    """Export what the receiver lacks as one signed bundle in ``out_dir``.
+
+    ``require_mount``: refuse a folder that is not on a mounted drive (:func:`drive.require_mount`).
+    ``max_size``: split the bundle into volumes of at most this many bytes (None: one file).
+    ``progress``: called with (records written, records expected) as the bundle is written.
+    """
     plugins = plugins or PluginSet()
     conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
@@ -257,7 +313,8 @@ def export_bundle(
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
-    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now)
+    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now,
+                      require_mount=require_mount, max_size=max_size, progress=progress)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):
