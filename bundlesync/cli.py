@@ -24,6 +24,8 @@ from bundlesync.device import Device, init_device, resolve_home
 from bundlesync import runlog
 from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import BundlesyncError
+from bundlesync.sync import drive
+from bundlesync.trust.keystore import KeyStore
 from bundlesync.sync.exporter import DEFAULT_MAX_SIZE, export_bundle
 from bundlesync.sync.importer import import_bundle, verify_bundle
 from bundlesync.plugins.loader import PluginSet
@@ -257,20 +259,28 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
                                since=Path(since) if since else None, require_mount=require_mount,
                                max_size=max_size, plugins=_plugins(ctx, device), warn=_warner(ctx, quiet))
         if result.path is None:
-            log(f"facility {facility_id}: nothing new ({result.basis_source}); no file written")
+            carried = f", {result.already_on_drive.name} carries it" if result.already_on_drive else ""
+            log(f"facility {facility_id}: nothing new ({result.basis_source}{carried}); no file written")
         else:
             log(f"facility {facility_id}: {result.records} records, {result.size} bytes, "
-                f"basis {result.basis_source}: {result.path}")
+                f"basis {result.basis_source}: {result.path}"
+                + (f"; replaced {', '.join(result.replaced)}" if result.replaced else ""))
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path) if result.path else None, "bundle_id": result.bundle_id,
             "records": result.records, "counts": result.counts, "bytes": result.size,
             "basis": result.basis, "basis_source": result.basis_source, "result": result.result,
+            "already_on_drive": str(result.already_on_drive) if result.already_on_drive else None,
+            "replaced": result.replaced,
         }, indent=2, sort_keys=True))
         return
     if result.path is None:
-        _say(f"nothing new to export for facility {facility_id} ({result.basis_source}); no file written", quiet=quiet)
+        carried = f"; {result.already_on_drive.name} on the drive already carries it" if result.already_on_drive else ""
+        _say(f"nothing new to export for facility {facility_id} ({result.basis_source}{carried}); no file written",
+             quiet=quiet)
         return
+    for name in result.replaced:
+        _say(f"removed {name}: the new bundle carries all of it", quiet=quiet)
     _say(f"exported {result.records} records ({result.size} bytes, basis: {result.basis_source})", quiet=quiet)
     if not quiet:  # the path is the last stdout line; --quiet prints nothing on success (cron mails any output)
         click.echo(str(result.path))
@@ -435,6 +445,67 @@ def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, quiet: bool) -
         r = purge_user(device, facility_id, user_id)
     _say(f"purged {r.records} record(s) of user {user_id} in {', '.join(r.partitions)}; "
          f"{r.app_rows_deleted} app row(s) deleted; the next export carries the purge", quiet=quiet)
+
+
+@cli.command("drive")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--clean", is_flag=True, help="Remove the bundles nobody needs and stale *.partial files.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def drive_cmd(ctx: click.Context, folder: str, clean: bool, as_json: bool) -> None:
+    """What a drive holds: bundles, receipts, and which bundles every known reader already has."""
+    home = resolve_home(ctx.obj["home"])
+    keys = KeyStore(home)
+    removed: list[str] = []
+    if clean:
+        with home_lock(home, what=ctx.command_path):
+            report, removed = drive.clean(Path(folder), keys)
+    else:
+        report = drive.survey(Path(folder), keys)
+    unneeded = report.unneeded()
+    bundles: list[dict[str, Any]] = [{
+        "name": b.name, "files": [p.name for p in b.files], "size": b.size, "records": b.records,
+        "readable": b.manifest is not None, "problem": b.problem or None,
+        "sender": b.manifest.sender_instance if b.manifest else None,
+        "counter": b.manifest.sender_counter if b.manifest else None,
+        "dataset_id": b.manifest.dataset_id if b.manifest else None,
+        "filter": list(b.manifest.filter) if b.manifest else [],
+        "basis": dict(b.manifest.basis_fsic) if b.manifest else {},
+        "result": dict(b.manifest.result_fsic) if b.manifest else {},
+        "created_at": b.manifest.created_at if b.manifest else None,
+        "held_by": report.held_by.get(b.name, []), "superseded_by": report.superseded_by.get(b.name),
+        "unneeded": unneeded.get(b.name),
+    } for b in report.bundles]
+    receipts: list[dict[str, Any]] = [{"instance_id": r.instance_id, "dataset_id": r.dataset_id, "filter": list(r.filter),
+                 "fsic": dict(r.fsic), "created_at": r.created_at} for r in report.receipts]
+    if as_json:
+        click.echo(json.dumps({
+            "folder": folder, "bundles": bundles, "receipts": receipts, "bad_receipts": report.bad_receipts,
+            "stale_partials": [p.name for p in report.stale_partials], "removed": removed,
+        }, indent=2, sort_keys=True))
+        return
+    lines = [f"bundles    {len(bundles)} in {folder}"]
+    for b in bundles:
+        if not b["readable"]:
+            lines.append(f"  {b['name']}: unreadable: {b['problem']}")
+            continue
+        state = f"nobody needs it ({b['unneeded']})" if b["unneeded"] else (
+            "held by " + ", ".join(str(i)[:8] for i in b["held_by"]) if b["held_by"] else "no known reader holds it")
+        vols = f", {len(b['files'])} volumes" if len(b["files"]) > 1 else ""
+        lines.append(f"  {b['name']}: sender {str(b['sender'])[:8]} counter {b['counter']}, "
+                     f"{_fsic_text(b['basis'])} -> {_fsic_text(b['result'])}, {b['records']} records, "
+                     f"{b['size']} bytes{vols}; {state}")
+    lines.append(f"receipts   {len(receipts)}")
+    for r in receipts:
+        lines.append(f"  device {r['instance_id'][:8]} holds {_fsic_text(r['fsic'])} (at {r['created_at']})")
+    lines += [f"  ignored {line}" for line in report.bad_receipts]
+    lines += [f"partial    {p.name} (left by a run that died)" for p in report.stale_partials if not clean]
+    lines += [f"removed    {name}" for name in removed]
+    click.echo("\n".join(lines))
+
+
+def _fsic_text(fsic: Any) -> str:
+    return "{" + ", ".join(f"{inst[:8]}:{ctr}" for inst, ctr in sorted(fsic.items())) + "}"
 
 
 @cli.command("log")

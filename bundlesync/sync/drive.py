@@ -6,6 +6,10 @@ and the bundle never travels. :func:`require_mount` refuses such a folder: it mu
 on a mounted filesystem that is neither the system's root filesystem nor the home's.
 :func:`check_free` refuses to start a bundle that will not fit, :func:`remove_stale_partials`
 clears what a killed run left, and :func:`fat_safe` keeps file names valid on FAT32/exFAT.
+
+It also reads what a drive holds (:func:`survey`, ``bundlesync drive``): bundles, receipts,
+which bundles every known reader already holds, which a newer bundle of the same sender
+carries, and removes those (:func:`clean`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,36 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundlesync.errors import DriveError, SyncError
+from bundlesync.errors import BundlesyncError, DriveError, SyncError
+from bundlesync.format import container
+from bundlesync.format.manifest import Manifest
+from bundlesync.format.volumes import all_volume_paths, base_name, remove_bundle_files
 from bundlesync.fsutil import PARTIAL_SUFFIX
+from bundlesync.trust.keystore import KeyStore
+from bundlesync.trust.receipts import Receipt, read_receipt
 
-__all__ = ["check_free", "fat_safe", "mount_root", "remove_stale_partials", "require_fat_safe", "require_mount"]
+__all__ = [
+    "DriveBundle",
+    "DriveReport",
+    "check_free",
+    "clean",
+    "covers",
+    "fat_safe",
+    "holds",
+    "list_bundles",
+    "mount_root",
+    "own_bundles",
+    "remove_stale_partials",
+    "require_fat_safe",
+    "require_mount",
+    "superseded",
+    "survey",
+]
 
 MAX_NAME = 255
 """Longest file name FAT32 (long names) and exFAT accept, in UTF-16 units."""
@@ -115,3 +143,164 @@ def remove_stale_partials(folder: Path, prefix: str) -> list[Path]:
         except OSError:
             pass  # best effort: the files are gone either way
     return removed
+
+
+# --------------------------------------------------------------------------- what is on a drive
+
+
+def covers(basis: Mapping[str, int], result: Mapping[str, int], other_basis: Mapping[str, int],
+           other_result: Mapping[str, int]) -> bool:
+    """Whether a bundle (``basis`` → ``result``) carries everything another (``other_*``) carries.
+
+    It must start no later for every writer and end no earlier: each writer's versions in
+    ``(other_basis, other_result]`` lie in ``(basis, result]`` (a version the other carried and
+    that was overwritten since is dominated by the newer one it carries instead).
+    """
+    starts = all(basis.get(inst, 0) <= other_basis.get(inst, 0) for inst in set(basis) | set(other_basis))
+    ends = all(result.get(inst, 0) >= ctr for inst, ctr in other_result.items())
+    return starts and ends
+
+
+def holds(fsic: Mapping[str, int], result: Mapping[str, int]) -> bool:
+    """Whether a reader holding ``fsic`` already has everything up to ``result``."""
+    return all(fsic.get(inst, 0) >= ctr for inst, ctr in result.items())
+
+
+@dataclass
+class DriveBundle:
+    """One bundle on a drive (a one-file bundle or a volume set), from its manifest and summary."""
+
+    path: Path
+    files: list[Path]
+    size: int
+    manifest: Manifest | None
+    records: int
+    complete: bool
+    problem: str = ""
+
+    @property
+    def name(self) -> str:
+        return base_name(self.path)
+
+
+def list_bundles(folder: Path) -> list[DriveBundle]:
+    """Every bundle in ``folder`` (volume sets once), oldest counter first; unreadable ones say why."""
+    seen: set[str] = set()
+    found: list[DriveBundle] = []
+    for path in sorted(folder.glob("bundle-*")):
+        if path.name.endswith(PARTIAL_SUFFIX) or not path.is_file():
+            continue
+        name = base_name(path)
+        if name in seen:
+            continue
+        seen.add(name)
+        files = all_volume_paths(path)
+        size = sum(p.stat().st_size for p in files)
+        try:
+            info = container.read_info(files[0])
+            manifest = Manifest.from_dict(info.manifest)
+            records = int(str(info.summary.get("records", 0)))
+        except BundlesyncError as exc:
+            found.append(DriveBundle(files[0], files, size, None, 0, False, str(exc)))
+            continue
+        found.append(DriveBundle(files[0], files, size, manifest, records, True))
+    return sorted(found, key=lambda b: (b.manifest.sender_counter if b.manifest else -1, b.name))
+
+
+def own_bundles(folder: Path, dataset_id: str, instance_id: str, prefixes: Sequence[str]) -> list[DriveBundle]:
+    """This device's complete bundles for exactly this filter."""
+    return [
+        b for b in list_bundles(folder)
+        if b.manifest is not None and b.manifest.dataset_id == dataset_id
+        and b.manifest.sender_instance == instance_id and tuple(b.manifest.filter) == tuple(prefixes)
+    ]
+
+
+def superseded(bundles: Sequence[DriveBundle]) -> dict[str, str]:
+    """Bundles whose content another bundle of the same sender and filter carries: name -> by whom."""
+    out: dict[str, str] = {}
+    for old in bundles:
+        for new in bundles:
+            a, b = old.manifest, new.manifest
+            if new is old or a is None or b is None or out.get(new.name) == old.name:
+                continue
+            if (a.dataset_id, a.sender_instance, tuple(a.filter)) != (b.dataset_id, b.sender_instance, tuple(b.filter)):
+                continue
+            if covers(b.basis_fsic, b.result_fsic, a.basis_fsic, a.result_fsic) and (
+                not covers(a.basis_fsic, a.result_fsic, b.basis_fsic, b.result_fsic) or a.sender_counter < b.sender_counter
+                or (a.sender_counter == b.sender_counter and old.name < new.name)
+            ):
+                out[old.name] = new.name
+                break
+    return out
+
+
+@dataclass
+class DriveReport:
+    """What a drive holds and who needs what."""
+
+    bundles: list[DriveBundle]
+    receipts: list[Receipt]
+    bad_receipts: list[str]
+    held_by: dict[str, list[str]] = field(default_factory=dict)
+    superseded_by: dict[str, str] = field(default_factory=dict)
+    stale_partials: list[Path] = field(default_factory=list)
+
+    def unneeded(self) -> dict[str, str]:
+        """Bundles nobody needs, and why: every known reader holds them, or a newer one carries them."""
+        why: dict[str, str] = {}
+        for b in self.bundles:
+            if b.manifest is None:
+                continue
+            readers = [r for r in self.receipts
+                       if r.dataset_id == b.manifest.dataset_id and r.instance_id != b.manifest.sender_instance]
+            if readers and len(self.held_by.get(b.name, [])) == len(readers):
+                why[b.name] = "every known reader holds it: " + ", ".join(sorted(r.instance_id[:8] for r in readers))
+            elif b.name in self.superseded_by:
+                why[b.name] = f"superseded by {self.superseded_by[b.name]}"
+        return why
+
+
+STALE_PARTIAL_S = 600.0
+"""A ``*.partial`` file untouched this long belongs to a run that died."""
+
+
+def survey(folder: Path, keys: KeyStore) -> DriveReport:
+    """Read a drive: bundles, receipts (verified against the roots ``keys`` trusts), who holds what."""
+    if not folder.is_dir():
+        raise DriveError(f"{folder} does not exist or is not a folder: is the drive mounted?")
+    bundles = list_bundles(folder)
+    receipts: list[Receipt] = []
+    bad: list[str] = []
+    for path in sorted(folder.glob("receipt-*.json")):
+        try:
+            receipts.append(read_receipt(path, keys))
+        except BundlesyncError as exc:
+            bad.append(f"{path.name}: {exc}")
+    report = DriveReport(bundles, receipts, bad)
+    for b in bundles:
+        if b.manifest is not None:
+            report.held_by[b.name] = sorted(
+                r.instance_id for r in receipts
+                if r.dataset_id == b.manifest.dataset_id and r.instance_id != b.manifest.sender_instance
+                and holds(r.fsic, b.manifest.result_fsic)
+            )
+    report.superseded_by = superseded(bundles)
+    now = time.time()
+    report.stale_partials = [p for p in sorted(folder.glob(f"*{PARTIAL_SUFFIX}"))
+                             if now - p.stat().st_mtime > STALE_PARTIAL_S]
+    return report
+
+
+def clean(folder: Path, keys: KeyStore) -> tuple[DriveReport, list[str]]:
+    """Remove the bundles nobody needs and stale partial files; returns what was removed."""
+    report = survey(folder, keys)
+    removed: list[str] = []
+    for b in report.bundles:
+        if b.name in report.unneeded():
+            remove_bundle_files(b.path)
+            removed.append(b.name)
+    for p in report.stale_partials:
+        p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return report, removed

@@ -35,7 +35,7 @@ from bundlesync.trust.crypto import verify
 from bundlesync.replica.db import read_transaction, write_transaction
 from bundlesync.trust.certs import Certificate
 from bundlesync.device import Device
-from bundlesync.errors import StateError, SyncError
+from bundlesync.errors import BundlesyncError, StateError, SyncError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.manifest import Manifest
 from bundlesync.format.records import LINE_SQL
@@ -66,6 +66,8 @@ class ExportResult:
     result: dict[str, int] = field(default_factory=dict)
     size: int = 0
     removed_partials: list[str] = field(default_factory=list)
+    already_on_drive: Path | None = None
+    replaced: list[str] = field(default_factory=list)
 
 
 def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
@@ -142,6 +144,7 @@ class ExportWork(FacilityDataSyncHook):
         self.plugins, self.now = plugins, now
         self.require_mount, self.max_size, self.progress = require_mount, max_size, progress
         self.skipped_receipts: list[str] = []
+        self.on_drive: list[drive.DriveBundle] = []
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
         self.result = ExportResult(None, uuid.uuid4().hex, "")
@@ -234,6 +237,15 @@ class ExportWork(FacilityDataSyncHook):
         name = drive.require_fat_safe(f"{own}{counter:06d}-{self.result.bundle_id[:8]}.bsync")
         # A killed run of this device left these; the home lock says no run of ours is writing them now.
         self.result.removed_partials = [p.name for p in drive.remove_stale_partials(self.out_dir, own)]
+        self.on_drive = drive.own_bundles(self.out_dir, ctx.dataset_id, me, ctx.filter)
+        for earlier in self.on_drive:
+            m = earlier.manifest
+            assert m is not None
+            # While a reader's receipt is stale every run has the same basis: a bundle already on the
+            # drive carries all of it, so another copy would change nothing.
+            if drive.covers(m.basis_fsic, m.result_fsic, self.result.basis, held) and self._intact(earlier.path):
+                self.result.already_on_drive = earlier.path
+                return
         total, raw = estimate(conn, ctx.profile, self.result.basis)
         if total:
             drive.check_free(self.out_dir, raw // COMPRESSION_GUESS)
@@ -247,6 +259,26 @@ class ExportWork(FacilityDataSyncHook):
                 self.progress(self.writer.records, max(total, self.writer.records))
         self.result.records = self.writer.records
         ctx.counts["records"], ctx.counts["by_model"] = self.result.records, counts
+
+    def _intact(self, path: Path) -> bool:
+        """Whether a bundle of ours on the drive reads back whole and signed by us."""
+        try:
+            info = container.read_info(path)
+            container.verify_digest(info)
+            verify(self.chain[0].subject_key, "bundle", info.digest, info.signature)
+        except BundlesyncError:
+            return False
+        return True
+
+    def replace_superseded(self) -> None:
+        """Remove this device's earlier bundles on the drive whose whole content the new one carries."""
+        r = self.result
+        for earlier in self.on_drive:
+            m = earlier.manifest
+            assert m is not None
+            if drive.covers(r.basis, r.result, m.basis_fsic, m.result_fsic):
+                remove_bundle_files(earlier.path)
+                r.replaced.append(earlier.name)
 
     # TRANSFERRING
     def transfer(self, ctx: SyncContext) -> None:
@@ -333,6 +365,8 @@ def export_bundle(
         work.discard()
         raise
     work.result.path = work.path
+    if work.path is not None:
+        work.replace_superseded()  # only now: the new bundle is verified and its transfer recorded
     for line in work.skipped_receipts:
         (warn or (lambda _: None))(f"warning: ignored receipt {line}")
     plugins.transfer_hooks("post_transfer", ctx, warn or (lambda _: None))
