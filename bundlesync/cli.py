@@ -257,7 +257,8 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
             raise click.UsageError("--full and --since exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
                                since=Path(since) if since else None, require_mount=require_mount,
-                               max_size=max_size, plugins=_plugins(ctx, device), warn=_warner(ctx, quiet))
+                               max_size=max_size, supersede=True, plugins=_plugins(ctx, device),
+                               warn=_warner(ctx, quiet))
         if result.path is None:
             carried = f", {result.already_on_drive.name} carries it" if result.already_on_drive else ""
             log(f"facility {facility_id}: nothing new ({result.basis_source}{carried}); no file written")

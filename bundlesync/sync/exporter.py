@@ -138,11 +138,13 @@ class ExportWork(FacilityDataSyncHook):
 
     def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
                  since: Path | None, plugins: PluginSet, now: datetime.datetime | None,
-                 require_mount: bool = False, max_size: int | None = None, progress: Progress | None = None) -> None:
+                 require_mount: bool = False, max_size: int | None = None, progress: Progress | None = None,
+                 supersede: bool = False) -> None:
         self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
         self.require_mount, self.max_size, self.progress = require_mount, max_size, progress
+        self.supersede = supersede
         self.skipped_receipts: list[str] = []
         self.on_drive: list[drive.DriveBundle] = []
         self.writer: container.BundleWriter | None = None
@@ -237,7 +239,7 @@ class ExportWork(FacilityDataSyncHook):
         name = drive.require_fat_safe(f"{own}{counter:06d}-{self.result.bundle_id[:8]}.bsync")
         # A killed run of this device left these; the home lock says no run of ours is writing them now.
         self.result.removed_partials = [p.name for p in drive.remove_stale_partials(self.out_dir, own)]
-        self.on_drive = drive.own_bundles(self.out_dir, ctx.dataset_id, me, ctx.filter)
+        self.on_drive = drive.own_bundles(self.out_dir, ctx.dataset_id, me, ctx.filter) if self.supersede else []
         for earlier in self.on_drive:
             m = earlier.manifest
             assert m is not None
@@ -326,12 +328,16 @@ def export_bundle(
     require_mount: bool = False,
     max_size: int | None = DEFAULT_MAX_SIZE,
     progress: Progress | None = None,
+    supersede: bool = False,
 ) -> ExportResult:
     """Export what the receiver lacks as one signed bundle in ``out_dir``.
 
     ``require_mount``: refuse a folder that is not on a mounted drive (:func:`drive.require_mount`).
     ``max_size``: split the bundle into volumes of at most this many bytes (None: one file).
     ``progress``: called with (records written, records expected) as the bundle is written.
+    ``supersede``: treat ``out_dir`` as a drive that carries this device's latest state: write
+    nothing if a bundle of ours there already carries everything this export would, and remove
+    our earlier bundles there that the new one carries (the CLI does; an archive folder must not).
     """
     plugins = plugins or PluginSet()
     conn = device.conn
@@ -346,7 +352,7 @@ def export_bundle(
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
     work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now,
-                      require_mount=require_mount, max_size=max_size, progress=progress)
+                      require_mount=require_mount, max_size=max_size, progress=progress, supersede=supersede)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):
