@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from bundlesync.device import CONFIG_NAME
 from bundlesync.errors import BusyError
 
 try:
@@ -48,12 +49,13 @@ def _holder(fd: int) -> str:
 def home_lock(home: Path, *, wait: float = DEFAULT_WAIT_S, what: str = "bundlesync") -> Iterator[None]:
     """Hold the home's run lock for the ``with`` block.
 
-    A home that does not exist yet is not locked (the command itself reports it).
+    A home that is not initialised is not locked, nor is anything created in it (the
+    command itself reports it).
 
     Raises:
         BusyError: Another run held the lock for more than ``wait`` seconds.
     """
-    if fcntl is None or not home.is_dir():
+    if fcntl is None or not (home / CONFIG_NAME).is_file():
         yield
         return
     path = home / LOCK_NAME

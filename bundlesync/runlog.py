@@ -14,6 +14,8 @@ import logging.handlers
 import time
 from pathlib import Path
 
+from bundlesync.device import CONFIG_NAME
+
 __all__ = ["BACKUPS", "LOG_NAME", "MAX_BYTES", "append", "read"]
 
 LOG_NAME = "bundlesync.log"
@@ -39,9 +41,10 @@ def _formatter() -> logging.Formatter:
 def append(home: Path, message: str, *, max_bytes: int = MAX_BYTES, backups: int = BACKUPS) -> bool:
     """Append ``<UTC time> <message>`` to the home's log; False if the log cannot be written.
 
-    A log that cannot be written (read-only home, full disk) never fails the run it records.
+    A log that cannot be written (read-only home, full disk) never fails the run it records;
+    nothing is written into a folder that is not an initialised home.
     """
-    if not home.is_dir():
+    if not (home / CONFIG_NAME).is_file():
         return False
     record = logging.LogRecord("bundlesync", logging.INFO, __file__, 0, " ".join(message.split()), None, None)
     try:

@@ -48,9 +48,10 @@ def test_every_export_and_import_appends_one_timestamped_line(pair: Pair) -> Non
 
 
 def test_log_is_size_bounded(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("{}")  # an initialised home
     for i in range(2000):
         assert runlog.append(tmp_path, f"export line {i} " + "x" * 100, max_bytes=20_000, backups=2)
-    files = sorted(p.name for p in tmp_path.iterdir())
+    files = sorted(p.name for p in tmp_path.iterdir() if p.name != "config.yaml")
     assert files == ["bundlesync.log", "bundlesync.log.1", "bundlesync.log.2"]
     assert all((tmp_path / f).stat().st_size <= 20_000 for f in files)
     kept = runlog.read(tmp_path, backups=2)
@@ -60,5 +61,6 @@ def test_log_is_size_bounded(tmp_path: Path) -> None:
 
 
 def test_unwritable_log_does_not_fail_the_run(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text("{}")
     (tmp_path / runlog.LOG_NAME).mkdir()  # cannot be opened as a file
     assert runlog.append(tmp_path, "x") is False
