@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -113,6 +114,34 @@ def _plugins(ctx: click.Context, device: Device) -> PluginSet:
 
 def _warn(message: str) -> None:
     click.echo(message, err=True)
+
+
+@contextmanager
+def _progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress callback drawing a bar on stderr, or None when stderr is not a terminal or ``--quiet``."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    started = time.monotonic()
+    bars: list[Any] = []
+
+    def rate(done: int | None) -> str:
+        elapsed = time.monotonic() - started
+        return f"{(done or 0) / elapsed:,.0f} records/s" if elapsed > 0 else ""
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, show_pos=True, show_percent=True,
+                                          item_show_func=rate).__enter__())
+        bar = bars[0]
+        bar.length = max(bar.length or 0, total)
+        bar.update(done - bar.pos, current_item=done)
+
+    try:
+        yield update
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
 
 
 def _home_or_none(ctx: click.Context) -> Path | None:
@@ -252,13 +281,13 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
 def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, user_id: str | None,
                since: str | None, require_mount: bool, max_size: int, quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
-    with _logged(ctx, "export") as log, _device(ctx) as device:
+    with _logged(ctx, "export") as log, _device(ctx) as device, _progress("exporting", quiet or as_json) as bar:
         if full and since:
             raise click.UsageError("--full and --since exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
                                since=Path(since) if since else None, require_mount=require_mount,
                                max_size=max_size, supersede=True, plugins=_plugins(ctx, device),
-                               warn=_warner(ctx, quiet))
+                               warn=_warner(ctx, quiet), progress=bar)
         if result.path is None:
             carried = f", {result.already_on_drive.name} carries it" if result.already_on_drive else ""
             log(f"facility {facility_id}: nothing new ({result.basis_source}{carried}); no file written")
@@ -301,7 +330,9 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
     with _logged(ctx, "import") as log, _device(ctx) as device:
         plugins = _plugins(ctx, device)
         for name in bundles:
-            r = import_bundle(device, Path(name), plugins=plugins, warn=_warner(ctx, quiet), receipt=receipt)
+            with _progress(f"importing {Path(name).name[:24]}", quiet or as_json) as bar:
+                r = import_bundle(device, Path(name), plugins=plugins, warn=_warner(ctx, quiet), receipt=receipt,
+                                  progress=bar)
             dq, ds = r.dequeue, r.deserialize
             log(f"{name}: already imported (bundle {r.bundle_id})" if r.already else
                 f"{name}: bundle {r.bundle_id}, {dq.received} records, {ds.written} rows written, "
