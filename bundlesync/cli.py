@@ -22,7 +22,7 @@ import click
 from bundlesync import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, resolve_home
-from bundlesync import runlog
+from bundlesync import runlog, schedule
 from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import BundlesyncError
 from bundlesync.sync import drive
@@ -538,6 +538,28 @@ def drive_cmd(ctx: click.Context, folder: str, clean: bool, as_json: bool) -> No
 
 def _fsic_text(fsic: Any) -> str:
     return "{" + ", ".join(f"{inst[:8]}:{ctr}" for inst, ctr in sorted(fsic.items())) + "}"
+
+
+@cli.command("schedule")
+@click.option("--facility", "facility_id", required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Where the drive is mounted, e.g. /media/usb.")
+@click.option("--at", "at", default=None, metavar="HH:MM", help="Every day at this time (the machine's local time).")
+@click.option("--every", "every", default=None, metavar="INTERVAL", help="Every 1-12 hours (6h) or minutes (30m).")
+@click.option("--install", "do_install", is_flag=True, help="Add the line to this user's crontab (replacing an "
+              "earlier one for the same facility and folder).")
+@click.pass_context
+def schedule_cmd(ctx: click.Context, facility_id: str, out_dir: str, at: str | None, every: str | None,
+                 do_install: bool) -> None:
+    """Print (or install) the crontab line for unattended exports onto a drive."""
+    home = resolve_home(ctx.obj["home"])
+    out = Path(out_dir).expanduser().absolute()
+    line = schedule.cron_line(home, facility_id, out, at=at, every=every)
+    if do_install:
+        schedule.install(line, facility_id, out)
+        _say(f"installed in the crontab of this user (see `crontab -l`); each run is logged in "
+             f"{home / runlog.LOG_NAME} (`bundlesync log`)")
+    click.echo(line)
 
 
 @cli.command("log")
