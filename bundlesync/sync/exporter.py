@@ -31,7 +31,7 @@ from bundlesync.format import container as container
 from bundlesync.format.volumes import remove_bundle_files
 from bundlesync.sync import drive
 from bundlesync.replica import fsic as fsic_mod
-from bundlesync.trust.crypto import verify
+from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import read_transaction, write_transaction
 from bundlesync.trust.certs import Certificate
 from bundlesync.device import Device
@@ -139,7 +139,7 @@ class ExportWork(FacilityDataSyncHook):
     def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
                  since: Path | None, plugins: PluginSet, now: datetime.datetime | None,
                  require_mount: bool = False, max_size: int | None = None, progress: Progress | None = None,
-                 supersede: bool = False) -> None:
+                 supersede: bool = False, key: SigningKey | None = None) -> None:
         self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
@@ -147,6 +147,7 @@ class ExportWork(FacilityDataSyncHook):
         self.supersede = supersede
         self.skipped_receipts: list[str] = []
         self.on_drive: list[drive.DriveBundle] = []
+        self.key = key
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
         self.result = ExportResult(None, uuid.uuid4().hex, "")
@@ -251,7 +252,7 @@ class ExportWork(FacilityDataSyncHook):
         total, raw = estimate(conn, ctx.profile, self.result.basis)
         if total:
             drive.check_free(self.out_dir, raw // COMPRESSION_GUESS)
-        key = self.device.keys.device_key()
+        key = self.key or self.device.keys.signing_key(self.chain)
         self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d),
                                              max_volume=self.max_size)
         counts = self.result.counts
@@ -348,11 +349,13 @@ def export_bundle(
             f"this device holds no certificate for facility {facility}: run `bundlesync facility provision` "
             "on the facility's authority, or `bundlesync cert request` here and `cert install` the grant"
         )
+    # Before anything is written: a lost or replaced key would only make a bundle nobody accepts.
+    key = device.keys.signing_key(chain)
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
     work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now,
-                      require_mount=require_mount, max_size=max_size, progress=progress, supersede=supersede)
+                      require_mount=require_mount, max_size=max_size, progress=progress, supersede=supersede, key=key)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):
