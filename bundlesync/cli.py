@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,9 +22,13 @@ import click
 from bundlesync._version import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, reidentify, resolve_home
+from bundlesync import runlog, schedule
+from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import EXIT_PARTIAL, BundlesyncError
 from bundlesync.profile import builtin_profiles, load_profile
-from bundlesync.sync.exporter import export_bundle
+from bundlesync.sync import drive
+from bundlesync.trust.keystore import KeyStore
+from bundlesync.sync.exporter import DEFAULT_MAX_SIZE, export_bundle
 from bundlesync.sync.importer import (
     ImportResult,
     bundles_to_import,
@@ -43,21 +48,62 @@ __all__ = ["cli", "main"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+MIN_DB_WAIT_S = 2.0
+"""Shortest busy timeout on the app database, whatever ``--wait`` says."""
+
 
 def _say(message: str, *, quiet: bool = False) -> None:
     if not quiet:
         click.echo(message, err=True)
 
 
+MIN_VOLUME = 4096
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _parse_size(_ctx: click.Context, param: click.Parameter, value: str) -> int:
+    """A byte size: ``65536``, ``64K``, ``4000M``, ``3.5G`` (powers of 1024)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS else ""
+    try:
+        size = int(float(text[: len(text) - len(unit)]) * _UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a size such as 65536, 64K, 4000M or 3.5G", param=param) from None
+    if size < MIN_VOLUME:
+        raise click.BadParameter(f"{value!r} is below the smallest volume size, {MIN_VOLUME} bytes", param=param)
+    return size
+
+
+def _store_wait(ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    ctx.ensure_object(dict)
+    ctx.obj["wait"] = value
+    return value
+
+
+def _wait_option(f: F) -> F:
+    """``--wait SECONDS``: the command holds the home's run lock (one run at a time per home)."""
+    return click.option(
+        "--wait", type=click.FloatRange(min=0), default=DEFAULT_WAIT_S, show_default=True, expose_value=False,
+        callback=_store_wait, is_eager=True,
+        help="Seconds to wait for another run on this home (and for another program's database lock); then exit 8.",
+    )(f)
+
+
 @contextmanager
 def _device(ctx: click.Context) -> Iterator[Device]:
-    device = Device.open(resolve_home(ctx.obj["home"]))
-    for repair in device.repairs:
-        _warn(f"warning: {describe_repair(repair)}")
-    try:
-        yield device
-    finally:
-        device.close()
+    """Open the home's device; commands with ``--wait`` hold the home's run lock meanwhile."""
+    home = resolve_home(ctx.obj["home"])
+    wait: float | None = ctx.obj.get("wait")
+    with home_lock(home, wait=wait, what=ctx.command_path) if wait is not None else nullcontext():
+        # The database lock of another program gets the same patience, but never less than a moment:
+        # the app's own short transactions must not fail a run.
+        device = Device.open(home, busy_timeout=max(wait, MIN_DB_WAIT_S)) if wait is not None else Device.open(home)
+        for repair in device.repairs:
+            _warn(f"warning: {describe_repair(repair)}")
+        try:
+            yield device
+        finally:
+            device.close()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -83,6 +129,76 @@ def _warn(message: str) -> None:
     click.echo(message, err=True)
 
 
+@contextmanager
+def _progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress callback drawing a bar on stderr, or None when stderr is not a terminal or ``--quiet``."""
+    if quiet or not sys.stderr.isatty():
+        yield None
+        return
+    started = time.monotonic()
+    bars: list[Any] = []
+
+    def rate(done: int | None) -> str:
+        elapsed = time.monotonic() - started
+        return f"{(done or 0) / elapsed:,.0f} records/s" if elapsed > 0 else ""
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=total, label=label, file=sys.stderr, show_eta=True, show_pos=True, show_percent=True,
+                                          item_show_func=rate).__enter__())
+        bar = bars[0]
+        bar.length = max(bar.length or 0, total)
+        bar.update(done - bar.pos, current_item=done)
+
+    try:
+        yield update
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
+
+
+def _home_or_none(ctx: click.Context) -> Path | None:
+    try:
+        return resolve_home(ctx.obj["home"])
+    except BundlesyncError:
+        return None
+
+
+def _warner(ctx: click.Context, quiet: bool) -> Callable[[str], None]:
+    """Warnings go to stderr, or only to the home's log under ``--quiet`` (a quiet success prints nothing)."""
+    home = _home_or_none(ctx)
+
+    def warn(message: str) -> None:
+        if quiet and home is not None:
+            runlog.append(home, message)
+        else:
+            _warn(message)
+
+    return warn
+
+
+@contextmanager
+def _logged(ctx: click.Context, command: str) -> Iterator[Callable[[str], None]]:
+    """Yield a function that logs the run's one success line; a failure is logged as it leaves."""
+    home = _home_or_none(ctx)
+
+    def log(message: str) -> None:
+        if home is not None:
+            runlog.append(home, f"{command} {message}")
+
+    try:
+        yield log
+    except BundlesyncError as exc:
+        log(f"failed (exit {exc.exit_code}): {exc}")
+        raise
+    except click.ClickException as exc:
+        log(f"failed (exit {exc.exit_code}): {exc.format_message()}")
+        raise
+    except Exception as exc:
+        log(f"failed (exit 1): {type(exc).__name__}: {exc}")
+        raise
+
+
 @cli.command()
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The app's SQLite database.")
 @click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
@@ -103,6 +219,7 @@ def facility() -> None:
 
 
 @facility.command("provision")
+@_wait_option
 @click.option("--facility", "facility_id", required=True, help="Facility id (or dataset id) in the app DB.")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
@@ -120,6 +237,7 @@ def cert() -> None:
 
 
 @cert.command("request")
+@_wait_option
 @click.option("--facility", "facility_id", required=True)
 @click.option("--scope", required=True, help="full, or user:USER_ID")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
@@ -137,6 +255,7 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str)
 
 
 @cert.command("issue")
+@_wait_option
 @click.argument("request", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.pass_context
@@ -147,6 +266,7 @@ def cert_issue(ctx: click.Context, request: str, out_dir: str) -> None:
 
 
 @cert.command("install")
+@_wait_option
 @click.argument("grant", type=click.Path(dir_okay=False))
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
@@ -158,35 +278,54 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
 
 
 @cli.command("export")
+@_wait_option
 @click.option("--facility", "facility_id", required=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
 @click.option("--full", is_flag=True, help="Everything in scope, not only what changed.")
 @click.option("--user", "user_id", default=None, help="Only what user USER_ID's single-user device may read.")
 @click.option("--since", "since", default=None, type=click.Path(dir_okay=False),
               help="Only what the device that wrote this receipt lacks.")
-@click.option("--quiet", "-q", is_flag=True)
+@click.option("--require-mount", is_flag=True,
+              help="Refuse a folder that is not on a mounted drive (other than the system disk and the home's).")
+@click.option("--max-size", callback=_parse_size, default=str(DEFAULT_MAX_SIZE), metavar="SIZE", show_default="4000M (below FAT32's 4 GiB)",
+              help="Split a larger bundle into numbered volumes of at most SIZE bytes (K, M, G suffixes).")
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing on success (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 @click.pass_context
 def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, user_id: str | None,
-               since: str | None, quiet: bool, as_json: bool) -> None:
+               since: str | None, require_mount: bool, max_size: int, quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
-    with _device(ctx) as device:
+    with _logged(ctx, "export") as log, _device(ctx) as device, _progress("exporting", quiet or as_json) as bar:
         if full and since:
             raise click.UsageError("--full and --since exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
-                               since=Path(since) if since else None,
-                               plugins=_plugins(ctx, device), warn=_warn)
+                               since=Path(since) if since else None, require_mount=require_mount,
+                               max_size=max_size, supersede=True, plugins=_plugins(ctx, device),
+                               warn=_warner(ctx, quiet), progress=bar)
+        if result.path is None:
+            carried = f", {result.already_on_drive.name} carries it" if result.already_on_drive else ""
+            log(f"facility {facility_id}: nothing new ({result.basis_source}{carried}); no file written")
+        else:
+            log(f"facility {facility_id}: {result.records} records, {result.size} bytes, "
+                f"basis {result.basis_source}: {result.path}"
+                + (f"; replaced {', '.join(result.replaced)}" if result.replaced else ""))
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
         return
     if result.path is None:
-        _say(f"nothing new to export for facility {facility_id} ({result.basis_source}); no file written", quiet=quiet)
+        carried = f"; {result.already_on_drive.name} on the drive already carries it" if result.already_on_drive else ""
+        _say(f"nothing new to export for facility {facility_id} ({result.basis_source}{carried}); no file written",
+             quiet=quiet)
         return
+    for name in result.replaced:
+        _say(f"removed {name}: the new bundle carries all of it", quiet=quiet)
     _say(f"exported {result.records} records ({result.size} bytes, basis: {result.basis_source})", quiet=quiet)
-    click.echo(str(result.path))
+    if not quiet:  # the path is the last stdout line; --quiet prints nothing on success (cron mails any output)
+        click.echo(str(result.path))
 
 
 @cli.command("import")
+@_wait_option
 @click.argument("bundles", nargs=-1, required=True)
 @click.option("--receipt/--no-receipt", default=True, show_default=True,
               help="Leave a signed receipt (what this device holds) next to each bundle.")
@@ -202,20 +341,27 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
     reports: list[dict[str, object]] = []
     worst = 0
     done: list[ImportResult] = []
-    with _device(ctx) as device:
+    with _logged(ctx, "import") as log, _device(ctx) as device:
         plugins = _plugins(ctx, device)
         for path in bundles_to_import(bundles):
             try:
-                r = import_bundle(device, path, plugins=plugins, warn=_warn, receipt=receipt)
+                with _progress(f"importing {path.name[:24]}", quiet or as_json) as bar:
+                    r = import_bundle(device, path, plugins=plugins, warn=_warner(ctx, quiet), receipt=receipt,
+                                      progress=bar)
             except (BundlesyncError, OSError) as exc:
                 failed = failure_json(path, exc)
                 reports.append(failed)
+                log(f"{path}: failed (exit {failed['exit_code']}): {failed['error']}")
                 click.echo(str(failed["error"]), err=True)
                 worst = max(worst, int(str(failed["exit_code"])), key=exit_rank)
                 continue
             done.append(r)
             reports.append(r.to_json())
             worst = max(worst, r.exit_code, key=exit_rank)
+            dq, ds = r.dequeue, r.deserialize
+            log(f"{path}: already imported (bundle {r.bundle_id})" if r.already else
+                f"{path}: bundle {r.bundle_id}, {dq.received} records, {ds.written} rows written, "
+                f"{ds.deleted} deleted, {dq.refused} refused, {ds.waiting} waiting, {len(r.gaps)} gap(s)")
             if not as_json:
                 _report_import(r, quiet)
     if as_json:
@@ -358,6 +504,7 @@ def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bo
 
 
 @cli.command("purge")
+@_wait_option
 @click.option("--facility", "facility_id", required=True)
 @click.option("--user", "user_id", required=True, help="The user whose personal data is erased for good.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed when not on a terminal).")
@@ -397,6 +544,103 @@ def profiles_cmd(as_json: bool) -> None:
         plugins = f"; plugins: {', '.join(p['plugins'])}" if p["plugins"] else ""
         click.echo(f"{p['name']}: profile {p['profile']} v{p['version']}, {p['tables']} tables, "
                    f"scopes {', '.join(p['scopes'])}{plugins} ({p['path']})")
+
+
+@cli.command("drive")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--clean", is_flag=True, help="Remove the bundles nobody needs and stale *.partial files.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def drive_cmd(ctx: click.Context, folder: str, clean: bool, as_json: bool) -> None:
+    """What a drive holds: bundles, receipts, and which bundles every known reader already has."""
+    home = resolve_home(ctx.obj["home"])
+    keys = KeyStore(home)
+    removed: list[str] = []
+    if clean:
+        with home_lock(home, what=ctx.command_path):
+            report, removed = drive.clean(Path(folder), keys)
+    else:
+        report = drive.survey(Path(folder), keys)
+    unneeded = report.unneeded()
+    bundles: list[dict[str, Any]] = [{
+        "name": b.name, "files": [p.name for p in b.files], "size": b.size, "records": b.records,
+        "readable": b.manifest is not None, "problem": b.problem or None,
+        "sender": b.manifest.sender_instance if b.manifest else None,
+        "counter": b.manifest.sender_counter if b.manifest else None,
+        "dataset_id": b.manifest.dataset_id if b.manifest else None,
+        "filter": list(b.manifest.filter) if b.manifest else [],
+        "basis": dict(b.manifest.basis_fsic) if b.manifest else {},
+        "result": dict(b.manifest.result_fsic) if b.manifest else {},
+        "created_at": b.manifest.created_at if b.manifest else None,
+        "held_by": report.held_by.get(b.name, []), "superseded_by": report.superseded_by.get(b.name),
+        "unneeded": unneeded.get(b.name),
+    } for b in report.bundles]
+    receipts: list[dict[str, Any]] = [{"instance_id": r.instance_id, "dataset_id": r.dataset_id, "filter": list(r.filter),
+                 "fsic": dict(r.fsic), "created_at": r.created_at} for r in report.receipts]
+    if as_json:
+        click.echo(json.dumps({
+            "folder": folder, "bundles": bundles, "receipts": receipts, "bad_receipts": report.bad_receipts,
+            "stale_partials": [p.name for p in report.stale_partials], "removed": removed,
+        }, indent=2, sort_keys=True))
+        return
+    lines = [f"bundles    {len(bundles)} in {folder}"]
+    for b in bundles:
+        if not b["readable"]:
+            lines.append(f"  {b['name']}: unreadable: {b['problem']}")
+            continue
+        state = f"nobody needs it ({b['unneeded']})" if b["unneeded"] else (
+            "held by " + ", ".join(str(i)[:8] for i in b["held_by"]) if b["held_by"] else "no known reader holds it")
+        vols = f", {len(b['files'])} volumes" if len(b["files"]) > 1 else ""
+        lines.append(f"  {b['name']}: sender {str(b['sender'])[:8]} counter {b['counter']}, "
+                     f"{_fsic_text(b['basis'])} -> {_fsic_text(b['result'])}, {b['records']} records, "
+                     f"{b['size']} bytes{vols}; {state}")
+    lines.append(f"receipts   {len(receipts)}")
+    for r in receipts:
+        lines.append(f"  device {r['instance_id'][:8]} holds {_fsic_text(r['fsic'])} (at {r['created_at']})")
+    lines += [f"  ignored {line}" for line in report.bad_receipts]
+    lines += [f"partial    {p.name} (left by a run that died)" for p in report.stale_partials if not clean]
+    lines += [f"removed    {name}" for name in removed]
+    click.echo("\n".join(lines))
+
+
+def _fsic_text(fsic: Any) -> str:
+    return "{" + ", ".join(f"{inst[:8]}:{ctr}" for inst, ctr in sorted(fsic.items())) + "}"
+
+
+@cli.command("schedule")
+@click.option("--facility", "facility_id", required=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Where the drive is mounted, e.g. /media/usb.")
+@click.option("--at", "at", default=None, metavar="HH:MM", help="Every day at this time (the machine's local time).")
+@click.option("--every", "every", default=None, metavar="INTERVAL", help="Every 1-12 hours (6h) or minutes (30m).")
+@click.option("--install", "do_install", is_flag=True, help="Add the line to this user's crontab (replacing an "
+              "earlier one for the same facility and folder).")
+@click.pass_context
+def schedule_cmd(ctx: click.Context, facility_id: str, out_dir: str, at: str | None, every: str | None,
+                 do_install: bool) -> None:
+    """Print (or install) the crontab line for unattended exports onto a drive."""
+    home = resolve_home(ctx.obj["home"])
+    out = Path(out_dir).expanduser().absolute()
+    line = schedule.cron_line(home, facility_id, out, at=at, every=every)
+    if do_install:
+        schedule.install(line, facility_id, out)
+        _say(f"installed in the crontab of this user (see `crontab -l`); each run is logged in "
+             f"{home / runlog.LOG_NAME} (`bundlesync log`)")
+    click.echo(line)
+
+
+@cli.command("log")
+@click.option("--lines", "-n", "count", default=50, show_default=True, type=click.IntRange(min=0),
+              help="The last N lines (0: all that is kept).")
+@click.pass_context
+def log_cmd(ctx: click.Context, count: int) -> None:
+    """Show the home's run log: one timestamped line per export and import."""
+    home = resolve_home(ctx.obj["home"])
+    lines = runlog.read(home)
+    if not lines:
+        _say(f"no runs logged yet in {home / runlog.LOG_NAME}")
+        return
+    click.echo("\n".join(lines[-count:] if count else lines))
 
 
 @cli.command("reidentify")

@@ -142,15 +142,16 @@ class Device:
         self.repairs: list[Repair] = []
 
     @classmethod
-    def open(cls, home: Path, *, check: bool = True) -> Device:
+    def open(cls, home: Path, *, check: bool = True, busy_timeout: float = db.BUSY_TIMEOUT_S) -> Device:
         """Open an initialised home; clear errors if anything is missing.
 
         With ``check`` (every command but ``reidentify``) the database must carry the
         identity the home remembers. Tracking is always checked, and repaired if the
         app or the profile took it away (:attr:`repairs` says what was done).
+        ``busy_timeout``: how long database statements wait for another program's lock.
         """
         config = Config.load(home)
-        conn = db.connect(config.db)
+        conn = db.connect(config.db, busy_timeout=busy_timeout)
         try:
             has_tables = conn.execute(
                 "SELECT count(*) FROM sqlite_master WHERE name = 'bundlesync_meta'"

@@ -8,13 +8,14 @@ its one-line wording.
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from bundlesync.errors import BundleError, FormatError, IntegrityError, SyncError
+from bundlesync.errors import BundleError, DriveError, FormatError, IntegrityError, SyncError
 
 __all__ = [
     "AGAIN",
@@ -337,9 +338,16 @@ def read_error(path: Path, exc: OSError) -> BundleError:
     )
 
 
-def write_error(path: Path, exc: BaseException | None) -> SyncError:
-    """``path`` cannot be written (``exc`` is usually an OSError)."""
+def write_error(path: Path, exc: BaseException | None) -> SyncError | DriveError:
+    """``path`` cannot be written (``exc`` is usually an OSError); a full drive is a :class:`DriveError`."""
     reason = getattr(exc, "strerror", None) or exc
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return DriveError(f"the drive is full: cannot write {path} ({reason}): free space on it or use another "
+                          "drive; nothing was exported")
+    if code == errno.EFBIG:
+        return DriveError(f"cannot write {path}: {reason} (the file system's file size limit): export with a "
+                          "smaller --max-size")
     return SyncError(
         f"cannot write {path}: {reason}: check that the drive is connected, writable "
         f"and has free space"

@@ -19,6 +19,7 @@ import zstandard as zstd
 
 from bundlesync.format._frames import AGAIN, CHUNK_SIZE, MAX_RECORD, MAX_WINDOW_LOG, BundleInfo, damaged, read_error
 from bundlesync.errors import FormatError
+from bundlesync.format.volumes import open_joined
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -89,16 +90,18 @@ def compressor(level: int) -> zstd.ZstdCompressor:
 
 
 def open_read(path: Path) -> io.BufferedReader:
-    """Open a bundle for reading (raises BundleError)."""
+    """Open a bundle, or the volume set ``path`` is part of, for reading (raises BundleError)."""
     try:
-        return open(path, "rb")
+        return open_joined(path)
     except OSError as exc:
         raise read_error(path, exc) from exc
 
 
 def check_unchanged(file: BinaryIO, info: BundleInfo) -> None:
     """Refuse a file whose size changed since :func:`~bundlesync.format.container.read_info`."""
-    size = os.fstat(file.fileno()).st_size
+    here = file.tell()
+    size = file.seek(0, os.SEEK_END)  # a volume set has no single fstat
+    file.seek(here)
     if size != info.size:
         raise FormatError(
             f"bundle {info.path} changed size ({info.size} -> {size} bytes) since it was "

@@ -74,6 +74,7 @@ from bundlesync.format._payload import (
     open_read,
 )
 from bundlesync.errors import FormatError, SyncError
+from bundlesync.format.volumes import VolumeSetWriter
 from bundlesync.fsutil import PARTIAL_SUFFIX, AtomicFile, fsync_dir, partial_path
 
 __all__ = [
@@ -153,6 +154,7 @@ class BundleWriter:
         signer: Signer,
         *,
         level: int = DEFAULT_LEVEL,
+        max_volume: int | None = None,
     ) -> None:
         """Create the partial file and write preamble and manifest.
 
@@ -162,6 +164,8 @@ class BundleWriter:
             manifest: JSON object describing the bundle (the engine defines its fields).
             signer: Called once, by :meth:`finish`, with the 32-byte digest.
             level: zstd level, 1-22 (window and hash table floors still apply).
+            max_volume: Split the file into volumes of at most this many bytes
+                (:mod:`bundlesync.format.volumes`); :attr:`path` is then the first volume.
 
         Raises:
             ValueError: Bad ``name``, ``level`` or manifest (not a JSON object, too big).
@@ -192,7 +196,9 @@ class BundleWriter:
         self._raw_bytes = 0
         self._payload_len = 0
         try:
-            self._out = AtomicFile(self._path)
+            self._out: AtomicFile | VolumeSetWriter = (
+                VolumeSetWriter(self._path, max_volume) if max_volume else AtomicFile(self._path)
+            )
         except OSError as exc:
             raise write_error(self._partial, exc) from exc
         self._state = "open"
@@ -297,6 +303,7 @@ class BundleWriter:
             except OSError as exc:
                 raise write_error(self._path, exc) from exc
             _publish(self._out)
+            self._path = self._out.path  # the first volume, when split
             self._state = "finished"
         except BaseException:
             self._abort_quietly()
@@ -406,7 +413,8 @@ def read_info(path: Path) -> BundleInfo:
     path = Path(path)
     with open_read(path) as file:
         try:
-            size = os.fstat(file.fileno()).st_size
+            size = file.seek(0, os.SEEK_END)  # a volume set has no single fstat
+            file.seek(0)
             head = file.read(PREAMBLE.size)
             if len(head) < len(MAGIC) or head[: len(MAGIC)] != MAGIC:
                 raise FormatError(
@@ -587,7 +595,7 @@ def _in(path: Path, parse: Callable[[bytes], _T], data: bytes) -> _T:
         raise FormatError(f"{path}: {exc}") from exc
 
 
-def _publish(out: AtomicFile) -> None:
+def _publish(out: AtomicFile | VolumeSetWriter) -> None:
     """Rename a synced bundle into place and make the rename durable."""
     try:
         out.publish()

@@ -29,6 +29,7 @@ from bundlesync.errors import BusyError, ConfigError, SyncError
 __all__ = [
     "BUSY_TIMEOUT_S",
     "connect",
+    "is_busy",
     "migrate",
     "q",
     "read_transaction",
@@ -209,8 +210,19 @@ def _run_script(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(body)
 
 
-def connect(path: Path) -> sqlite3.Connection:
+def is_busy(exc: sqlite3.Error) -> bool:
+    """Whether SQLite refused because another connection holds a lock (not a damaged file)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return bool(code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED))
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
+def connect(path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
     """Open the app database for bundlesync (autocommit; explicit transactions).
+
+    ``busy_timeout`` is how long any statement waits for another program's lock;
+    past it the caller gets :class:`BusyError` (exit 8), not a "damaged file" error.
 
     Foreign-key enforcement is left off on this connection on purpose: bundlesync
     orders writes itself and keeps rows whose parent has not arrived yet in the
@@ -219,10 +231,19 @@ def connect(path: Path) -> sqlite3.Connection:
     if not path.exists():
         raise ConfigError(f"app database {path} does not exist: check the path given to `bundlesync init --db`")
     try:
-        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        conn = sqlite3.connect(str(path), timeout=busy_timeout, isolation_level=None)
+    except sqlite3.DatabaseError as exc:
+        raise ConfigError(f"cannot open app database {path}: {exc}; check the path and its permissions") from exc
+    try:
         conn.execute("PRAGMA foreign_keys = OFF")
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.DatabaseError as exc:
+        conn.close()
+        if is_busy(exc):
+            raise BusyError(
+                f"app database {path} is locked by another program ({exc}) for more than {busy_timeout:g} s: "
+                "try again when it is idle, or pass --wait SECONDS"
+            ) from exc
         raise ConfigError(f"cannot open app database {path}: {exc}; is it an SQLite file?") from exc
     return conn
 
@@ -250,6 +271,9 @@ def migrate(conn: sqlite3.Connection) -> None:
         _adopt_legacy_records(conn, database)
         migrations.apply(database)
     except sqlite3.DatabaseError as exc:
+        if is_busy(exc):
+            raise BusyError(f"cannot update bundlesync tables: the database is locked by another program ({exc}): "
+                            "try again when it is idle, or pass --wait SECONDS") from exc
         raise ConfigError(f"cannot create bundlesync tables: {exc}; check that the database is writable") from exc
 
 
@@ -272,6 +296,9 @@ def _transaction(conn: sqlite3.Connection, begin: str) -> Iterator[sqlite3.Conne
     except sqlite3.OperationalError as exc:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
+        if is_busy(exc):
+            raise BusyError(f"could not commit: another program holds the database ({exc}); nothing was changed: "
+                            "try again in a moment") from exc
         raise SyncError(f"could not commit ({exc}); nothing was changed: try again") from exc
 
 

@@ -22,12 +22,14 @@ import datetime
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundlesync._version import __version__
 from bundlesync.format import container as container
+from bundlesync.format.volumes import remove_bundle_files
+from bundlesync.sync import drive
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.replica import knowledge as kn
 from bundlesync.replica.knowledge import Knowledge
@@ -36,7 +38,7 @@ from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import read_transaction, write_transaction
 from bundlesync.trust.certs import Certificate
 from bundlesync.device import Device
-from bundlesync.errors import StateError, SyncError
+from bundlesync.errors import BundlesyncError, StateError, SyncError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.manifest import Manifest
 from bundlesync.format.records import LINE_SQL
@@ -65,6 +67,9 @@ class ExportResult:
     basis_source: str = "none"
     result: Knowledge = field(default_factory=dict)
     size: int = 0
+    removed_partials: list[str] = field(default_factory=list)
+    already_on_drive: Path | None = None
+    replaced: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
         """The ``export --json`` report."""
@@ -72,6 +77,8 @@ class ExportResult:
             "path": str(self.path) if self.path else None, "bundle_id": self.bundle_id, "records": self.records,
             "counts": self.counts, "bytes": self.size, "basis": self.basis, "basis_source": self.basis_source,
             "result": self.result,
+            "already_on_drive": str(self.already_on_drive) if self.already_on_drive else None,
+            "replaced": self.replaced,
         }
 
 
@@ -81,6 +88,13 @@ def _most(knowledge: Mapping[str, Mapping[str, int]]) -> dict[str, int]:
         for inst, ctr in counters.items():
             out[inst] = max(out.get(inst, 0), ctr)
     return out
+
+
+def _carries(basis: Mapping[str, Mapping[str, int]], result: Mapping[str, Mapping[str, int]], other_basis: Mapping[str, Mapping[str, int]],
+             other_result: Mapping[str, Mapping[str, int]], prefixes: Sequence[str]) -> bool:
+    """Whether a bundle (``basis`` -> ``result``) carries everything another carries, prefix by prefix."""
+    return all(drive.covers(kn.flat(basis, (p,)), kn.flat(result, (p,)), kn.flat(other_basis, (p,)),
+                            kn.flat(other_result, (p,))) for p in prefixes)
 
 
 def _now_text(now: datetime.datetime | None) -> str:
@@ -141,17 +155,53 @@ def outgoing_lines(
                 yield [line for (line,) in rows]
 
 
+Progress = Callable[[int, int], None]
+"""Told (records done, records expected) as a sync goes; the CLI draws a progress bar with it."""
+
+DEFAULT_MAX_SIZE = 4000 << 20
+"""Largest bundle file written by default: below FAT32's 4 GiB file limit, with room to spare."""
+
+COMPRESSION_GUESS = 3
+"""Record lines shrink at least this much in zstd (JSON rows shrink 5-10x): the free-space estimate."""
+
+_HEAD_BYTES = 260
+"""Bytes of a record line besides its data: the JSON head (ids, clock, version vector)."""
+
+
+def estimate(conn: sqlite3.Connection, profile: Profile, basis: Mapping[str, int]) -> tuple[int, int]:
+    """(records, raw bytes) an export above ``basis`` will write, at most; cheap (index counts, sampled sizes).
+
+    The filter is ignored, so this is an upper bound for a narrower export.
+    """
+    records = raw = 0
+    for table in profile.tables:
+        count = 0
+        for inst in list(_writers(conn, table.name)):
+            count += conn.execute("SELECT count(*) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+                                  (table.name, inst, basis.get(inst, 0))).fetchone()[0]
+        if count:
+            avg = conn.execute("SELECT avg(length(CAST(data AS BLOB))) FROM (SELECT data FROM bundlesync_store "
+                               "WHERE model = ? LIMIT 256)", (table.name,)).fetchone()[0] or 0
+            records += count
+            raw += int(count * (avg + _HEAD_BYTES))
+    return records, raw
+
+
 class ExportWork(FacilityDataSyncHook):
     """bundlesync's own export work, one operation per stage."""
 
     def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
                  since: Path | None, plugins: PluginSet, now: datetime.datetime | None,
-                 key: SigningKey | None = None) -> None:
+                 require_mount: bool = False, max_size: int | None = None, progress: Progress | None = None,
+                 supersede: bool = False, key: SigningKey | None = None) -> None:
         self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
+        self.require_mount, self.max_size, self.progress = require_mount, max_size, progress
+        self.supersede = supersede
         self.skipped_receipts: list[str] = []
         self.scope_prefixes: tuple[str, ...] = ()
+        self.on_drive: list[drive.DriveBundle] = []
         self.key = key
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
@@ -174,6 +224,8 @@ class ExportWork(FacilityDataSyncHook):
             prefixes = mine.read
         else:
             prefixes = mine.write  # a single-user device only sends what it may sign for
+        if self.require_mount:
+            drive.require_mount(self.out_dir, self.device.home)
         if not self.out_dir.is_dir():
             raise StateError(f"output folder {self.out_dir} does not exist: create it or mount the drive")
         ctx.filter = tuple(prefixes)
@@ -216,14 +268,53 @@ class ExportWork(FacilityDataSyncHook):
         )
         ctx.manifest = manifest
         self.result.result = result
-        name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
+        own = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-"
+        name = drive.require_fat_safe(f"{own}{counter:06d}-{self.result.bundle_id[:8]}.bsync")
+        # A killed run of this device left these; the home lock says no run of ours is writing them now.
+        self.result.removed_partials = [p.name for p in drive.remove_stale_partials(self.out_dir, own)]
+        self.on_drive = drive.own_bundles(self.out_dir, ctx.dataset_id, me, ctx.filter) if self.supersede else []
+        for earlier in self.on_drive:
+            m = earlier.manifest
+            assert m is not None
+            # While a reader's receipt is stale every run has the same basis: a bundle already on the
+            # drive carries all of it, so another copy would change nothing.
+            if _carries(m.basis, kn.clip(m.held, m.filter), self.result.basis, result, ctx.filter) \
+                    and self._intact(earlier.path):
+                self.result.already_on_drive = earlier.path
+                return
+        total, raw = estimate(conn, ctx.profile, kn.flat(self.result.basis, ctx.filter))
+        if total:
+            drive.check_free(self.out_dir, raw // COMPRESSION_GUESS)
         key = self.key or self.device.keys.signing_key(self.chain)
-        self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
+        self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d),
+                                             max_volume=self.max_size)
         counts = self.result.counts
         for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
             self.writer.write_records(lines)
+            if self.progress is not None:
+                self.progress(self.writer.records, max(total, self.writer.records))
         self.result.records = self.writer.records
         ctx.counts["records"], ctx.counts["by_model"] = self.result.records, counts
+
+    def _intact(self, path: Path) -> bool:
+        """Whether a bundle of ours on the drive reads back whole and signed by us."""
+        try:
+            info = container.read_info(path)
+            container.verify_digest(info)
+            verify(self.chain[0].subject_key, "bundle", info.digest, info.signature)
+        except BundlesyncError:
+            return False
+        return True
+
+    def replace_superseded(self) -> None:
+        """Remove this device's earlier bundles on the drive whose whole content the new one carries."""
+        r = self.result
+        for earlier in self.on_drive:
+            m = earlier.manifest
+            assert m is not None
+            if _carries(r.basis, r.result, m.basis, kn.clip(m.held, m.filter), r.filter):
+                remove_bundle_files(earlier.path)
+                r.replaced.append(earlier.name)
 
     # TRANSFERRING
     def transfer(self, ctx: SyncContext) -> None:
@@ -254,7 +345,7 @@ class ExportWork(FacilityDataSyncHook):
         if self.writer is not None:
             self.writer.abort()
         if self.path is not None:
-            self.path.unlink(missing_ok=True)
+            remove_bundle_files(self.path)
 
 
 def export_bundle(
@@ -268,8 +359,20 @@ def export_bundle(
     plugins: PluginSet | None = None,
     warn: Warn | None = None,
     now: datetime.datetime | None = None,
+    require_mount: bool = False,
+    max_size: int | None = DEFAULT_MAX_SIZE,
+    progress: Progress | None = None,
+    supersede: bool = False,
 ) -> ExportResult:
-    """Export what the receiver lacks as one signed bundle in ``out_dir``."""
+    """Export what the receiver lacks as one signed bundle in ``out_dir``.
+
+    ``require_mount``: refuse a folder that is not on a mounted drive (:func:`drive.require_mount`).
+    ``max_size``: split the bundle into volumes of at most this many bytes (None: one file).
+    ``progress``: called with (records written, records expected) as the bundle is written.
+    ``supersede``: treat ``out_dir`` as a drive that carries this device's latest state: write
+    nothing if a bundle of ours there already carries everything this export would, and remove
+    our earlier bundles there that the new one carries (the CLI does; an archive folder must not).
+    """
     plugins = plugins or PluginSet()
     conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
@@ -284,7 +387,8 @@ def export_bundle(
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
-    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now, key=key)
+    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now,
+                      require_mount=require_mount, max_size=max_size, progress=progress, supersede=supersede, key=key)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):
@@ -303,6 +407,8 @@ def export_bundle(
         work.discard()
         raise
     work.result.path = work.path
+    if work.path is not None:
+        work.replace_superseded()  # only now: the new bundle is verified and its transfer recorded
     for line in work.skipped_receipts:
         (warn or (lambda _: None))(f"warning: ignored receipt {line}")
     plugins.transfer_hooks("post_transfer", ctx, warn or (lambda _: None))

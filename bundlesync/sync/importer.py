@@ -26,7 +26,7 @@ recognised after the checks and changes nothing.
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +61,9 @@ __all__ = [
     "import_bundle",
     "verify_bundle",
 ]
+
+Progress = Callable[[int, int], None]
+"""Told (records applied, records in the bundle) as the import goes; the CLI draws a progress bar."""
 
 APPLY_BATCH_BYTES = 2 << 20
 """Record lines merged and written per batch: bounds memory (decoded rows) whatever the bundle size."""
@@ -183,8 +186,8 @@ def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
 class ImportWork(FacilityDataSyncHook):
     """bundlesync's own import work, one operation per stage."""
 
-    def __init__(self, device: Device, path: Path, plugins: PluginSet) -> None:
-        self.device, self.source, self.plugins = device, path, plugins
+    def __init__(self, device: Device, path: Path, plugins: PluginSet, progress: Progress | None = None) -> None:
+        self.device, self.source, self.plugins, self.progress = device, path, plugins, progress
         self.staged = device.staging / f"{path.name}.importing"
         self.verified: VerifiedBundle | None = None
         self.result = ImportResult("", path)
@@ -243,13 +246,25 @@ class ImportWork(FacilityDataSyncHook):
         verified = self._verified()
         with suppressed(ctx.connection):
             self.result.dequeue = dequeue(
-                ctx.connection, ctx.profile, container.iter_record_batches(verified.info, APPLY_BATCH_BYTES),
+                ctx.connection, ctx.profile, self._reported(container.iter_record_batches(verified.info, APPLY_BATCH_BYTES)),
                 signer_write=verified.signer_scope.write, local_read=self._local_read(ctx),
                 bundle_id=self.result.bundle_id, detected_at=self.now, written=self.result.deserialize,
                 signer_may_purge=verified.signer.scope == "full",
             )
         ctx.counts["received"] = self.result.dequeue.received
         ctx.counts["outcomes"] = dict(self.result.dequeue.outcomes)
+
+    def _reported(self, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
+        """The batches, telling :attr:`progress` how many records were applied after each."""
+        if self.progress is None:
+            yield from batches
+            return
+        total = int(str(self._verified().info.summary.get("records", 0)))
+        done = 0
+        for batch in batches:
+            yield batch
+            done += len(batch)
+            self.progress(done, max(total, done))
 
     def _local_read(self, ctx: SyncContext) -> tuple[str, ...]:
         assert ctx.dataset_id is not None
@@ -332,7 +347,8 @@ def exit_rank(code: int) -> int:
 def bundles_to_import(names: Sequence[str]) -> list[Path]:
     """The bundles named on the command line, each folder replaced by the bundles in it.
 
-    A folder's bundles (``*.bsync``; ``*.partial`` files are unfinished writes) come in the
+    A folder's bundles (``*.bsync``, or the first volume of a split one; ``*.partial`` files are
+    unfinished writes) come in the
     order that avoids needless waits and gaps: by sender, then by the sender's counter, so
     each writer's history arrives in the order it was written. Files whose header cannot be
     read come last (importing them reports why).
@@ -344,7 +360,8 @@ def bundles_to_import(names: Sequence[str]) -> list[Path]:
             out.append(path)
             continue
         keyed: list[tuple[tuple[int, str, int, str], Path]] = []
-        for bundle in path.glob("*.bsync"):
+        # A bundle split into volumes is imported once, through its first volume.
+        for bundle in sorted({*path.glob("*.bsync"), *path.glob("*.bsync.001-of-[0-9][0-9][0-9]")}):
             try:
                 m = Manifest.from_dict(container.read_info(bundle).manifest)
                 key = (0, m.sender_instance, m.sender_counter, m.created_at)
@@ -357,14 +374,14 @@ def bundles_to_import(names: Sequence[str]) -> list[Path]:
 
 
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
-                  warn: Warn | None = None, receipt: bool = True) -> ImportResult:
+                  warn: Warn | None = None, receipt: bool = True, progress: Progress | None = None) -> ImportResult:
     """Verify, then apply one bundle atomically; a re-import is a no-op."""
     _require_file(path)
     plugins = plugins or PluginSet()
     warn = warn or (lambda _: None)
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
-    work = ImportWork(device, path, plugins)
+    work = ImportWork(device, path, plugins, progress)
     try:
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
         work.stage_and_check()
