@@ -96,7 +96,8 @@ def facility_provision(ctx: click.Context, facility_id: str, quiet: bool) -> Non
     """Make this device the facility's authority (root key and certificate)."""
     with _device(ctx) as device:
         dataset_id, fac = device.resolve_facility(facility_id)
-        cert = provision_facility(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name)
+        cert = provision_facility(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name,
+                                  instance_id=device.instance_id)
         _say(f"this device is the authority of facility {fac} (dataset {dataset_id}); certificate {cert.cert_id}", quiet=quiet)
 
 
@@ -109,8 +110,10 @@ def cert() -> None:
 @click.option("--facility", "facility_id", required=True)
 @click.option("--scope", required=True, help="full, or user:USER_ID")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--valid-days", type=click.IntRange(min=1), default=None,
+              help="Ask for a certificate that expires after N days (the authority may shorten it).")
 @click.pass_context
-def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str) -> None:
+def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str, valid_days: int | None) -> None:
     """Write a certificate request for the facility's authority; prints its path."""
     with _device(ctx) as device:
         try:
@@ -118,18 +121,21 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str)
         except BundlesyncError:
             dataset_id, fac = "", facility_id  # a fresh device may not know the facility yet
         path = request_certificate(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name,
-                                      scope=scope, instance_id=device.instance_id, out_dir=Path(out_dir))
+                                      scope=scope, instance_id=device.instance_id, out_dir=Path(out_dir),
+                                   valid_days=valid_days)
         click.echo(str(path))
 
 
 @cert.command("issue")
 @click.argument("request", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--valid-days", type=click.IntRange(min=1), default=None,
+              help="The certificate expires after N days (never later than the request asks or the issuer's own).")
 @click.pass_context
-def cert_issue(ctx: click.Context, request: str, out_dir: str) -> None:
+def cert_issue(ctx: click.Context, request: str, out_dir: str, valid_days: int | None) -> None:
     """On the authority: sign a request; prints the grant's path."""
     with _device(ctx) as device:
-        click.echo(str(issue_grant(device.keys, Path(request), Path(out_dir))))
+        click.echo(str(issue_grant(device.keys, Path(request), Path(out_dir), valid_days=valid_days)))
 
 
 @cert.command("install")

@@ -225,7 +225,8 @@ def setup_pair(base: Path, a_db: Path, b_db: Path, facility: str) -> tuple[Path,
     with Device.open(home_a) as dev:
         queued = pending_changes(dev.conn)
         dataset_id, fac = dev.resolve_facility(facility)
-        provision_facility(dev.keys, dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name)
+        provision_facility(dev.keys, dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name,
+                           instance_id=dev.instance_id)
     init_device(home_b, b_db, PROFILE)
     with Device.open(home_b) as dev:
         try:

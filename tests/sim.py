@@ -42,7 +42,8 @@ class World:
             world.devices.append(Device.open(root / f"home{i}"))
         first = world.devices[0]
         dataset_id, fac = first.resolve_facility(facility)
-        provision_facility(first.keys, dataset_id=dataset_id, facility_id=fac, profile=first.profile.name)
+        provision_facility(first.keys, dataset_id=dataset_id, facility_id=fac, profile=first.profile.name,
+                           instance_id=first.instance_id)
         for i, dev in enumerate(world.devices[1:], start=1):
             scope = (scopes or {}).get(i, "full")
             request = request_certificate(dev.keys, dataset_id=None, facility_id=fac, profile=dev.profile.name, scope=scope,

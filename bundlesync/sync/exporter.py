@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bundlesync import __version__
 from bundlesync.format import container as container
@@ -136,37 +137,49 @@ class ExportWork(FacilityDataSyncHook):
     def _choose_basis(self, ctx: SyncContext) -> tuple[dict[str, int], str]:
         """What the receivers are assumed to hold already, and why.
 
-        ``--full``: nothing. ``--since RECEIPT``: what that peer holds. Else, if the
-        output folder holds receipts of peers: what the least up-to-date of them holds.
-        Else the result of this device's last export of the same filter (a receiver
-        that missed that one reports the gap).
+        ``--full``: nothing. ``--since RECEIPT``: what that peer holds. Else the pointwise
+        minimum of every receipt in the output folder that its signer may make (see
+        :func:`read_receipt`), so the bundle carries what the least up-to-date reader of
+        the drive lacks. A receipt narrower than the export's filter still lowers the
+        basis, but speaks for nobody outside its filter: when no receipt covers the whole
+        filter, the result of this device's last export of the same filter (a receiver
+        that missed that one reports the gap) joins the minimum.
         """
         assert ctx.dataset_id is not None
+        keys, profile = self.device.keys, ctx.profile
         if self.full:
             return {}, "full"
         if self.since is not None:
-            receipt = read_receipt(self.since, self.device.keys)
+            receipt = read_receipt(self.since, keys, profile)
             if receipt.dataset_id != ctx.dataset_id:
                 raise StateError(f"receipt {self.since.name} is for another facility: pick one of {ctx.facility_id}")
-            return dict(receipt.fsic), f"receipt of {receipt.instance_id[:8]}"
-        receipts, skipped = find_receipts(self.out_dir, self.device.keys, ctx.dataset_id, ctx.instance_id)
-        # A receipt speaks only for its own filter: a narrower one says nothing about the rest of ours.
-        narrower = [r for r in receipts if not covered(ctx.filter, r.filter)]
-        receipts = [r for r in receipts if r not in narrower]
-        self.skipped_receipts = skipped + [
-            f"receipt of {r.instance_id[:8]}: it covers {', '.join(r.filter)}, not this export's filter" for r in narrower
-        ]
-        if receipts:
-            peers = ", ".join(sorted(r.instance_id[:8] for r in receipts))
-            return fsic_mod.pointwise_min(r.fsic for r in receipts), f"receipts of {peers}"
+            receipts = [receipt]
+        else:
+            receipts, self.skipped_receipts = find_receipts(
+                self.out_dir, keys, profile, ctx.dataset_id, ctx.instance_id)
+        for r in receipts:
+            self._remember_signer(r.chain)
+        bases = [dict(r.fsic) for r in receipts]
+        peers = ", ".join(sorted(r.instance_id[:8] for r in receipts))
+        if any(covered(ctx.filter, r.filter) for r in receipts):
+            label = "receipt" if self.since is not None else "receipts"
+            return fsic_mod.pointwise_min(bases), f"{label} of {peers}"
         row = ctx.connection.execute(
             "SELECT result_fsic, bundle_id FROM bundlesync_transfers WHERE direction = 'export' AND dataset_id = ? "
             "AND filter = ? ORDER BY id DESC LIMIT 1",
             (ctx.dataset_id, "\n".join(ctx.filter)),
         ).fetchone()
-        if row is None:
-            return {}, "first export"
-        return dict(json.loads(row[0])), f"since last export {row[1][:8]}"
+        fallback, source = ({}, "first export") if row is None else (
+            dict(json.loads(row[0])), f"since last export {row[1][:8]}")
+        if receipts:
+            return fsic_mod.pointwise_min([fallback, *bases]), f"{source}, lowered by receipts of {peers}"
+        return fallback, source
+
+    def _remember_signer(self, chain: Sequence[Mapping[str, Any]]) -> None:
+        """Keep a verified peer's certificate: later exports may be encrypted to it."""
+        leaf = Certificate.from_dict(chain[0])
+        if leaf.subject_key != self.chain[0].subject_key:
+            self.device.keys.save_peer(leaf)
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:

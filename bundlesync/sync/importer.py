@@ -26,6 +26,7 @@ recognised after the checks and changes nothing.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ from bundlesync.trust.scope import ScopeFilters, scope_filters
 from bundlesync.replica.store import record_transfer, serialize_changes
 from bundlesync.replica.tracking import suppressed
 
-__all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
+__all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "read_records", "verify_bundle"]
 
 APPLY_BATCH_BYTES = 2 << 20
 """Record lines merged and written per batch: bounds memory (decoded rows) whatever the bundle size."""
@@ -132,6 +133,12 @@ def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
     verified = check_trust(device, info)
     _check_payload(info)
     return verified
+
+
+def read_records(device: Device, path: Path) -> Iterator[bytes]:
+    """The record lines of a bundle, after every check :func:`verify_bundle` makes."""
+    verified = verify_bundle(device, path)
+    yield from container.iter_records(verified.info)
 
 
 class ImportWork(FacilityDataSyncHook):
