@@ -26,8 +26,8 @@ from bundlesync.sync.exporter import export_bundle
 from bundlesync.sync.importer import import_bundle, verify_bundle
 from bundlesync.plugins.loader import PluginSet
 from bundlesync.sync.purge import purge_user
-from bundlesync.sync.status import device_status, list_conflicts
-from bundlesync.trust.authority import issue_grant, provision_facility
+from bundlesync.sync.status import certificate_listing, device_status, list_conflicts
+from bundlesync.trust.authority import issue_grant, provision_facility, revoke_certificate
 from bundlesync.trust.enrolment import install_grant, request_certificate
 
 __all__ = ["cli", "main"]
@@ -136,6 +136,48 @@ def cert_issue(ctx: click.Context, request: str, out_dir: str, valid_days: int |
     """On the authority: sign a request; prints the grant's path."""
     with _device(ctx) as device:
         click.echo(str(issue_grant(device.keys, Path(request), Path(out_dir), valid_days=valid_days)))
+
+
+@cert.command("revoke")
+@click.argument("cert_id")
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def cert_revoke(ctx: click.Context, cert_id: str, quiet: bool) -> None:
+    """On the authority: revoke a certificate (and all issued under it); later bundles carry it."""
+    with _device(ctx) as device:
+        rev = revoke_certificate(device.keys, cert_id.strip().lower())
+    _say(f"revoked certificate {rev.cert_id} at {rev.revoked_at}; every bundle this device exports from now on "
+         "carries the revocation, and every device that imports one refuses that certificate", quiet=quiet)
+
+
+@cert.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def cert_list(ctx: click.Context, as_json: bool) -> None:
+    """This device's certificates: chain, scopes, expiry, fingerprints, recipients, revocations."""
+    with _device(ctx) as device:
+        listing = certificate_listing(device)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2, sort_keys=True))
+        return
+    lines = [f"device     instance {listing['instance_id']}", f"recipient  {listing['recipient']}"]
+    for f in listing["facilities"]:
+        role = "authority" if f["authority"] else "member"
+        lines.append(f"facility   {f['facility_id']} dataset {f['dataset_id']} ({role})")
+        for label, entries in (("chain", f["chain"]), ("peer", f["peers"])):
+            for c in entries:
+                lines.append(
+                    f"  {label:<8} {c['cert_id']} {c['scope']:<10} key {c['fingerprint']} "
+                    f"expires {c['expires_at'] or 'never'}"
+                    + (f" instance {c['instance_id']}" if c["instance_id"] else " (no instance id: re-issue)")
+                    + (f" recipient {c['recipient']}" if c["recipient"] else "")
+                )
+        if f["root"]:
+            lines.append(f"  root     {f['root']['cert_id']} key {f['root']['fingerprint']}")
+        for r in f["revocations"]:
+            lines.append(f"  revoked  {r['cert_id']} at {r['revoked_at']} by {r['revoked_by']}")
+        lines += [f"  {w}" for w in f["warnings"]]
+    click.echo("\n".join(lines))
 
 
 @cert.command("install")
@@ -294,6 +336,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     for f in st["facilities"]:
         role = "authority" if f["authority"] else (f["scope"] or "trusted, no certificate")
         lines.append(f"facility   {f['facility_id']} dataset {f['dataset_id']} ({role})")
+        lines += [f"  {w}" for w in f["warnings"]]
         for inst, ctr in sorted(f["fsic"].items()):
             lines.append(f"  holds    {inst} up to {ctr}")
         for g in f["gaps"]:

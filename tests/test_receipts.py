@@ -235,3 +235,25 @@ def test_the_next_bundle_plus_what_each_honest_reader_holds_covers_everything(
                 continue
             assert (model, record_id, writer, ctr) in carried or _holds(w, reader, model, record_id, writer, ctr), (
                 f"reader {reader} would miss {model} {record_id} ({writer[:8]}:{ctr})")
+
+
+def test_a_receipt_under_a_certificate_without_instance_id_is_ignored_with_a_hint_to_reissue(pair: Pair) -> None:
+    """Certificates issued before they named their device cannot bind a receipt."""
+    from bundlesync.trust.certs import issue_certificate
+    from bundlesync.trust.keystore import KeyStore
+
+    dataset_id = str(_status(pair.a)["facilities"][0]["dataset_id"])  # type: ignore[index]
+    b_keys = KeyStore(pair.b)
+    chain = b_keys.device_chain(dataset_id)
+    root_key = KeyStore(pair.a).root_key(dataset_id)
+    assert chain is not None and root_key is not None
+    legacy = issue_certificate(chain[1], root_key, chain[0].subject_key, "full")  # no instance id
+    b_keys.save_device_chain((legacy, chain[1]))
+    run_cli(pair.b, "import", run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line)
+    receipt = next(pair.usb.glob("receipt-*.json")).name
+    conn = sqlite3.connect(pair.a_db)
+    conn.execute("UPDATE kolibriauth_facilityuser SET full_name = 'x' WHERE id = (SELECT min(id) FROM kolibriauth_facilityuser)")
+    conn.commit()
+    conn.close()
+    res = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb))
+    assert f"ignored receipt {receipt}" in res.err and legacy.cert_id in res.err and "re-issue" in res.err

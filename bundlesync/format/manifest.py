@@ -47,6 +47,7 @@ class Manifest:
     basis_fsic: Mapping[str, int]
     result_fsic: Mapping[str, int]
     operations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    revocations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written into the bundle."""
@@ -64,6 +65,7 @@ class Manifest:
             "basis_fsic": dict(self.basis_fsic),
             "result_fsic": dict(self.result_fsic),
             "operations": [dict(o) for o in self.operations],
+            **({"revocations": [dict(r) for r in self.revocations]} if self.revocations else {}),
         }
 
     @classmethod
@@ -79,6 +81,9 @@ class Manifest:
             chain = raw["chain"]
             if not isinstance(chain, list) or not chain or not all(isinstance(c, dict) for c in chain):
                 raise FormatError("bundle manifest has no certificate chain")
+            revocations = raw.get("revocations", [])
+            if not isinstance(revocations, list) or not all(isinstance(r, dict) for r in revocations):
+                raise FormatError("bundle manifest field revocations is not a list")
             operations = raw.get("operations", [])
             if not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
                 raise FormatError("bundle manifest field operations is not a list")
@@ -98,6 +103,7 @@ class Manifest:
                 basis_fsic=fsic_from_json(raw["basis_fsic"], "basis_fsic"),
                 result_fsic=fsic_from_json(raw["result_fsic"], "result_fsic"),
                 operations=tuple(operations),
+                revocations=tuple(revocations),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"bundle manifest is missing or mangles field {exc}; the file is not usable") from exc

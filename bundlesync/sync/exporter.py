@@ -32,9 +32,10 @@ from bundlesync.format import container as container
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.trust.crypto import verify
 from bundlesync.replica.db import read_transaction, write_transaction
-from bundlesync.trust.certs import Certificate
+from bundlesync.trust.certs import Certificate, verify_chain
+from bundlesync.trust.revocation import check_not_revoked
 from bundlesync.device import Device
-from bundlesync.errors import StateError, SyncError
+from bundlesync.errors import StateError, SyncError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.manifest import Manifest
 from bundlesync.format.records import LINE_SQL
@@ -201,6 +202,8 @@ class ExportWork(FacilityDataSyncHook):
             sender_instance=me, sender_counter=counter, chain=tuple(c.to_dict() for c in self.chain),
             basis_fsic=self.result.basis, result_fsic=held,
             operations=tuple(self.plugins.manifest_entries(EXPORT_STAGES)),
+            # Every revocation this device knows travels on: revocations spread like records.
+            revocations=tuple(r.to_dict() for r in self.device.keys.revocations(ctx.dataset_id)),
         )
         ctx.manifest = manifest
         self.result.result = held
@@ -245,6 +248,42 @@ class ExportWork(FacilityDataSyncHook):
             self.path.unlink(missing_ok=True)
 
 
+EXPIRY_WARNING_DAYS = 30
+"""An export (and ``status``) warns when the device's own certificate expires sooner than this."""
+
+
+def check_own_certificate(device: Device, dataset_id: str, chain: Sequence[Certificate], warn: Warn, *,
+                          now: datetime.datetime | None = None) -> None:
+    """Refuse to sign with an expired or revoked certificate; warn when it expires soon.
+
+    Raises:
+        TrustError: The certificate (or one of its issuers) expired or is revoked.
+    """
+    root = device.keys.trusted_root(dataset_id)
+    if root is None:
+        raise StateError(f"this device trusts no root for dataset {dataset_id}: install the facility's grant again")
+    try:
+        verify_chain(chain, root, dataset_id=dataset_id, now=now)
+    except TrustError as exc:
+        raise TrustError(f"this device cannot sign bundles: {exc}") from exc
+    check_not_revoked(chain, device.keys.revocations(dataset_id), what="this device's own certificate")
+    message = expiry_warning(chain[0], now=now)
+    if message:
+        warn(f"warning: {message}")
+
+
+def expiry_warning(cert: Certificate, *, now: datetime.datetime | None = None) -> str | None:
+    """A one-line warning if ``cert`` expires within :data:`EXPIRY_WARNING_DAYS`, else None."""
+    if cert.expires_at is None:
+        return None
+    moment = now or datetime.datetime.now(datetime.timezone.utc)
+    left = datetime.datetime.fromisoformat(cert.expires_at.replace("Z", "+00:00")) - moment
+    if left > datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+        return None
+    return (f"this device's certificate {cert.cert_id} ({cert.scope}) expires at {cert.expires_at}, in "
+            f"{max(left.days, 0)} day(s): run `bundlesync cert request` and have the authority issue a new one")
+
+
 def export_bundle(
     device: Device,
     facility: str,
@@ -267,6 +306,7 @@ def export_bundle(
             f"this device holds no certificate for facility {facility}: run `bundlesync facility provision` "
             "on the facility's authority, or `bundlesync cert request` here and `cert install` the grant"
         )
+    check_own_certificate(device, dataset_id, chain, warn or (lambda _: None), now=now)
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)

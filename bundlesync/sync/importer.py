@@ -44,6 +44,7 @@ from bundlesync.format.manifest import Manifest
 from bundlesync.plugins.operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.trust.receipts import make_receipt, write_receipt
+from bundlesync.trust.revocation import Revocation, check_not_revoked, parse_revocations
 from bundlesync.partitions import covered, within
 from bundlesync.trust.scope import ScopeFilters, scope_filters
 from bundlesync.replica.store import record_transfer, serialize_changes
@@ -63,6 +64,7 @@ class VerifiedBundle:
     manifest: Manifest
     signer: Certificate
     signer_scope: ScopeFilters
+    revocations: tuple[Revocation, ...] = ()
 
 
 @dataclass
@@ -100,7 +102,14 @@ def check_trust(device: Device, info: container.BundleInfo, *, shown_as: str | N
         chain = [Certificate.from_dict(c) for c in manifest.chain]
     except CertError as exc:
         raise TrustError(f"bundle's certificate chain is malformed ({exc}); refusing it") from exc
-    signer = verify_chain(chain, root, dataset_id=manifest.dataset_id)
+    name = shown_as or info.path.name
+    try:
+        signer = verify_chain(chain, root, dataset_id=manifest.dataset_id)
+    except TrustError as exc:
+        raise TrustError(f"{name}: {exc}") from exc
+    # Revocations this device holds, and those the bundle carries (verified against the root).
+    carried = parse_revocations(list(manifest.revocations), root)
+    check_not_revoked(chain, [*device.keys.revocations(manifest.dataset_id), *carried], what=f"bundle {name}")
     try:
         verify(signer.subject_key, "bundle", info.digest, info.signature)
     except TrustError as exc:
@@ -110,7 +119,8 @@ def check_trust(device: Device, info: container.BundleInfo, *, shown_as: str | N
         ) from exc
     if not covered(list(manifest.filter), [manifest.dataset_id]):
         raise TrustError(f"bundle filter {list(manifest.filter)} reaches outside its facility: refusing it")
-    return VerifiedBundle(info, manifest, signer, scope_filters(profile, manifest.dataset_id, signer.scope))
+    return VerifiedBundle(info, manifest, signer, scope_filters(profile, manifest.dataset_id, signer.scope),
+                          tuple(carried))
 
 
 def _check_payload(info: container.BundleInfo) -> None:
@@ -293,6 +303,12 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
                     plugins.run_stage(stage, ctx, work)
     finally:
         work.staged.unlink(missing_ok=True)
+    # After the commit: what the verified bundle taught us about the facility's devices.
+    verified = work._verified()
+    for rev in verified.revocations:
+        device.keys.save_revocation(rev)
+    if verified.signer.subject_key != device.keys.device_key().public_key:
+        device.keys.save_peer(verified.signer)
     if receipt and ctx.dataset_id is not None:
         try:
             work.result.receipt = leave_receipt(device, ctx.dataset_id, path.parent)

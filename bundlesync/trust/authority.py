@@ -2,7 +2,7 @@
 
 ``facility provision`` makes this device the facility's authority (root key, trusted root,
 its own full-scope certificate); ``cert issue`` signs a request file from another device
-into a grant file. Both read and write the home through :class:`KeyStore`.
+into a grant file; ``cert revoke`` signs a revocation that travels in later bundles. Both read and write the home through :class:`KeyStore`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ from bundlesync.trust.certs import (
     verify_chain,
 )
 from bundlesync.trust.keystore import KeyStore
+from bundlesync.trust.revocation import Revocation, make_revocation, verify_revocation
 
-__all__ = ["issue_grant", "provision_facility"]
+__all__ = ["issue_grant", "provision_facility", "revoke_certificate"]
 
 
 def provision_facility(
@@ -189,3 +190,46 @@ def _authority_dataset_of(
             f"({', '.join(found)}); make the request with the dataset id as --facility"
         )
     return found[0] if found else None
+
+
+def revoke_certificate(store: KeyStore, cert_id: str, *, now: datetime | None = None) -> Revocation:
+    """Revoke certificate ``cert_id`` with the root key of the facility it belongs to.
+
+    The revocation is kept in the home; every later bundle of this device carries it, and
+    every device that imports one keeps and relays it in turn. Revoking again changes nothing.
+
+    Raises:
+        CertError: ``cert_id`` is not a certificate id, or it is the facility's root.
+        StateError: This device is the authority of no facility (or of several, and
+            none of them knows the certificate).
+    """
+    if len(cert_id) != 32 or any(c not in "0123456789abcdef" for c in cert_id):
+        raise CertError(f"{cert_id!r} is not a certificate id (32 lowercase hex characters); "
+                        "see `bundlesync cert list` or the certificate's grant file")
+    mine = [ds for ds in store.datasets() if store.root_key(ds) is not None]
+    if not mine:
+        raise StateError("this device is not the authority of any facility; run `bundlesync cert revoke` on the "
+                         "facility's authority (the device that ran `facility provision`)")
+
+    def knows(ds: str) -> bool:
+        own = store.device_chain(ds) or ()
+        return any(c.cert_id == cert_id for c in (*own, *store.peers(ds)))
+
+    known = [ds for ds in mine if knows(ds)]
+    if len(known) != 1 and len(mine) != 1:
+        raise StateError(f"certificate {cert_id} is not one this device issued or has seen; revoke it on the "
+                         "authority of its facility")
+    dataset_id = known[0] if len(known) == 1 else mine[0]
+    root, root_key = store.trusted_root(dataset_id), store.root_key(dataset_id)
+    assert root is not None and root_key is not None
+    store.check_root_key(root, root_key)
+    if cert_id == root.cert_id:
+        raise CertError(f"{cert_id} is the facility's root certificate, which cannot be revoked; "
+                        "revoke the device certificates instead")
+    existing = [r for r in store.revocations(dataset_id) if r.cert_id == cert_id]
+    if existing:
+        return existing[0]
+    rev = make_revocation(cert_id, root_key, (root,), now=now)
+    verify_revocation(rev, root)
+    store.save_revocation(rev)
+    return rev
