@@ -198,18 +198,25 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
 @click.option("--user", "user_id", default=None, help="Only what user USER_ID's single-user device may read.")
 @click.option("--since", "since", default=None, type=click.Path(dir_okay=False),
               help="Only what the device that wrote this receipt lacks.")
+@click.option("--no-encrypt", is_flag=True,
+              help="Write the records in the clear (by default they are encrypted to the devices that may read them).")
+@click.option("--encrypt-to", "encrypt_to", multiple=True, metavar="RECIPIENT",
+              help="Also encrypt to this age recipient (age1...; see `bundlesync cert list` on that device).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 @click.pass_context
 def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, user_id: str | None,
-               since: str | None, quiet: bool, as_json: bool) -> None:
+               since: str | None, no_encrypt: bool, encrypt_to: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
     with _device(ctx) as device:
         if full and since:
             raise click.UsageError("--full and --since exclude each other")
+        if no_encrypt and encrypt_to:
+            raise click.UsageError("--no-encrypt and --encrypt-to exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
                                since=Path(since) if since else None,
-                               plugins=_plugins(ctx, device), warn=_warn)
+                               plugins=_plugins(ctx, device), warn=_warn, encrypt=not no_encrypt,
+                               encrypt_to=encrypt_to)
     if as_json:
         click.echo(json.dumps({
             "path": str(result.path) if result.path else None, "bundle_id": result.bundle_id,
@@ -290,8 +297,11 @@ def verify_cmd(ctx: click.Context, bundle: str, quiet: bool) -> None:
 def inspect_cmd(bundle: str, as_json: bool) -> None:
     """Show a bundle's manifest and summary (structure is checked, trust is not)."""
     info = container.read_info(Path(bundle))
+    encryption: Any = info.manifest.get("encryption")
+    recipients = list(encryption.get("recipients", [])) if isinstance(encryption, dict) else []
     doc = {"path": bundle, "format_version": info.version, "size": info.size, "manifest": info.manifest,
-           "summary": info.summary, "digest": info.digest.hex()}
+           "summary": info.summary, "digest": info.digest.hex(),
+           "encrypted": bool(info.flags & container.FLAG_ENCRYPTED), "recipients": recipients}
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
@@ -310,6 +320,10 @@ def inspect_cmd(bundle: str, as_json: bool) -> None:
         f"result     {json.dumps(m.get('result_fsic'), sort_keys=True)}",
         f"records    {s.get('records')}",
     ]
+    if doc["encrypted"]:
+        lines.insert(6, f"encrypted  to {len(recipients)} recipient(s): {', '.join(recipients)}")
+    else:
+        lines.insert(6, "encrypted  no: the records are in the clear (exported with --no-encrypt)")
     counts: Any = s.get("counts", {})
     lines += [f"  {model:<36} {n}" for model, n in sorted(counts.items())]
     click.echo("\n".join(lines))

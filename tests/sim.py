@@ -49,6 +49,13 @@ class World:
             request = request_certificate(dev.keys, dataset_id=None, facility_id=fac, profile=dev.profile.name, scope=scope,
                                           instance_id=dev.instance_id, out_dir=drive)
             install_grant(dev.keys, issue_grant(first.keys, request, drive))
+        # Every device has met every other (their certificates), so relays are encrypted to all who may read.
+        leaves = [dev.keys.device_chain(dataset_id) for dev in world.devices]
+        for dev in world.devices:
+            for chain in leaves:
+                assert chain is not None
+                if chain[0].subject_key != dev.keys.device_key().public_key:
+                    dev.keys.save_peer(chain[0])
         return world
 
     def close(self) -> None:

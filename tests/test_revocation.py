@@ -70,7 +70,8 @@ def test_a_revoked_certificate_is_refused_in_bundles_relays_and_receipts(pair: P
     # The revocation travels: A -> B, then B relays it to C, who never saw A's bundle.
     run_cli(pair.b, "import", str(_export(pair.a, pair.facility, pair.usb)))
     assert [r["cert_id"] for r in cert_list(pair.b)["facilities"][0]["revocations"]] == [l_cert]  # type: ignore[index]
-    relay = _export(pair.b, pair.facility, pair.tmp / "b-out", "--full")
+    relay = _export(pair.b, pair.facility, pair.tmp / "b-out", "--full",
+                    "--encrypt-to", str(cert_list(third)["recipient"]))  # B has never met C
     run_cli(third, "import", str(relay))
     before = state(pair.tmp / "devC.sqlite3")
     refused = run_cli(third, "import", str(l_bundle), check=False)

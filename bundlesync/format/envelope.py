@@ -106,8 +106,9 @@ def encrypt_stream(source: BinaryIO, emit: Callable[[bytes], None], recipients: 
         raise ConfigError(f"encrypting the bundle failed: {exc}; check the recipients") from exc
 
 
-def decrypt_stream(source: BinaryIO, length: int, out: BinaryIO, secret: str, *, shown_as: str) -> None:
-    """Decrypt ``length`` bytes of ``source`` (an age file) with ``secret`` into ``out``.
+def decrypt_stream(source: BinaryIO, length: int, emit: Callable[[bytes], None], secret: str, *,
+                   shown_as: str) -> None:
+    """Decrypt ``length`` bytes of ``source`` (an age file) with ``secret``, passing the plaintext to ``emit``.
 
     Raises:
         TrustError: The key is not one of the recipients.
@@ -115,7 +116,7 @@ def decrypt_stream(source: BinaryIO, length: int, out: BinaryIO, secret: str, *,
     """
     identity = x25519.Identity.from_str(secret.strip())
     try:
-        pyrage.decrypt_io(_Window(source, length), out, [identity])  # type: ignore[arg-type]
+        pyrage.decrypt_io(_Window(source, length), _Sink(emit), [identity])  # type: ignore[arg-type]
     except pyrage.DecryptError as exc:
         if "No matching keys" in str(exc):
             raise TrustError(f"{shown_as} is not encrypted to this device's key; ask the sender to export "

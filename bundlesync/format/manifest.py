@@ -17,6 +17,7 @@ from bundlesync.errors import FormatError
 __all__ = ["Manifest", "fsic_from_json"]
 
 MANIFEST_KIND = "bundlesync-bundle"
+ENCRYPTION_SCHEME = "age"
 
 
 def fsic_from_json(raw: object, what: str) -> dict[str, int]:
@@ -48,6 +49,8 @@ class Manifest:
     result_fsic: Mapping[str, int]
     operations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     revocations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    recipients: tuple[str, ...] | None = None
+    """age recipients the payload is encrypted to; None for a bundle exported with --no-encrypt."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written into the bundle."""
@@ -66,6 +69,8 @@ class Manifest:
             "result_fsic": dict(self.result_fsic),
             "operations": [dict(o) for o in self.operations],
             **({"revocations": [dict(r) for r in self.revocations]} if self.revocations else {}),
+            **({"encryption": {"scheme": ENCRYPTION_SCHEME, "recipients": list(self.recipients)}}
+               if self.recipients is not None else {}),
         }
 
     @classmethod
@@ -81,6 +86,17 @@ class Manifest:
             chain = raw["chain"]
             if not isinstance(chain, list) or not chain or not all(isinstance(c, dict) for c in chain):
                 raise FormatError("bundle manifest has no certificate chain")
+            recipients = None
+            if "encryption" in raw:
+                enc = raw["encryption"]
+                if not isinstance(enc, dict) or enc.get("scheme") != ENCRYPTION_SCHEME or set(enc) != {
+                        "scheme", "recipients"}:
+                    raise FormatError(f"bundle manifest field encryption is not {ENCRYPTION_SCHEME!r} with recipients: "
+                                      "upgrade bundlesync on this device")
+                listed = enc["recipients"]
+                if not isinstance(listed, list) or not listed or not all(isinstance(r, str) for r in listed):
+                    raise FormatError("bundle manifest lists no valid recipients")
+                recipients = tuple(listed)
             revocations = raw.get("revocations", [])
             if not isinstance(revocations, list) or not all(isinstance(r, dict) for r in revocations):
                 raise FormatError("bundle manifest field revocations is not a list")
@@ -104,6 +120,7 @@ class Manifest:
                 result_fsic=fsic_from_json(raw["result_fsic"], "result_fsic"),
                 operations=tuple(operations),
                 revocations=tuple(revocations),
+                recipients=recipients,
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"bundle manifest is missing or mangles field {exc}; the file is not usable") from exc

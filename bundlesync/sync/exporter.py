@@ -37,6 +37,7 @@ from bundlesync.trust.revocation import check_not_revoked
 from bundlesync.device import Device
 from bundlesync.errors import StateError, SyncError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
+from bundlesync.format.envelope import check_recipient
 from bundlesync.format.manifest import Manifest
 from bundlesync.format.records import LINE_SQL
 from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
@@ -102,8 +103,10 @@ class ExportWork(FacilityDataSyncHook):
     """bundlesync's own export work, one operation per stage."""
 
     def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
-                 since: Path | None, plugins: PluginSet, now: datetime.datetime | None) -> None:
+                 since: Path | None, plugins: PluginSet, now: datetime.datetime | None,
+                 encrypt: bool = True, encrypt_to: Sequence[str] = ()) -> None:
         self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
+        self.encrypt, self.encrypt_to = encrypt, tuple(encrypt_to)
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
         self.skipped_receipts: list[str] = []
@@ -176,6 +179,24 @@ class ExportWork(FacilityDataSyncHook):
             return fsic_mod.pointwise_min([fallback, *bases]), f"{source}, lowered by receipts of {peers}"
         return fallback, source
 
+    def _recipients(self, ctx: SyncContext) -> list[str]:
+        """This device, every known device whose certificate may read the whole filter, and ``--encrypt-to``.
+
+        Expired and revoked certificates are left out; so is a device that may read only
+        part of the filter (a learner's tablet never receives other learners' data).
+        """
+        assert ctx.dataset_id is not None
+        keys = self.device.keys
+        revoked = {r.cert_id for r in keys.revocations(ctx.dataset_id)}
+        moment = self.now or datetime.datetime.now(datetime.timezone.utc)
+        found = {keys.recipient(), *self.encrypt_to}
+        for cert in keys.peers(ctx.dataset_id):
+            if cert.recipient is None or cert.has_expired(moment) or {cert.cert_id, cert.issuer_id} & revoked:
+                continue
+            if covered(ctx.filter, scope_filters(ctx.profile, ctx.dataset_id, cert.scope).read):
+                found.add(cert.recipient)
+        return sorted(found)
+
     def _remember_signer(self, chain: Sequence[Mapping[str, Any]]) -> None:
         """Keep a verified peer's certificate: later exports may be encrypted to it."""
         leaf = Certificate.from_dict(chain[0])
@@ -204,12 +225,15 @@ class ExportWork(FacilityDataSyncHook):
             operations=tuple(self.plugins.manifest_entries(EXPORT_STAGES)),
             # Every revocation this device knows travels on: revocations spread like records.
             revocations=tuple(r.to_dict() for r in self.device.keys.revocations(ctx.dataset_id)),
+            recipients=tuple(self._recipients(ctx)) if self.encrypt else None,
         )
         ctx.manifest = manifest
         self.result.result = held
         name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
         key = self.device.keys.device_key()
-        self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
+        self.writer = container.BundleWriter(
+            self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d),
+            encrypt_to=manifest.recipients or (), scratch_dir=self.device.staging)
         counts = self.result.counts
         for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
             self.writer.write_records(lines)
@@ -219,12 +243,21 @@ class ExportWork(FacilityDataSyncHook):
     # TRANSFERRING
     def transfer(self, ctx: SyncContext) -> None:
         assert self.writer is not None and ctx.dataset_id is not None
-        self.path = self.writer.finish({"counts": self.result.counts})
+        # Per-table counts say how active a learner was: in the clear only when not encrypted.
+        self.path = self.writer.finish({} if self.encrypt else {"counts": self.result.counts})
         ctx.bundle_path = self.path
         info = container.read_info(self.path)
         container.verify_digest(info)
         verify(self.chain[0].subject_key, "bundle", info.digest, info.signature)
-        seen = sum(len(batch) for batch in container.iter_record_batches(info))
+        readable = info
+        if self.encrypt:
+            plain = self.device.staging / f"{self.path.name}.readback"
+            readable = container.decrypt_payload(info, plain, self.device.keys.encryption_secret())
+        try:
+            seen = sum(len(batch) for batch in container.iter_record_batches(readable))
+        finally:
+            if readable is not info:
+                readable.path.unlink(missing_ok=True)
         if seen != self.result.records:
             raise SyncError(f"bundle {self.path.name} read back {seen} records, wrote {self.result.records}: "
                             "the medium may be faulty; try another drive")
@@ -295,8 +328,17 @@ def export_bundle(
     plugins: PluginSet | None = None,
     warn: Warn | None = None,
     now: datetime.datetime | None = None,
+    encrypt: bool = True,
+    encrypt_to: Sequence[str] = (),
 ) -> ExportResult:
-    """Export what the receiver lacks as one signed bundle in ``out_dir``."""
+    """Export what the receiver lacks as one signed bundle in ``out_dir``.
+
+    The payload is encrypted (age) to this device, every device it knows by certificate
+    that may read the whole filter, and ``encrypt_to``; ``encrypt=False`` writes it in
+    the clear (``--no-encrypt``).
+    """
+    for recipient in encrypt_to:
+        check_recipient(recipient)
     plugins = plugins or PluginSet()
     conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
@@ -310,7 +352,8 @@ def export_bundle(
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
-    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now)
+    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now,
+                      encrypt=encrypt, encrypt_to=encrypt_to)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):
