@@ -49,7 +49,7 @@ def test_a_bundle_cannot_be_read_without_a_recipient_key_and_is_with_one(pair: P
     assert raw[info.payload_offset:].startswith(b"age-encryption.org/v1\n")  # no zstd frame to decompress
     assert "counts" not in info.summary  # per-table activity stays inside
     doc = json.loads(run_cli(None, "inspect", str(bundle), "--json").out)
-    mine, theirs = cert_list(pair.a)["recipient"], cert_list(pair.b)["recipient"]
+    mine, theirs = str(cert_list(pair.a)["recipient"]), str(cert_list(pair.b)["recipient"])
     assert doc["encrypted"] and sorted(doc["recipients"]) == sorted([mine, theirs])
     human = run_cli(None, "inspect", str(bundle)).out
     assert "encrypted  to 2 recipient(s)" in human and str(theirs) in human
