@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bundlesync import __version__
+from bundlesync._version import __version__
 from bundlesync.format import container as container
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.trust.crypto import verify
