@@ -413,18 +413,24 @@ def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zs
 
     # 3b. what encryption costs: the same full export with and without it, and the decryption import adds
     say(f"{tag} encryption cost")
+    # Alternating runs, best of two each, so cache warmth and a busy machine favour neither side.
+    enc_s = clear_s = float("inf")
     with Device.open(home_a) as dev:
-        enc, enc_s = timed(lambda: export_bundle(dev, facility, out, full=True))
-        clear, clear_s = timed(lambda: export_bundle(dev, facility, out, full=True, encrypt=False))
+        for _ in range(2):
+            for encrypt in (False, True):
+                made, took = timed(lambda: export_bundle(dev, facility, out, full=True, encrypt=encrypt))
+                if made.path is not None:
+                    made.path.unlink()
+                if encrypt:
+                    enc_s = min(enc_s, took)
+                else:
+                    clear_s = min(clear_s, took)
     enc_info = container.read_info(bundle_path)
     _, decrypt_s = timed(lambda: container.decrypt_payload(enc_info, base / "cost.plain", secret_a))
     (base / "cost.plain").unlink(missing_ok=True)
-    for extra in (enc.path, clear.path):
-        if extra is not None:
-            extra.unlink()
-    run.add("encrypt_export_s", "encryption: export --full, encrypted (default)", enc_s, "s")
-    run.add("encrypt_export_clear_s", "  export --full --no-encrypt", clear_s, "s")
-    run.add("encrypt_export_cost_pct", "  encryption cost, % of export wall", 100 * (enc_s - clear_s) / clear_s
+    run.add("encrypt_export_s", "encryption: export --full, encrypted (default), best of 2", enc_s, "s")
+    run.add("encrypt_export_clear_s", "  export --full --no-encrypt, best of 2", clear_s, "s")
+    run.add("encrypt_export_cost_pct", "  encryption cost (encrypt + read-back decrypt), % of export wall", 100 * (enc_s - clear_s) / clear_s
             if clear_s else None, "%", target=("<=", 15))
     run.add("encrypt_decrypt_s", "  decrypting the payload (import's extra step)", decrypt_s, "s")
     run.add("encrypt_import_cost_pct", "  decryption, % of import wall", 100 * decrypt_s / (import_s - decrypt_s)
