@@ -20,12 +20,14 @@ import click
 
 from bundlesync._version import __version__
 from bundlesync.format import container as container
-from bundlesync.device import Device, init_device, resolve_home
+from bundlesync.device import Device, init_device, reidentify, resolve_home
 from bundlesync.errors import BundlesyncError
+from bundlesync.profile import builtin_profiles, load_profile
 from bundlesync.sync.exporter import export_bundle
 from bundlesync.sync.importer import import_bundle, verify_bundle
 from bundlesync.plugins.loader import PluginSet
-from bundlesync.sync.purge import purge_user
+from bundlesync.replica.health import describe as describe_repair
+from bundlesync.sync.purge import plan_purge, purge_user
 from bundlesync.sync.status import certificate_listing, device_status, list_conflicts
 from bundlesync.trust.authority import issue_grant, provision_facility, revoke_certificate
 from bundlesync.trust.enrolment import install_grant, request_certificate
@@ -43,6 +45,8 @@ def _say(message: str, *, quiet: bool = False) -> None:
 @contextmanager
 def _device(ctx: click.Context) -> Iterator[Device]:
     device = Device.open(resolve_home(ctx.obj["home"]))
+    for repair in device.repairs:
+        _warn(f"warning: {describe_repair(repair)}")
     try:
         yield device
     finally:
@@ -63,7 +67,9 @@ def cli(ctx: click.Context, home: str | None, no_plugins: bool) -> None:
 
 
 def _plugins(ctx: click.Context, device: Device) -> PluginSet:
-    return PluginSet.load(device.config.plugins, enabled=ctx.obj["plugins"])
+    # The profile's plugins (e.g. the Kolibri profile's single-user lessons) come after the home's own.
+    paths = tuple(dict.fromkeys((*device.config.plugins, *device.profile.plugins)))
+    return PluginSet.load(paths, enabled=ctx.obj["plugins"])
 
 
 def _warn(message: str) -> None:
@@ -72,13 +78,14 @@ def _warn(message: str) -> None:
 
 @cli.command()
 @click.option("--db", "db_path", required=True, type=click.Path(dir_okay=False), help="The app's SQLite database.")
-@click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False), help="Profile YAML.")
+@click.option("--profile", "profile_path", required=True, type=click.Path(dir_okay=False),
+              help="Profile YAML, or the name of a built-in profile (see `bundlesync profiles`).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success.")
 @click.pass_context
 def init(ctx: click.Context, db_path: str, profile_path: str, quiet: bool) -> None:
     """Set up this device: tracking triggers, identity, config (idempotent)."""
     home = resolve_home(ctx.obj["home"])
-    me, newly, created = init_device(home, Path(db_path), Path(profile_path))
+    me, newly, created = init_device(home, Path(db_path), profile_path)
     verb = "initialised" if created else "already initialised; refreshed"
     _say(f"{verb} {home} (instance {me}); tracking {len(newly)} new table(s)", quiet=quiet)
 
@@ -341,6 +348,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         return
     lines = [
         f"device     instance {st['instance_id']} counter {st['counter']}",
+        *(f"repaired   {r['sentence']}" for r in st["repairs"]),
         f"database   {st['db']} (profile {st['profile']['name']} v{st['profile']['version']})",
         f"pending    {st['pending_changes']} changed row(s) not yet exported; {st['store_records']} records in store",
         f"conflicts  {st['conflicts']}",
@@ -385,14 +393,53 @@ def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bo
 @cli.command("purge")
 @click.option("--facility", "facility_id", required=True)
 @click.option("--user", "user_id", required=True, help="The user whose personal data is erased for good.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed when not on a terminal).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
-def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, quiet: bool) -> None:
+def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, yes: bool, quiet: bool) -> None:
     """Erase a user's personal data everywhere (propagates through bundles; cannot be undone)."""
     with _device(ctx) as device:
-        r = purge_user(device, facility_id, user_id)
+        plan = plan_purge(device, facility_id, user_id)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError(f"purge erases user {user_id}'s data for good on every device it reaches and "
+                                       "asks for confirmation, but stdin is not a terminal: re-run with --yes")
+            if not click.confirm(f"Purge every record of user {user_id} in facility {plan.facility_id} "
+                                 f"({', '.join(plan.partitions)}) for good, on every device the purge reaches?",
+                                 err=True):
+                raise BundlesyncError("purge not confirmed; nothing was changed (answer y, or pass --yes)")
+        r = purge_user(device, facility_id, user_id, plan)
     _say(f"purged {r.records} record(s) of user {user_id} in {', '.join(r.partitions)}; "
          f"{r.app_rows_deleted} app row(s) deleted; the next export carries the purge", quiet=quiet)
+
+
+@cli.command("profiles")
+@click.option("--json", "as_json", is_flag=True)
+def profiles_cmd(as_json: bool) -> None:
+    """List the profiles built into bundlesync (use one with `init --profile NAME`)."""
+    found: list[dict[str, Any]] = []
+    for name, path in builtin_profiles().items():
+        profile = load_profile(name)
+        found.append({"name": name, "profile": profile.name, "version": profile.version,
+                      "tables": len(profile.tables), "scopes": sorted(profile.scopes),
+                      "plugins": list(profile.plugins), "path": str(path)})
+    if as_json:
+        click.echo(json.dumps(found, indent=2, sort_keys=True))
+        return
+    for p in found:
+        plugins = f"; plugins: {', '.join(p['plugins'])}" if p["plugins"] else ""
+        click.echo(f"{p['name']}: profile {p['profile']} v{p['version']}, {p['tables']} tables, "
+                   f"scopes {', '.join(p['scopes'])}{plugins} ({p['path']})")
+
+
+@cli.command("reidentify")
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def reidentify_cmd(ctx: click.Context, quiet: bool) -> None:
+    """Give this device's database a new identity (after it was copied or restored from a backup)."""
+    old, new, pending = reidentify(resolve_home(ctx.obj["home"]))
+    _say(f"the database now has identity {new} (was {old}); counters restart from 0, versions written under "
+         f"{old[:8]} keep it, and {pending} pending change(s) will be exported under the new identity", quiet=quiet)
 
 
 @cli.command("plugins")

@@ -1,17 +1,35 @@
 """Sync profiles: which app tables sync, how a row maps to its partition, which scopes exist.
 
-A profile is YAML (``fixtures/facility_profile.yaml`` is the reference): ``name`` ([A-Za-z0-9_.-]+),
-``version`` (integer >= 1); ``facility``: ``table``, ``id_column`` (default ``id``), ``dataset_column``
-(default ``dataset_id``), ``where`` (optional SQL condition); ``scopes``: ``full`` (required, variable
-``${dataset_id}``) and ``user`` (optional, also ``${user_id}``), each with optional ``read``, ``write``,
-``read_write`` lists of partition prefix templates; ``tables``: a list, in any order, of ``name``,
-``primary_key``, ``partition`` (a template or a list of alternatives: the first whose columns are all
-non-NULL applies) and optionally ``dataset_column`` (default ``dataset_id``), ``self_reference``,
-``foreign_keys`` (column -> profile table) and ``exclude``. Lists may also be given as one string.
+A profile is YAML (``fixtures/facility_profile.yaml`` and the built-in ``bundlesync/profiles/*.yaml`` are
+examples): ``name`` ([A-Za-z0-9_.-]+), ``version`` (integer >= 1); ``facility``: ``table``, ``id_column``
+(default ``id``), ``dataset_column`` (default ``dataset_id``), ``where`` (optional SQL condition); ``scopes``:
+``full`` (required, variable ``${dataset_id}``) and ``user`` (optional, also ``${user_id}``), each with optional
+``read``, ``write``, ``read_write`` lists of partition prefix templates; ``plugins`` (optional): import paths of
+plugins that devices using this profile load (like ``plugins:`` in a home's config.yaml); ``tables``: a list, in
+any order, of ``name``, ``primary_key``, ``partition`` (a template or a list of alternatives: the first whose
+variables are all non-NULL applies) and optionally ``dataset_column`` (default ``dataset_id``),
+``self_reference``, ``foreign_keys`` (column -> profile table), ``exclude``, ``lookups`` and ``receive``. Lists
+may also be given as one string.
+
+``lookups`` name template variables that are not columns of the row but computed from it in SQL, each either
+``{sql: EXPR}`` (an SQL expression; ``${column}`` stands for a column of the row) or
+``{lookup: FK_COLUMN, column: C, up: SELF_REF, until: CONDITION}``: follow the declared foreign key
+``FK_COLUMN`` to its parent row and take its column ``C`` (default: the parent's primary key); with ``up`` (the
+parent table's ``self_reference``) and ``until`` (an SQL condition on a parent row), climb the parent's own
+hierarchy from there until a row meets ``until``. Partitions that use a lookup are computed in SQL by the
+sender; an importer checks the claimed partition's literal parts and columns at once, and recomputes the whole
+partition in its own database before it writes the row (the parent is in place by then, since rows wait for
+their parents): a row whose claim differs is not written and waits, with the reason, like a row whose parent
+has not arrived.
+
+``receive`` maps columns that do not travel to what they get on the receiving side whenever a row is written
+there: a YAML scalar (a constant) or ``{sql: EXPR}``, an SQL expression over the incoming row (``${column}``
+for its synced columns, ``${partition}`` for the partition the profile computes), e.g. ``_morango_dirty_bit: 0``
+and ``_morango_partition: {sql: "${partition}"}``. Excluded NOT NULL columns without a default must be received.
 
 Templates use ``${name}`` placeholders only. Every partition and scope template must start with the dataset
 (``${dataset_column}`` / ``${dataset_id}``) so a facility's scopes can cover it; duplicate YAML keys,
-``sqlite_*``/``bundlesync_*`` tables and excluded columns that the profile relies on are refused.
+``sqlite_*``/``bundlesync_*`` tables and excluded or received columns that the profile relies on are refused.
 :func:`bind_profile` refuses REAL partition columns: partitions are built with ``str()`` in Python and
 ``||`` in SQL, which agree for TEXT and INTEGER values only. It also refuses an ``INTEGER PRIMARY KEY`` (a rowid
 alias) as a table's primary_key: its values are allocated per device, so they are not globally unique.
@@ -22,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.resources
 import json
 import re
 import sqlite3
@@ -36,15 +55,23 @@ import yaml
 
 from bundlesync.errors import ProfileError
 
-__all__ = ["FacilityLookup", "Profile", "ScopeTemplate", "TableSpec", "bind_profile", "load_profile", "parse_profile"]
+__all__ = ["FacilityLookup", "Lookup", "Profile", "Received", "ScopeTemplate", "TableSpec", "bind_profile",
+           "builtin_profiles", "is_builtin_name", "load_profile", "parse_profile", "resolve_profile"]
 
 _PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _SCOPE_VARIABLES = {"full": ("dataset_id",), "user": ("dataset_id", "user_id")}
-_TOP_KEYS = ("name", "version", "facility", "scopes", "tables")
+_TOP_KEYS = ("name", "version", "facility", "scopes", "tables", "plugins")
+_REQUIRED_TOP = ("name", "version", "facility", "scopes", "tables")
 _FACILITY_KEYS = ("table", "id_column", "dataset_column", "where")
 _SCOPE_KEYS = ("read", "write", "read_write")
-_TABLE_KEYS = ("name", "primary_key", "partition", "dataset_column", "self_reference", "foreign_keys", "exclude")
+_TABLE_KEYS = ("name", "primary_key", "partition", "dataset_column", "self_reference", "foreign_keys", "exclude",
+               "lookups", "receive")
+_LOOKUP_KEYS = ("sql", "lookup", "column", "up", "until")
+NEW = "bundlesync_new"
+"""Alias of the incoming row in the statements that write it (receive values, lookup checks)."""
+PARTITION_COLUMN = "bundlesync_partition"
+"""The incoming row's partition, next to its columns, in those statements."""
 
 _Split = tuple[tuple[str, ...], tuple[str, ...]]
 
@@ -65,6 +92,63 @@ def _split_template(template: str) -> _Split:
     return tuple(literals), tuple(names)
 
 
+def _sql_names(sql: str) -> tuple[str, ...]:
+    """The ``${name}`` placeholders of an SQL text, in order of first use."""
+    return tuple(dict.fromkeys(_PLACEHOLDER.findall(sql)))
+
+
+def _fill_sql(sql: str, alias: str | None, extra: Mapping[str, str] | None = None) -> str:
+    """Replace ``${column}`` by the column (qualified by ``alias``) and other names by ``extra``'s SQL."""
+    prefix = _q(alias) + "." if alias else ""
+
+    def one(match: re.Match[str]) -> str:
+        name = match.group(1)
+        return extra[name] if extra and name in extra else prefix + _q(name)
+
+    return _PLACEHOLDER.sub(one, sql)
+
+
+def _literal(value: object) -> str:
+    """A YAML scalar as an SQL literal."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A template variable computed in SQL from the row: ``sql`` with ``${column}`` placeholders."""
+
+    name: str
+    sql: str
+    columns: tuple[str, ...]  # the row's columns it reads
+
+    def expression(self, alias: str | None) -> str:
+        """The lookup as a parenthesised SQL expression over the row aliased ``alias``."""
+        return "(" + _fill_sql(self.sql, alias) + ")"
+
+
+@dataclass(frozen=True)
+class Received:
+    """What a column that does not travel gets on the receiving side: SQL over the incoming row."""
+
+    column: str
+    sql: str  # ``${column}`` and ``${partition}`` placeholders; a constant is a literal
+    columns: tuple[str, ...]  # the row's columns it reads
+
+    def expression(self, alias: str) -> str:
+        """The value as SQL over the incoming row ``alias`` (its columns and its partition column)."""
+        return _fill_sql(self.sql, alias, {"partition": f"{_q(alias)}.{_q(PARTITION_COLUMN)}"})
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
 @dataclass(frozen=True)
 class TableSpec:
     """One syncable table of a profile (see the module docstring for the meaning of each key)."""
@@ -77,6 +161,8 @@ class TableSpec:
     self_reference: str | None  # column referencing this same table
     exclude: frozenset[str]  # columns not synced
     columns: tuple[str, ...] = ()  # synced columns in table order, filled by bind_profile
+    lookups: Mapping[str, Lookup] = field(default_factory=_empty)  # template variables computed in SQL
+    receive: Mapping[str, Received] = field(default_factory=_empty)  # columns set on the receiving side
     _split: tuple[_Split, ...] = field(init=False, repr=False, compare=False)
     # Per alternative (variables, %-format): partition_of runs once per synced row.
     _formats: tuple[tuple[tuple[str, ...], str], ...] = field(init=False, repr=False, compare=False)
@@ -97,16 +183,27 @@ class TableSpec:
     def __hash__(self) -> int:  # the generated hash would fail on the foreign_keys mapping
         return hash((self.name, self.primary_key, self.partitions, self.columns))
 
-    def template_columns(self) -> tuple[str, ...]:
-        """Every column the partition templates use, in order of first use."""
+    def template_variables(self) -> tuple[str, ...]:
+        """Every variable the partition templates use (columns and lookups), in order of first use."""
         return tuple(dict.fromkeys(n for _, names in self._split for n in names))
+
+    def template_columns(self) -> tuple[str, ...]:
+        """Every column the partition needs: template columns and the columns lookups read, in order of first use."""
+        out: dict[str, None] = {}
+        for name in self.template_variables():
+            out.update(dict.fromkeys(self.lookups[name].columns) if name in self.lookups else {name: None})
+        return tuple(out)
 
     def partition_of(self, row: Mapping[str, object]) -> str:
         """The partition of ``row`` (a dict or ``sqlite3.Row``): the first alternative whose columns are non-None.
 
         Raises:
-            ProfileError: Every alternative uses a column that is None in ``row``.
+            ProfileError: Every alternative uses a column that is None in ``row``, or the partition needs a
+                lookup (use :meth:`partition_sql` or :meth:`partition_matches`).
         """
+        if self.lookups:
+            raise ProfileError(f"table {self.name!r}: its partition needs a lookup in the database; "
+                               "compute it with partition_sql")
         for names, fmt in self._formats:
             values = tuple([row[n] for n in names])
             if None not in values:
@@ -116,9 +213,35 @@ class TableSpec:
             f"table {self.name!r}: a row has NULL in {', '.join(nulls)}, so no partition template of "
             f"{list(self.partitions)} applies; fix the row or add a template without those columns to the profile")
 
+    def partition_matches(self, row: Mapping[str, object], claimed: str) -> bool:
+        """Whether ``claimed`` is the partition of ``row`` as far as the row alone can tell.
+
+        Without lookups this is ``partition_of(row) == claimed``. An alternative with lookups matches when its
+        literal parts and columns agree and each lookup stands for a non-empty part; the importer recomputes
+        such a partition in the database before it writes the row (:meth:`partition_sql`).
+        """
+        for (literals, names), (_, fmt) in zip(self._split, self._formats):
+            if None in [row[n] for n in names if n not in self.lookups]:
+                continue
+            if not any(n in self.lookups for n in names):
+                return fmt % tuple([row[n] for n in names]) == claimed
+            regex = re.escape(literals[0]) + "".join(
+                ("(.+)" if n in self.lookups else re.escape(str(row[n]))) + re.escape(literal)
+                for n, literal in zip(names, literals[1:]))
+            return re.fullmatch(regex, claimed, re.DOTALL) is not None
+        return False
+
     def partition_sql(self, alias: str | None = None) -> str:
-        """An SQL expression equal to :meth:`partition_of` (NULL where it raises), columns qualified by ``alias``."""
+        """An SQL expression equal to :meth:`partition_of` (NULL where it raises), columns qualified by ``alias``.
+
+        Lookups are evaluated as subqueries, so it also covers tables whose partition needs one (NULL if the
+        lookup finds nothing).
+        """
         prefix = _q(alias) + "." if alias else ""
+
+        def variable(name: str) -> str:
+            return self.lookups[name].expression(alias) if name in self.lookups else prefix + _q(name)
+
         whens: list[str] = []
         for literals, names in self._split:
             parts = []
@@ -126,13 +249,13 @@ class TableSpec:
                 if literal:
                     parts.append("'" + literal.replace("'", "''") + "'")
                 if i < len(names):
-                    parts.append(prefix + _q(names[i]))
+                    parts.append(variable(names[i]))
             # A lone column keeps its storage type; Python's str() always gives text.
             expr = " || ".join(parts) if len(parts) > 1 else f"CAST({parts[0]} AS TEXT)" if parts else "''"
             if not names or len(self._split) == 1:
                 # A constant always applies; a lone template is NULL when one of its columns is.
                 return f"CASE {' '.join(whens)} ELSE {expr} END" if whens else expr
-            test = " AND ".join(f"{prefix}{_q(n)} IS NOT NULL" for n in dict.fromkeys(names))
+            test = " AND ".join(f"{variable(n)} IS NOT NULL" for n in dict.fromkeys(names))
             whens.append(f"WHEN {test} THEN {expr}")
         return f"CASE {' '.join(whens)} END"
 
@@ -186,6 +309,7 @@ class Profile:
     facility: FacilityLookup
     scopes: Mapping[str, ScopeTemplate]
     digest: str
+    plugins: tuple[str, ...] = ()  # import paths of plugins devices using this profile load
     _by_name: Mapping[str, TableSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -218,18 +342,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return mapping
 
 
+def builtin_profiles() -> dict[str, Path]:
+    """The profiles shipped with bundlesync (``bundlesync/profiles/NAME.yaml``), by name."""
+    folder = importlib.resources.files("bundlesync.profiles")
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".yaml") and entry.is_file():
+            found[entry.name[: -len(".yaml")]] = Path(str(entry))
+    return dict(sorted(found.items()))
+
+
+def is_builtin_name(spec: str | Path) -> bool:
+    """Whether ``spec`` names a built-in profile (a bare name; anything with a path separator is a path)."""
+    text = str(spec)
+    return "/" not in text and "\\" not in text and text in builtin_profiles()
+
+
+def resolve_profile(spec: str | Path) -> Path:
+    """The file of ``spec``: a built-in profile's name (``kolibri``), else a path to a YAML file."""
+    return builtin_profiles()[str(spec)] if is_builtin_name(spec) else Path(spec)
+
+
 def load_profile(path: str | Path) -> Profile:
-    """Read and validate a profile YAML file (not yet checked against a database).
+    """Read and validate a profile: a built-in profile's name or a YAML file (not yet checked against a database).
 
     Raises:
         ProfileError: The file is missing, unreadable, not YAML or not a valid profile.
     """
-    source = Path(path)
+    source = resolve_profile(path)
     try:
         text = source.read_bytes()  # YAML decodes UTF-8/16 itself and reports bad bytes as a YAMLError
     except FileNotFoundError:
-        raise ProfileError(f"profile {source} does not exist; check the path "
-                           "(fixtures/facility_profile.yaml is an example)") from None
+        names = ", ".join(builtin_profiles()) or "none"
+        raise ProfileError(f"profile {source} does not exist; check the path, or name a built-in profile "
+                           f"({names}; see `bundlesync profiles`)") from None
     except OSError as exc:
         raise ProfileError(f"cannot read profile {source}: {exc.strerror or exc}; pass a readable file") from None
     try:
@@ -304,7 +450,7 @@ def parse_profile(data: object, source: Path | None = None) -> Profile:
             twice, a foreign key leaves the profile or the foreign keys form a cycle.
     """
     p = _Parser(source)
-    top = p.mapping(data, "", _TOP_KEYS, _TOP_KEYS)
+    top = p.mapping(data, "", _TOP_KEYS, _REQUIRED_TOP)
     name = p.text(top["name"], "", "name")
     if not _NAME.fullmatch(name):
         raise p.fail("", f"name {name!r} may only use letters, digits, '.', '-' and '_'; rename it")
@@ -333,11 +479,12 @@ def parse_profile(data: object, source: Path | None = None) -> Profile:
     if not isinstance(top["tables"], list) or not top["tables"]:
         raise p.fail("", "'tables' must be a non-empty list; list the synced tables")
     specs: dict[str, TableSpec] = {}
+    raw_lookups: dict[str, Mapping[str, Any]] = {}
     for index, raw in enumerate(top["tables"]):
-        spec = _parse_table(p, raw, index)
+        spec, lookups = _parse_table(p, raw, index)
         if spec.name in specs:
             raise p.fail("", f"table {spec.name!r} is listed twice; merge the entries")
-        specs[spec.name] = spec
+        specs[spec.name], raw_lookups[spec.name] = spec, lookups
     for spec in specs.values():
         for column, parent in spec.foreign_keys.items():
             why = ("points at the table itself; declare it as 'self_reference' instead" if parent == spec.name
@@ -345,6 +492,11 @@ def parse_profile(data: object, source: Path | None = None) -> Profile:
                    else f"references {parent!r}, which is not in the profile; add that table or drop the key")
             if why:
                 raise p.fail(f"table {spec.name!r}: ", f"foreign key {column!r} {why}")
+    for table, lookups in raw_lookups.items():
+        resolved = {n: _parse_lookup(p, specs[table], n, body, specs) for n, body in lookups.items()}
+        specs[table] = dataclasses.replace(specs[table], lookups=MappingProxyType(resolved))
+        _check_roles(p, specs[table])
+    plugins = p.texts(top.get("plugins") or [], "", "plugins")
 
     # The digest covers the meaning, not the YAML's spelling (comments, quoting, defaults).
     canonical = {
@@ -352,13 +504,19 @@ def parse_profile(data: object, source: Path | None = None) -> Profile:
         "scopes": {k: dataclasses.asdict(v) for k, v in scopes.items()},
         "tables": [{"name": s.name, "primary_key": s.primary_key, "partitions": s.partitions,
                     "dataset_column": s.dataset_column, "foreign_keys": dict(s.foreign_keys),
-                    "self_reference": s.self_reference, "exclude": sorted(s.exclude)} for s in specs.values()]}
+                    "self_reference": s.self_reference, "exclude": sorted(s.exclude),
+                    **({"lookups": {k: v.sql for k, v in s.lookups.items()}} if s.lookups else {}),
+                    **({"receive": {k: v.sql for k, v in s.receive.items()}} if s.receive else {})}
+                   for s in specs.values()],
+        **({"plugins": list(plugins)} if plugins else {})}
     text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return Profile(name=name, version=version, source=source, tables=_order(p, specs), facility=facility,
-                   scopes=MappingProxyType(scopes), digest=hashlib.sha256(text.encode("utf-8")).hexdigest())
+                   scopes=MappingProxyType(scopes), digest=hashlib.sha256(text.encode("utf-8")).hexdigest(),
+                   plugins=plugins)
 
 
-def _parse_table(p: _Parser, raw: object, index: int) -> TableSpec:
+def _parse_table(p: _Parser, raw: object, index: int) -> tuple[TableSpec, Mapping[str, Any]]:
+    """One table entry, and its raw ``lookups`` (resolved once every table is known)."""
     at = f"tables[{index}]: "
     body = p.mapping(raw, at, _TABLE_KEYS, ("name", "primary_key", "partition"))
     name = p.text(body["name"], at, "name")
@@ -370,7 +528,8 @@ def _parse_table(p: _Parser, raw: object, index: int) -> TableSpec:
     self_ref = body.get("self_reference")
     self_ref = None if self_ref is None else p.text(self_ref, at, "self_reference")
     partitions = p.texts(body["partition"], at, "partition")
-    used = [n for t in partitions for n in p.template(t, at, dataset_column, None)]
+    for template in partitions:
+        p.template(template, at, dataset_column, None)
     fks = body.get("foreign_keys") or {}
     if not isinstance(fks, dict) or not all(isinstance(k, str) and k and isinstance(v, str) and v
                                             for k, v in fks.items()):
@@ -379,14 +538,109 @@ def _parse_table(p: _Parser, raw: object, index: int) -> TableSpec:
         raise p.fail(at, f"column {self_ref!r} is both 'self_reference' and a foreign key; "
                          "keep it in 'self_reference' only")
     exclude = frozenset(p.texts(body.get("exclude") or [], at, "exclude"))
-    roles = {**{c: "a foreign key" for c in fks}, **{c: "used by the partition template" for c in used},
-             **({self_ref: "the self-reference"} if self_ref else {}), dataset_column: "the dataset column",
-             primary_key: "the primary key"}
-    for column in sorted(exclude & roles.keys()):
+    lookups = body.get("lookups") or {}
+    if not isinstance(lookups, dict) or not all(isinstance(k, str) and k for k in lookups):
+        raise p.fail(at, f"'lookups' must map variable names to a lookup, got {lookups!r}; fix it")
+    receive = body.get("receive") or {}
+    if not isinstance(receive, dict) or not all(isinstance(k, str) and k for k in receive):
+        raise p.fail(at, f"'receive' must map columns to a value or {{sql: EXPR}}, got {receive!r}; fix it")
+    received = {column: _parse_received(p, at, column, value) for column, value in receive.items()}
+    spec = TableSpec(name=name, primary_key=primary_key, partitions=partitions, dataset_column=dataset_column,
+                     foreign_keys=MappingProxyType(dict(fks)), self_reference=self_ref, exclude=exclude,
+                     receive=MappingProxyType(received))
+    for variable in spec.template_variables():
+        if variable == "partition":
+            raise p.fail(at, "a partition template cannot use ${partition}; name the column or lookup")
+    return spec, lookups
+
+
+def _sql_text(p: _Parser, at: str, key: str, value: object) -> str:
+    text = p.text(value, at, key)
+    if "\x00" in text or ";" in text:
+        raise p.fail(at, f"{key!r} must be one SQL expression without ';', got {text!r}; fix it")
+    return text
+
+
+def _parse_received(p: _Parser, at: str, column: str, value: object) -> Received:
+    where = f"{at}receive {column!r}: "
+    if isinstance(value, dict):
+        body = p.mapping(value, where, ("sql",), ("sql",))
+        sql = _sql_text(p, where, "sql", body["sql"])
+        columns = tuple(n for n in _sql_names(sql) if n != "partition")
+        return Received(column, sql, columns)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return Received(column, _literal(value), ())
+    raise p.fail(where, f"must be a constant or {{sql: EXPR}}, got {value!r}; fix it")
+
+
+def _parse_lookup(p: _Parser, spec: TableSpec, name: str, raw: object, specs: Mapping[str, TableSpec]) -> Lookup:
+    """A ``lookups`` entry as SQL with ``${column}`` placeholders."""
+    at = f"table {spec.name!r}: lookup {name!r}: "
+    if name not in spec.template_variables():
+        raise p.fail(at, "no partition template uses it; use it as ${" + name + "} or remove it")
+    body = p.mapping(raw, at, _LOOKUP_KEYS, ())
+    if ("sql" in body) == ("lookup" in body):
+        raise p.fail(at, "give either 'sql' (an SQL expression) or 'lookup' (a foreign key column); fix it")
+    if "sql" in body:
+        extra = sorted(set(body) - {"sql"})
+        if extra:
+            raise p.fail(at, f"{extra[0]!r} goes with 'lookup', not with 'sql'; remove it")
+        sql = _sql_text(p, at, "sql", body["sql"])
+        return Lookup(name, sql, _sql_names(sql))
+    fk = p.text(body["lookup"], at, "lookup")
+    if fk not in spec.foreign_keys:
+        raise p.fail(at, f"'lookup' {fk!r} is not a declared foreign key of the table; "
+                         f"declare it under 'foreign_keys' (declared: {', '.join(spec.foreign_keys) or 'none'})")
+    parent = specs[spec.foreign_keys[fk]]
+    column = p.text(body.get("column", parent.primary_key), at, "column")
+    up = body.get("up")
+    until = body.get("until")
+    if up is not None:
+        up = p.text(up, at, "up")
+        if up != parent.self_reference:
+            raise p.fail(at, f"'up' {up!r} must be the self_reference of {parent.name!r} "
+                             f"({parent.self_reference!r}); fix it")
+        if until is None:
+            raise p.fail(at, "'up' needs 'until', the SQL condition that stops the climb; add it")
+    cond = None if until is None else _sql_text(p, at, "until", until)
+    if cond is not None and _sql_names(cond):
+        raise p.fail(at, "'until' is a condition on the parent row's columns, written plainly, not as ${...}; fix it")
+    parent_t, pk, col = _q(parent.name), _q(parent.primary_key), _q(column)
+    if up is None:
+        test = f" AND ({cond})" if cond else ""
+        sql = f"SELECT bundlesync_p.{col} FROM {parent_t} AS bundlesync_p WHERE bundlesync_p.{pk} = ${{{fk}}}{test}"
+    else:
+        # Climb the parent's hierarchy (bounded, so a cycle in the data cannot loop) until a row meets `until`.
+        sql = (f"WITH RECURSIVE bundlesync_up (bundlesync_key, bundlesync_depth) AS (SELECT ${{{fk}}}, 0 UNION ALL "
+               f"SELECT bundlesync_p.{_q(up)}, bundlesync_up.bundlesync_depth + 1 FROM bundlesync_up "
+               f"JOIN {parent_t} AS bundlesync_p ON bundlesync_p.{pk} = bundlesync_up.bundlesync_key "
+               f"WHERE NOT ({cond}) AND bundlesync_up.bundlesync_depth < 64) "
+               f"SELECT bundlesync_p.{col} FROM bundlesync_up JOIN {parent_t} AS bundlesync_p "
+               f"ON bundlesync_p.{pk} = bundlesync_up.bundlesync_key WHERE ({cond}) LIMIT 1")
+    return Lookup(name, sql, (fk,))
+
+
+def _check_roles(p: _Parser, spec: TableSpec) -> None:
+    """Columns the profile relies on must travel: not excluded, not received."""
+    at = f"table {spec.name!r}: "
+    roles = {**{c: "a foreign key" for c in spec.foreign_keys},
+             **{c: "used by the partition template" for c in spec.template_columns()},
+             **({spec.self_reference: "the self-reference"} if spec.self_reference else {}),
+             spec.dataset_column: "the dataset column", spec.primary_key: "the primary key"}
+    for column in sorted(spec.exclude & roles.keys()):
         raise p.fail(at, f"excluded column {column!r} is {roles[column]} and must be synced; "
                          "remove it from 'exclude'")
-    return TableSpec(name=name, primary_key=primary_key, partitions=partitions, dataset_column=dataset_column,
-                     foreign_keys=MappingProxyType(dict(fks)), self_reference=self_ref, exclude=exclude)
+    for column in sorted(spec.receive.keys() & roles.keys()):
+        raise p.fail(at, f"received column {column!r} is {roles[column]} and must travel; "
+                         "remove it from 'receive'")
+    for column in sorted(spec.receive.keys() & spec.exclude):
+        raise p.fail(at, f"column {column!r} is under both 'exclude' and 'receive'; a received column never "
+                         "travels, so keep it under 'receive' only")
+    for column, received in spec.receive.items():
+        for used in received.columns:
+            if used in spec.receive or used in spec.exclude:
+                raise p.fail(at, f"receive {column!r} uses ${{{used}}}, which does not travel; "
+                                 "use only synced columns and ${partition}")
 
 
 def _order(p: _Parser, specs: Mapping[str, TableSpec]) -> tuple[TableSpec, ...]:
@@ -475,12 +729,17 @@ def _bind_table(label: str, conn: sqlite3.Connection, db: str, tables: set[str],
     wanted += [(spec.self_reference, "self_reference")] if spec.self_reference else []
     wanted += [(c, "exclude") for c in sorted(spec.exclude)]
     wanted += [(c, "partition template variable") for c in spec.template_columns()]
+    wanted += [(c, "receive") for c in spec.receive]
+    wanted += [(c, f"used by receive {r.column!r}") for r in spec.receive.values() for c in r.columns]
     for column, role in wanted:
         if column not in names:
             raise ProfileError(f"{at}: column {column!r} ({role}) is not in the table ({db}); "
                                f"{_suggest(column, names)}fix the profile or the schema")
+    for name in spec.lookups:
+        if name in names:
+            raise ProfileError(f"{at}: lookup {name!r} has the name of a column of the table; rename the lookup")
     types = {c[0]: c[1].upper() for c in info}
-    for column in spec.template_columns():
+    for column in (v for v in spec.template_variables() if v not in spec.lookups):
         # SQLite's affinity rules (sqlite.org/datatype3.html 3.1): INT, then CHAR/CLOB/TEXT, BLOB, then REAL.
         if re.search("REAL|FLOA|DOUB", types[column]) and not re.search("INT|CHAR|CLOB|TEXT|BLOB", types[column]):
             raise ProfileError(f"{at}: partition column {column!r} has type {types[column]}, whose text differs "
@@ -503,4 +762,34 @@ def _bind_table(label: str, conn: sqlite3.Connection, db: str, tables: set[str],
             f"{at}: primary_key {spec.primary_key!r} is neither the table's single-column PRIMARY KEY nor covered "
             "by a single-column UNIQUE index: a table without a globally unique primary key cannot sync; "
             "give it a UUID primary key or a UNIQUE index")
-    return dataclasses.replace(spec, columns=tuple(n for n in names if n not in spec.exclude))
+    columns = tuple(n for n in names if n not in spec.exclude and n not in spec.receive)
+    for _, column, _, notnull, default, pk in _rows(conn, f"PRAGMA table_info({_q(spec.name)})"):
+        if column in spec.exclude and notnull and default is None and not pk:
+            raise ProfileError(f"{at}: excluded column {column!r} is NOT NULL without a default, so a receiver could "
+                               "not write the rows; give it a value under 'receive' or stop excluding it")
+    bound = dataclasses.replace(spec, columns=columns)
+    _check_sql(at, conn, bound)
+    return bound
+
+
+def incoming_row_sql(spec: TableSpec) -> str:
+    """A one-row sub-select of the incoming row's synced columns and its partition, ``?`` for each, aliased NEW."""
+    values = ", ".join(f"? AS {_q(c)}" for c in (*spec.columns, PARTITION_COLUMN))
+    return f"(SELECT {values}) AS {_q(NEW)}"
+
+
+def _check_sql(at: str, conn: sqlite3.Connection, spec: TableSpec) -> None:
+    """Compile the lookups and receive expressions against the schema: mistakes fail at init, in one line."""
+    checks = []
+    if spec.lookups:
+        checks.append(("the partition's lookups", f"SELECT {spec.partition_sql('t')} FROM {_q(spec.name)} AS t"))
+        checks.append(("the partition's lookups on an incoming row",
+                       f"SELECT {spec.partition_sql(NEW)} FROM {incoming_row_sql(spec)}"))
+    for received in spec.receive.values():
+        checks.append((f"receive {received.column!r}",
+                       f"SELECT {received.expression(NEW)} FROM {incoming_row_sql(spec)}"))
+    for what, sql in checks:
+        try:
+            conn.execute(sql + " LIMIT 0", [None] * sql.count("?")).fetchall()
+        except sqlite3.Error as exc:
+            raise ProfileError(f"{at}: {what} is not valid SQL on this schema ({exc}); fix the profile") from None

@@ -2,7 +2,10 @@
 
 bundlesync keeps its state next to the application's tables, in tables prefixed
 ``bundlesync_`` and never changes app columns. Their schema is a list of
-named migrations (sqlite-utils ``Migrations``) so later versions can extend it.
+named migrations (sqlite-utils ``Migrations``) so later versions can extend it; which
+of them ran is noted in ``bundlesync_migrations`` (sqlite-utils' default, an
+un-prefixed ``_sqlite_migrations``, would add a table of ours under the app's name
+space; homes made before are moved over by :func:`migrate`).
 
 Transactions: connections run in autocommit mode and every write goes through
 :func:`write_transaction`, which takes SQLite's write lock up front
@@ -37,7 +40,24 @@ BUSY_TIMEOUT_S = 30.0
 
 q = quote_identifier
 
-migrations = Migrations("bundlesync")
+MIGRATIONS_TABLE = "bundlesync_migrations"
+_LEGACY_TABLE = "_sqlite_migrations"
+
+
+class _Migrations(Migrations):
+    """sqlite-utils migrations, noted in a table (and index) of bundlesync's own name space."""
+
+    migrations_table = MIGRATIONS_TABLE
+
+    def ensure_migrations_table(self, db: Database) -> None:
+        """Create the table with the layout sqlite-utils expects, and its unique index under our prefix."""
+        db.conn.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (id INTEGER PRIMARY KEY, "
+                        "migration_set TEXT, name TEXT, applied_at TEXT)")
+        db.conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {MIGRATIONS_TABLE}_set_name "
+                        f"ON {MIGRATIONS_TABLE} (migration_set, name)")
+
+
+migrations = _Migrations("bundlesync")
 
 
 @migrations()
@@ -130,6 +150,20 @@ def m002_indexes_for_streaming(db: Database) -> None:
         """)
 
 
+@migrations()
+def m003_repairs(db: Database) -> None:
+    """What bundlesync found wrong with this database and repaired (shown by ``status``)."""
+    _run_script(db.conn, """
+        CREATE TABLE bundlesync_repairs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            what TEXT NOT NULL,
+            changes INTEGER NOT NULL
+        )
+        """)
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated DDL inside the caller's transaction (``executescript`` would commit)."""
     for statement in script.split(";"):
@@ -156,12 +190,30 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+def _adopt_legacy_records(conn: sqlite3.Connection, database: Database) -> None:
+    """Move bundlesync's rows out of ``_sqlite_migrations`` (older homes); drop it if nothing else uses it."""
+    exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,)).fetchone()
+    if not exists:
+        return
+    with write_transaction(conn):
+        migrations.ensure_migrations_table(database)
+        conn.execute(
+            f"INSERT INTO {MIGRATIONS_TABLE} (migration_set, name, applied_at) "
+            f"SELECT migration_set, name, applied_at FROM {_LEGACY_TABLE} WHERE migration_set = ? ORDER BY rowid "
+            "ON CONFLICT (migration_set, name) DO NOTHING", (migrations.name,))
+        conn.execute(f"DELETE FROM {_LEGACY_TABLE} WHERE migration_set = ?", (migrations.name,))
+        if not conn.execute(f"SELECT EXISTS (SELECT 1 FROM {_LEGACY_TABLE})").fetchone()[0]:
+            conn.execute(f"DROP TABLE {_LEGACY_TABLE}")  # its index goes with it
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Create or upgrade bundlesync's own tables (idempotent)."""
+    database = Database(conn, execute_plugins=False)
     try:
-        migrations.apply(Database(conn, execute_plugins=False))
+        _adopt_legacy_records(conn, database)
+        migrations.apply(database)
     except sqlite3.DatabaseError as exc:
-        raise ConfigError(f"cannot create bundlesync tables: {exc}") from exc
+        raise ConfigError(f"cannot create bundlesync tables: {exc}; check that the database is writable") from exc
 
 
 @contextlib.contextmanager

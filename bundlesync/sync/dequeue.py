@@ -58,14 +58,18 @@ class DequeueResult:
 
 
 def _decode_checked(profile: Profile, version: Version) -> dict[str, Any] | None:
-    """The record's row if its claimed partition is the one its data yields, else None."""
+    """The record's row if its claimed partition is the one its data yields, else None.
+
+    Where the partition needs a lookup, the lookup's part is checked when the row is written
+    (:class:`~bundlesync.sync.deserialize.TableWriter`), with the rows it is looked up from in place.
+    """
     if not profile.has_table(version.model):
         return None
     if version.purged:
         return {}
     try:
         row = decode_data(version.data)
-        return row if profile.table(version.model).partition_of(row) == version.partition else None
+        return row if profile.table(version.model).partition_matches(row, version.partition) else None
     except Exception:  # noqa: BLE001 - any failure to recompute means the claim is unproven
         return None
 
@@ -115,7 +119,7 @@ class _AppWriter:
             items = by_model[model]
             removals = [v.id for v, _ in items if v.deleted or v.purged]
             writer.remove(removals)
-            errors = writer.place([(v.id, row) for v, row in items if not (v.deleted or v.purged)])
+            errors = writer.place([(v.id, row, v.partition) for v, row in items if not (v.deleted or v.purged)])
             waiting.extend((reason, model, record_id) for record_id, reason in errors.items())
             result.deleted += len(removals)
             result.written += len(items) - len(removals) - len(errors)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from bundlesync.format.records import decode_data
 from bundlesync.replica.db import q
-from bundlesync.profile import Profile, TableSpec
+from bundlesync.profile import NEW, Profile, TableSpec, incoming_row_sql
 from bundlesync.replica.store import BATCH
 
 __all__ = ["DeserializeResult", "TableWriter", "deserialize"]
@@ -70,11 +70,23 @@ class TableWriter:
             self.parents[table.self_reference] = table.name
         self.parent_pk = {col: profile.table(parent).primary_key for col, parent in self.parents.items()}
         cols, pk = table.columns, q(table.primary_key)
-        updates = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in cols if c != table.primary_key)
-        self.upsert = (
-            f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in cols)}) VALUES ({', '.join('?' * len(cols))}) "
-            f"ON CONFLICT ({pk}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
-        )
+        written = (*cols, *table.receive)
+        updates = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in written if c != table.primary_key)
+        conflict = f"ON CONFLICT ({pk}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
+        # Rows carry their partition as one more value where the statements use it.
+        self.with_partition = bool(table.receive or table.lookups)
+        if table.receive:
+            # Received columns are computed from the incoming row, so the row is a one-row sub-select.
+            new = q(NEW)
+            picked = [f"{new}.{q(c)}" for c in cols] + [r.expression(NEW) for r in table.receive.values()]
+            self.upsert = (f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in written)}) "
+                           f"SELECT {', '.join(picked)} FROM {incoming_row_sql(table)} WHERE true {conflict}")
+        else:
+            self.upsert = (f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in cols)}) "
+                           f"VALUES ({', '.join('?' * len(cols))}) {conflict}")
+        # Where the partition needs a lookup, the claim is recomputed here, with the parents in place.
+        self.recompute = (f"SELECT {table.partition_sql(NEW)} FROM {incoming_row_sql(table)}"
+                          if table.lookups else None)
         self.delete = f"DELETE FROM {q(table.name)} WHERE {pk} = ?"
         # Parent ids already found in their app tables during this writer's life (one transaction).
         self._seen: dict[str, set[str]] = {}
@@ -109,12 +121,29 @@ class TableWriter:
                     blocked[key] = f"{WAITING} {parent} {value} ({col}): not received yet"
         return blocked
 
-    def place(self, rows: Sequence[tuple[K, dict[str, Any]]]) -> dict[K, str]:
-        """Upsert rows whose parents are present; return the others with the reason."""
-        errors = self._blocked(rows)
-        ready = [(key, r) for key, r in rows if key not in errors]
+    def _misplaced(self, ready: Sequence[tuple[K, tuple[object, ...], str]]) -> dict[K, str]:
+        """Rows whose claimed partition is not the one their data gives here (lookup partitions only)."""
+        errors: dict[K, str] = {}
+        if self.recompute is None:
+            return errors
+        for key, values, claimed in ready:
+            actual = self.conn.execute(self.recompute, values).fetchone()[0]
+            if actual is None:
+                errors[key] = (f"{WAITING} the rows its partition is looked up from ({', '.join(self.table.lookups)}): "
+                               "not found yet")
+            elif actual != claimed:
+                errors[key] = f"refused: it claims partition {claimed}, but its data gives {actual} here"
+        return errors
+
+    def place(self, rows: Sequence[tuple[K, dict[str, Any], str]]) -> dict[K, str]:
+        """Upsert rows ``(key, row, partition)`` whose parents are present; return the others with the reason."""
+        errors = self._blocked([(key, r) for key, r, _ in rows])
         cols = self.table.columns
-        values = [tuple(map(r.get, cols)) for _, r in ready]
+        prepared = [(key, (*map(r.get, cols), *((partition,) if self.with_partition else ())), partition)
+                    for key, r, partition in rows if key not in errors]
+        errors.update(self._misplaced(prepared))
+        ready = [(key, v) for key, v, _ in prepared if key not in errors]
+        values = [v for _, v in ready]
         try:
             self.conn.executemany(self.upsert, values)
         except sqlite3.DatabaseError:
@@ -127,10 +156,10 @@ class TableWriter:
         return errors
 
 
-def _dirty_batches(conn: sqlite3.Connection, model: str) -> Iterator[list[tuple[int, str, str, int, int]]]:
+def _dirty_batches(conn: sqlite3.Connection, model: str) -> Iterator[list[tuple[int, str, str, int, int, str]]]:
     last = 0
     while batch := conn.execute(
-        "SELECT rowid, id, data, deleted, purged FROM bundlesync_store "
+        "SELECT rowid, id, data, deleted, purged, partition FROM bundlesync_store "
         f"WHERE model = ? AND dirty = 1 AND rowid > ? ORDER BY rowid LIMIT {BATCH}",
         (model, last),
     ).fetchall():
@@ -138,11 +167,11 @@ def _dirty_batches(conn: sqlite3.Connection, model: str) -> Iterator[list[tuple[
         yield batch
 
 
-def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, batch: list[tuple[int, str, str, int, int]],
+def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, batch: list[tuple[int, str, str, int, int, str]],
                  result: DeserializeResult) -> int:
-    removals = [pk for _, pk, _, deleted, purged in batch if deleted or purged]
+    removals = [pk for _, pk, _, deleted, purged, _ in batch if deleted or purged]
     writer.remove(removals)
-    errors = writer.place([(rowid, decode_data(data)) for rowid, _, data, deleted, purged in batch
+    errors = writer.place([(rowid, decode_data(data), partition) for rowid, _, data, deleted, purged, partition in batch
                            if not (deleted or purged)])
     # Every dirty row of this table between the batch's first and last rowid is in the batch.
     conn.execute("UPDATE bundlesync_store SET dirty = 0, error = NULL WHERE model = ? AND dirty = 1 "

@@ -1,0 +1,121 @@
+"""The record-line codec: one record version as a line of a bundle's payload, and back.
+
+A bundle's payload is a sequence of record lines ``<head JSON>\t<data JSON>\n``. The head
+holds the version (``m`` table, ``id``, ``p`` partition, ``h`` hybrid logical clock, ``i``
+writer instance, ``c`` writer counter, ``v`` version vector, ``f`` flags: 1 deleted,
+2 purged); the data is the row's values as a JSON object. :data:`LINE_SQL` builds a line
+from a ``bundlesync_store`` row inside SQLite (export), :func:`parse_record` reads one back
+(import); :func:`encode_data` / :func:`decode_data` turn a row's values into the data JSON
+that the store keeps and the line carries.
+
+How values become JSON:
+
+Values are encoded by Python's C JSON encoder: floats keep full precision
+(shortest round-trip ``repr``; SQLite's own JSON functions keep only 15
+significant digits, so serialization is deliberately not done in SQL), and two
+kinds of value get a tag because JSON cannot hold them:
+
+- BLOB -> ``{"$hex": "<hex digits>"}``;
+- a non-finite float -> ``{"$float": "nan" | "inf" | "-inf"}``.
+
+:func:`decode_data` is the inverse. ``docs/format.md`` ("Record lines")
+documents the encoding for other implementations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bundlesync.errors import FormatError
+
+__all__ = ["LINE_SQL", "Version", "VersionVector", "decode_data", "encode_data", "parse_record"]
+
+_HEX, _FLOAT = "$hex", "$float"
+
+
+def _tagged(value: object) -> object:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {_HEX: bytes(value).hex()}
+    raise TypeError(f"cannot serialize {type(value).__name__}")
+
+
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), default=_tagged, allow_nan=False)
+
+
+def encode_data(columns: Sequence[str], values: Sequence[object]) -> str:
+    """A row's values (in ``columns`` order) -> JSON object text."""
+    row = dict(zip(columns, values))
+    try:
+        return _ENCODER.encode(row)
+    except ValueError:  # NaN or infinity somewhere: tag those floats (rare, so not on the fast path)
+        return _ENCODER.encode(
+            {k: {_FLOAT: repr(v)} if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        )
+
+
+def decode_data(text: str) -> dict[str, Any]:
+    """JSON text -> row dict, turning tagged BLOBs and non-finite floats back into values."""
+    row: dict[str, Any] = json.loads(text)
+    for key, value in row.items():
+        if isinstance(value, dict) and len(value) == 1:
+            if _HEX in value:
+                row[key] = bytes.fromhex(value[_HEX])
+            elif _FLOAT in value:
+                row[key] = float(value[_FLOAT])
+    return row
+
+
+VersionVector = dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    """One record version as stored and as carried in bundles."""
+
+    model: str
+    id: str
+    partition: str
+    data: str
+    deleted: bool
+    purged: bool
+    hlc: int
+    inst: str
+    ctr: int
+    vv: VersionVector
+
+    def key(self) -> tuple[bool, int, str, int]:
+        """Total order used to pick a winner deterministically."""
+        return (self.purged, self.hlc, self.inst, self.ctr)
+
+    def covers(self, inst: str, ctr: int) -> bool:
+        """True if this record's history includes write ``(inst, ctr)``."""
+        return self.vv.get(inst, 0) >= ctr
+
+
+LINE_SQL = (
+    "CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'i', inst, 'c', ctr, "
+    "'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB)"
+)
+"""SQL over a ``bundlesync_store`` row that yields its record line (the store's data is already JSON)."""
+
+
+def parse_record(line: bytes) -> Version:
+    """Decode one record line; :class:`FormatError` if it is malformed."""
+    head, tab, data = line.rstrip(b"\n").partition(b"\t")
+    try:
+        h = json.loads(head)
+        flags = int(h["f"])
+        version = Version(
+            model=str(h["m"]), id=str(h["id"]), partition=str(h["p"]), data=data.decode("utf-8"),
+            deleted=bool(flags & 1), purged=bool(flags & 2), hlc=int(h["h"]), inst=str(h["i"]),
+            ctr=int(h["c"]), vv={str(k): int(v) for k, v in h["v"].items()},
+        )
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise FormatError(f"malformed record in bundle ({exc!r}); the signer wrote a bad bundle: report it") from exc
+    if not tab:
+        raise FormatError("malformed record in bundle (no data part); the signer wrote a bad bundle: report it")
+    return version

@@ -1,0 +1,300 @@
+"""The store: bundlesync's serialized copy of every syncable row, and the device identity.
+
+``bundlesync_store`` holds one row per app record: its JSON data and its winning
+version (see :mod:`bundlesync.replica.merge`). *Serialization* (the SERIALIZING stage)
+turns the change log the triggers filled into new versions stamped with this
+device's instance id and a fresh counter; everything else (export, import,
+status) reads and writes versions here, never app rows directly, except
+:mod:`bundlesync.sync.deserialize` which writes the store back into app tables.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bundlesync.replica.db import q
+from bundlesync.errors import ProfileError, StateError
+from bundlesync.format.records import Version
+from bundlesync.format.records import encode_data
+from bundlesync.profile import Profile, TableSpec
+
+__all__ = [
+    "BATCH",
+    "SerializeResult",
+    "ensure_identity",
+    "fetch_versions",
+    "instance_id",
+    "log_conflicts",
+    "loser_json",
+    "next_counter",
+    "record_transfer",
+    "serialize_changes",
+    "upsert_versions",
+]
+
+BATCH = 5000
+"""Rows per read/write batch: bounds memory and keeps statements short."""
+
+# --- identity -------------------------------------------------------------------------
+
+
+def ensure_identity(conn: sqlite3.Connection) -> str:
+    """Give this database an instance id and counter if it has none; return the id."""
+    conn.execute(
+        "INSERT INTO bundlesync_meta (key, value) VALUES ('instance_id', ?) ON CONFLICT (key) DO NOTHING",
+        (uuid.uuid4().hex,),
+    )
+    conn.execute("INSERT INTO bundlesync_meta (key, value) VALUES ('counter', '0') ON CONFLICT (key) DO NOTHING")
+    return instance_id(conn)
+
+
+def instance_id(conn: sqlite3.Connection) -> str:
+    """This database's instance id."""
+    row = conn.execute("SELECT value FROM bundlesync_meta WHERE key = 'instance_id'").fetchone()
+    if row is None:
+        raise StateError("this database has no bundlesync identity: run `bundlesync init` first")
+    return str(row[0])
+
+
+def current_counter(conn: sqlite3.Connection) -> int:
+    """The last counter value this instance used."""
+    row = conn.execute("SELECT value FROM bundlesync_meta WHERE key = 'counter'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def next_counter(conn: sqlite3.Connection) -> int:
+    """Take a new counter value for this instance and note that it holds its own writes up to it."""
+    conn.execute("UPDATE bundlesync_meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'counter'")
+    counter = current_counter(conn)
+    conn.execute(
+        "INSERT INTO bundlesync_fsic (partition, inst, ctr) VALUES ('', ?, ?) "
+        "ON CONFLICT (partition, inst) DO UPDATE SET ctr = max(ctr, excluded.ctr)",
+        (instance_id(conn), counter),
+    )
+    return counter
+
+
+# --- reading and writing versions ---------------------------------------------------
+
+_VERSION_COLUMNS = "model, id, partition, data, deleted, purged, hlc, inst, ctr, vv"
+
+
+def _row_to_version(row: Sequence[Any]) -> Version:
+    return Version(
+        model=row[0], id=row[1], partition=row[2], data=row[3], deleted=bool(row[4]), purged=bool(row[5]),
+        hlc=row[6], inst=row[7], ctr=row[8], vv=json.loads(row[9]),
+    )
+
+
+def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Version]:
+    """The stored versions of the given ``(model, id)`` keys that exist.
+
+    Looked up per model with ``id IN (…)`` so the ``(model, id)`` index is used
+    (a row-value ``IN (VALUES …)`` makes SQLite scan the whole store).
+    """
+    by_model: dict[str, list[str]] = {}
+    for model, record_id in keys:
+        by_model.setdefault(model, []).append(record_id)
+    found: dict[tuple[str, str], Version] = {}
+    for model, ids in by_model.items():
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ", ".join("?" * len(chunk))
+            for row in conn.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM bundlesync_store WHERE model = ? AND id IN ({marks})", [model, *chunk]
+            ):
+                version = _row_to_version(row)
+                found[(version.model, version.id)] = version
+    return found
+
+
+_UPSERT = (
+    "INSERT INTO bundlesync_store (model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, bundle_id) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?) "
+    "ON CONFLICT (model, id) DO UPDATE SET partition = excluded.partition, data = excluded.data, "
+    "deleted = excluded.deleted, purged = excluded.purged, hlc = excluded.hlc, inst = excluded.inst, "
+    "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle_id = excluded.bundle_id"
+)
+
+
+def upsert_versions(
+    conn: sqlite3.Connection, versions: Iterable[tuple[Version, bool]], bundle_id: str | None
+) -> None:
+    """Write versions; the flag says whether the app table must be updated (``dirty``)."""
+    conn.executemany(
+        _UPSERT,
+        (
+            (
+                v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr,
+                _vector_text(v.vv), int(dirty), bundle_id,
+            )
+            for v, dirty in versions
+        ),
+    )
+
+
+def update_vectors(conn: sqlite3.Connection, versions: Iterable[Version]) -> None:
+    """Store merged version vectors of records whose data did not change."""
+    conn.executemany(
+        "UPDATE bundlesync_store SET vv = ? WHERE model = ? AND id = ?",
+        ((_vector_text(v.vv), v.model, v.id) for v in versions),
+    )
+
+
+# --- serialization ---------------------------------------------------------------------
+
+
+@dataclass
+class SerializeResult:
+    """What one serialization run produced."""
+
+    counter: int | None = None
+    versions: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
+
+
+def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[Any]]:
+    """Chunks of (change, app row, stored version) for one table, in change order."""
+    pk = q(table.primary_key)
+    columns = ", ".join(f"t.{q(c)}" for c in table.columns)
+    sql = (
+        f"SELECT c.seq, c.pk, c.at_ms, t.{pk} IS NOT NULL, {table.partition_sql('t')}, "
+        f"s.partition, s.data, s.deleted, s.purged, s.hlc, s.vv, s.dirty, s.inst, s.ctr, s.bundle_id, {columns} "
+        f"FROM bundlesync_changes c LEFT JOIN {q(table.name)} t ON t.{pk} = c.pk "
+        "LEFT JOIN bundlesync_store s ON s.model = c.model AND s.id = c.pk "
+        f"WHERE c.model = ? AND c.seq > ? ORDER BY c.seq LIMIT {BATCH}"
+    )
+    last = 0
+    while rows := conn.execute(sql, (table.name, last)).fetchall():
+        last = rows[-1][0]
+        yield rows
+
+
+def _keep_unknown_keys(stored: str, fresh: str, columns: Sequence[str]) -> str:
+    """Carry over fields a newer profile sent that this device's app table lacks (forward compatibility)."""
+    old = json.loads(stored)
+    extra = {k: v for k, v in old.items() if k not in columns} if isinstance(old, dict) else {}
+    if not extra:
+        return fresh
+    merged = json.loads(fresh)
+    merged.update(extra)
+    return json.dumps(merged, ensure_ascii=False, separators=(",", ":"))
+
+
+def loser_json(inst: str, ctr: int, hlc: int, deleted: bool, partition: str, data: str) -> str:
+    """How a losing version is kept in ``bundlesync_conflicts``."""
+    return json.dumps({"inst": inst, "ctr": ctr, "hlc": hlc, "deleted": deleted, "partition": partition,
+                       "data": json.loads(data)}, separators=(",", ":"), ensure_ascii=False)
+
+
+def log_conflicts(conn: sqlite3.Connection, entries: Iterable[tuple[object, ...]]) -> None:
+    """Keep losing versions: ``(model, id, loser_json, winner_inst, winner_ctr, bundle_id, detected_at)``."""
+    conn.executemany(
+        "INSERT INTO bundlesync_conflicts (model, record_id, loser, winner_inst, winner_ctr, bundle_id, detected_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        entries,
+    )
+
+
+def _vector_text(vv: Mapping[str, int]) -> str:
+    return json.dumps(vv, separators=(",", ":"), sort_keys=True)
+
+
+def _no_partition(table: TableSpec, pk: object) -> str:
+    why = (f"its lookup ({', '.join(table.lookups)}) finds no row" if table.lookups
+           else f"every template of {list(table.partitions)} uses a NULL column")
+    return (f"table {table.name!r} row {pk}: no partition, {why}; fix the row (or the profile) "
+            "and export again")
+
+
+def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeResult:
+    """Turn logged app changes into store versions (must run in a write transaction).
+
+    One new counter value serves every version this run writes. A version's
+    ``hlc`` is its edit time in ms shifted left 16 bits, raised above the version
+    it replaces so causality is never inverted by a slow clock. Changed rows
+    are compared with their stored version: an update that changed nothing
+    makes no version.
+    """
+    result = SerializeResult()
+    if not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_changes)").fetchone()[0]:
+        return result
+    me = instance_id(conn)
+    counter = result.counter = next_counter(conn)
+    fresh_vv = _vector_text({me: counter})
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    lost: list[tuple[object, ...]] = []
+    for table in profile.tables:
+        name, columns = table.name, table.columns
+        written = 0
+        for rows in _changed_rows(conn, table):
+            writes: list[tuple[object, ...]] = []
+            redo: list[tuple[str, str]] = []
+            for row in rows:
+                _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
+                s_dirty, s_inst, s_ctr, s_bundle = row[11:15]
+                if present and partition is None:
+                    raise ProfileError(_no_partition(table, pk))
+                if s_data is None:  # not in the store yet
+                    if present:
+                        data = encode_data(columns, row[15:])
+                        writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None))
+                    continue
+                if s_purged:
+                    # A purge is final: the app row is erased again rather than revived.
+                    if present:
+                        redo.append((name, pk))
+                    continue
+                if present:
+                    data = encode_data(columns, row[15:])
+                    if data != s_data:
+                        data = _keep_unknown_keys(s_data, data, columns)
+                    if not s_deleted and s_data == data and s_part == partition:
+                        continue
+                    deleted = 0
+                elif not s_deleted:
+                    data, partition, deleted = s_data, s_part, 1
+                else:
+                    continue
+                if s_dirty:
+                    # The stored version never reached the app table (it waits for a parent or was refused),
+                    # so this edit did not see it: it loses to the edit, and is kept where operators look.
+                    lost.append((name, pk, loser_json(s_inst, s_ctr, s_hlc, bool(s_deleted), s_part, s_data),
+                                 me, counter, s_bundle, now))
+                vv = json.loads(s_vv)
+                vv[me] = counter
+                hlc = max(at_ms << 16, s_hlc + 1)
+                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None))
+            conn.executemany(_UPSERT, writes)
+            conn.executemany("UPDATE bundlesync_store SET dirty = 1 WHERE model = ? AND id = ?", redo)
+            log_conflicts(conn, lost)
+            lost.clear()
+            written += len(writes)
+        conn.execute("DELETE FROM bundlesync_changes WHERE model = ?", (name,))
+        if written:
+            result.by_model[name] = written
+            result.versions += written
+    return result
+
+
+def record_transfer(conn: sqlite3.Connection, *, bundle_id: str, direction: str, dataset_id: str,
+                    prefixes: Sequence[str], peer_instance: str, path: str, at: str, records: int,
+                    stats: Mapping[str, object], result_fsic: Mapping[str, int]) -> None:
+    """Note an export or import in ``bundlesync_transfers`` (status, bases, re-import detection)."""
+    conn.execute(
+        "INSERT INTO bundlesync_transfers (bundle_id, direction, dataset_id, filter, peer_instance, path, at, "
+        "records, stats, result_fsic) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (bundle_id, direction, dataset_id, "\n".join(prefixes), peer_instance, path, at, records,
+         json.dumps(stats), json.dumps(dict(result_fsic))),
+    )
+
+
+def pending_changes(conn: sqlite3.Connection) -> int:
+    """How many app rows changed since the last serialization."""
+    return int(conn.execute("SELECT count(*) FROM bundlesync_changes").fetchone()[0])

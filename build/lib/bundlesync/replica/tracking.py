@@ -1,0 +1,152 @@
+"""Change tracking: triggers that log every write to a syncable table.
+
+Triggers (not application code) do the tracking so that a write by *any* SQLite
+client is seen (nothing is lost). Each trigger upserts ``(model, pk, at_ms)``
+into ``bundlesync_changes``; serialization later turns those rows into store
+versions. While an import applies incoming rows it puts a row into
+``bundlesync_applying`` inside its transaction, and the triggers' ``WHEN`` clause
+skips the logging, so imported rows are not mistaken for local edits. Other
+connections never see that row: it is inserted and deleted inside one
+transaction that holds the write lock.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+
+from bundlesync.replica.db import q
+from bundlesync.profile import Profile, TableSpec
+
+__all__ = [
+    "NOW_MS_SQL",
+    "install_triggers",
+    "is_tracked",
+    "suppressed",
+    "trigger_names",
+]
+
+NOW_MS_SQL = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+"""Unix time in milliseconds, computed by SQLite (the edit time of a change)."""
+
+_QUIET = "NOT EXISTS (SELECT 1 FROM bundlesync_applying)"
+
+
+def trigger_names(table: TableSpec) -> tuple[str, str, str]:
+    """The insert, update and delete trigger names for one table."""
+    return (
+        f"bundlesync_{table.name}_ins",
+        f"bundlesync_{table.name}_upd",
+        f"bundlesync_{table.name}_del",
+    )
+
+
+def _literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _log(model: str, pk_ref: str) -> str:
+    return (
+        f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES ({_literal(model)}, {pk_ref}, {NOW_MS_SQL}) "
+        "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms;"
+    )
+
+
+def _trigger_sql(table: TableSpec) -> Iterator[str]:
+    ins, upd, dele = trigger_names(table)
+    t, pk = q(table.name), q(table.primary_key)
+    yield (
+        f"CREATE TRIGGER IF NOT EXISTS {q(ins)} AFTER INSERT ON {t} WHEN {_QUIET} "
+        f"BEGIN {_log(table.name, f'NEW.{pk}')} END"
+    )
+    # An update that changes the primary key is a delete of the old row plus an insert.
+    yield (
+        f"CREATE TRIGGER IF NOT EXISTS {q(upd)} AFTER UPDATE ON {t} WHEN {_QUIET} "
+        f"BEGIN {_log(table.name, f'NEW.{pk}')} {_log(table.name, f'OLD.{pk}')} END"
+    )
+    yield (
+        f"CREATE TRIGGER IF NOT EXISTS {q(dele)} AFTER DELETE ON {t} WHEN {_QUIET} "
+        f"BEGIN {_log(table.name, f'OLD.{pk}')} END"
+    )
+
+
+def _unique_keys(conn: sqlite3.Connection, table: TableSpec) -> list[tuple[str, list[str]]]:
+    """Plain UNIQUE indexes other than the primary key's: ``(index name, columns)``."""
+    found = []
+    for _, name, unique, origin, partial in conn.execute(f"PRAGMA index_list({q(table.name)})"):
+        if not unique or partial or origin == "pk":
+            continue
+        columns = [col for _, cid, col in conn.execute(f"PRAGMA index_info({q(name)})")]
+        if columns and all(c is not None for c in columns) and columns != [table.primary_key]:
+            found.append((name, columns))
+    return found
+
+
+def _displacement_triggers(conn: sqlite3.Connection, table: TableSpec) -> Iterator[str]:
+    """BEFORE triggers that log the rows an ``OR REPLACE`` is about to remove.
+
+    SQLite deletes a row that collides on a UNIQUE index without firing DELETE
+    triggers (unless the writer enabled ``recursive_triggers``), so the colliding
+    row is logged just before the write. If nothing is replaced after all,
+    serialization finds that row unchanged and makes no version.
+    """
+    t, pk = q(table.name), q(table.primary_key)
+    for index, columns in _unique_keys(conn, table):
+        for event in ("INSERT", "UPDATE"):
+            name = q(f"bundlesync_{table.name}_{event[:3].lower()}_{index}")
+            match = " AND ".join(f"{q(c)} = NEW.{q(c)}" for c in columns)
+            yield (
+                f"CREATE TRIGGER IF NOT EXISTS {name} BEFORE {event} ON {t} WHEN {_QUIET} BEGIN "
+                f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT {_literal(table.name)}, {pk}, {NOW_MS_SQL} "
+                f"FROM {t} WHERE {match} AND {pk} IS NOT NEW.{pk} "
+                "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms; END"
+            )
+
+
+def is_tracked(conn: sqlite3.Connection, table: TableSpec) -> bool:
+    """True when all three tracking triggers of ``table`` exist."""
+    names = trigger_names(table)
+    found = conn.execute(
+        f"SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({', '.join('?' * len(names))})",
+        names,
+    ).fetchone()[0]
+    return bool(found == len(names))
+
+
+def install_triggers(conn: sqlite3.Connection, profile: Profile) -> list[str]:
+    """Install the triggers of every profile table; log existing rows of newly tracked tables.
+
+    Idempotent. Must run inside a write transaction. Returns the names of the
+    tables that became tracked now (their existing rows are queued as changes, so
+    the first export carries them).
+    """
+    newly: list[str] = []
+    for table in profile.tables:
+        for statement in _displacement_triggers(conn, table):
+            conn.execute(statement)
+        if is_tracked(conn, table):
+            continue
+        for statement in _trigger_sql(table):
+            conn.execute(statement)
+        conn.execute(
+            f"INSERT INTO bundlesync_changes (model, pk, at_ms) "
+            f"SELECT ?, {q(table.primary_key)}, {NOW_MS_SQL} FROM {q(table.name)} WHERE true "
+            "ON CONFLICT (model, pk) DO NOTHING",
+            (table.name,),
+        )
+        newly.append(table.name)
+    return newly
+
+
+class suppressed:
+    """Context manager: inside it (and inside a transaction), writes are not tracked."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        self._conn.execute("INSERT INTO bundlesync_applying (since) VALUES (datetime('now'))")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("DELETE FROM bundlesync_applying")

@@ -1,0 +1,200 @@
+"""Merging a bundle's record stream into the store (the DEQUEUING stage).
+
+Each record line is ``<head JSON>\\t<data JSON>\\n``. For each record this
+module checks that it may be applied — the partition it claims is the one its
+data yields, it lies in the signer's write scope (scope is enforced per record) and in
+this device's read scope — and then joins it into the store with
+:func:`bundlesync.replica.merge.merge`. Records that won the merge have their app rows
+written right away (the row was decoded once, for the partition check); rows
+whose parent is not there yet stay dirty for the DESERIALIZING stage. Refused
+records are counted and a few are named for the report; the rest of the bundle
+still applies.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bundlesync.format.records import decode_data, parse_record
+from bundlesync.sync.deserialize import DeserializeResult, TableWriter
+from bundlesync.errors import FormatError
+from bundlesync.format.records import Version
+from bundlesync.replica.merge import MergeResult, Outcome, merge
+from bundlesync.profile import Profile
+from bundlesync.partitions import within
+from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, update_vectors, upsert_versions
+
+__all__ = ["DequeueResult", "dequeue"]
+
+SAMPLE = 5
+"""How many refused records a report names."""
+
+
+@dataclass
+class DequeueResult:
+    """Counts by outcome, plus refusals."""
+
+    received: int = 0
+    outcomes: dict[str, int] = field(default_factory=lambda: {o.value: 0 for o in Outcome})
+    out_of_scope: int = 0
+    not_for_us: int = 0
+    bad_partition: int = 0
+    refused_sample: list[str] = field(default_factory=list)
+
+    def refuse(self, kind: str, version: Version, why: str) -> None:
+        """Count a refused record and keep a few for the report."""
+        setattr(self, kind, getattr(self, kind) + 1)
+        if len(self.refused_sample) < SAMPLE:
+            self.refused_sample.append(f"{version.model} {version.id}: {why}")
+
+    @property
+    def refused(self) -> int:
+        """Records not applied because their signer may not write them or the data lies."""
+        return self.out_of_scope + self.bad_partition
+
+
+def _decode_checked(profile: Profile, version: Version) -> dict[str, Any] | None:
+    """The record's row if its claimed partition is the one its data yields, else None."""
+    if not profile.has_table(version.model):
+        return None
+    if version.purged:
+        return {}
+    try:
+        row = decode_data(version.data)
+        return row if profile.table(version.model).partition_matches(row, version.partition) else None
+    except Exception:  # noqa: BLE001 - any failure to recompute means the claim is unproven
+        return None
+
+
+def _loser_entry(merged: MergeResult, bundle_id: str, detected_at: str) -> tuple[str, str, str, str, int, str, str]:
+    loser = merged.loser
+    assert loser is not None
+    text = loser_json(loser.inst, loser.ctr, loser.hlc, loser.deleted, loser.partition, loser.data)
+    return (loser.model, loser.id, text, merged.result.inst, merged.result.ctr, bundle_id, detected_at)
+
+
+class _Cached:
+    """A predicate on partitions, memoised (bounded: a bundle has few distinct partitions)."""
+
+    LIMIT = 100_000
+
+    def __init__(self, test: Callable[[str], bool]) -> None:
+        self.test = test
+        self.known: dict[str, bool] = {}
+
+    def __call__(self, partition: str) -> bool:
+        answer = self.known.get(partition)
+        if answer is None:
+            if len(self.known) > self.LIMIT:
+                self.known.clear()
+            answer = self.known[partition] = self.test(partition)
+        return answer
+
+
+class _AppWriter:
+    """Writes the app rows of records that won the merge, table by table in foreign-key order."""
+
+    def __init__(self, conn: sqlite3.Connection, profile: Profile) -> None:
+        self.conn, self.profile = conn, profile
+        self.order = {t.name: i for i, t in enumerate(profile.tables)}
+        self.writers: dict[str, TableWriter] = {}
+
+    def write(self, won: list[tuple[Version, dict[str, Any]]], result: DeserializeResult) -> None:
+        by_model: dict[str, list[tuple[Version, dict[str, Any]]]] = {}
+        for version, row in won:
+            by_model.setdefault(version.model, []).append((version, row))
+        waiting: list[tuple[str, str, str]] = []
+        for model in sorted(by_model, key=self.order.__getitem__):
+            writer = self.writers.get(model)
+            if writer is None:
+                writer = self.writers[model] = TableWriter(self.conn, self.profile, self.profile.table(model))
+            items = by_model[model]
+            removals = [v.id for v, _ in items if v.deleted or v.purged]
+            writer.remove(removals)
+            errors = writer.place([(v.id, row, v.partition) for v, row in items if not (v.deleted or v.purged)])
+            waiting.extend((reason, model, record_id) for record_id, reason in errors.items())
+            result.deleted += len(removals)
+            result.written += len(items) - len(removals) - len(errors)
+            result.by_model[model] = result.by_model.get(model, 0) + len(items) - len(errors)
+        # Rows not placed stay dirty in the store; DESERIALIZING retries them (their parent may come later).
+        self.conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = ? WHERE model = ? AND id = ?", waiting)
+
+
+def dequeue(
+    conn: sqlite3.Connection,
+    profile: Profile,
+    batches: Iterable[Sequence[bytes]],
+    *,
+    signer_write: Sequence[str],
+    local_read: Sequence[str],
+    bundle_id: str,
+    detected_at: str,
+    written: DeserializeResult,
+    signer_may_purge: bool,
+) -> DequeueResult:
+    """Merge every acceptable record into the store and write the winners' app rows.
+
+    Runs inside the import's transaction with tracking suppressed. ``written``
+    collects the app-row counts (the DESERIALIZING stage adds its own to it).
+    """
+    result = DequeueResult()
+    app = _AppWriter(conn, profile)
+    # Partitions repeat (one per user or facility), so scope answers are cached per partition.
+    writable = _Cached(lambda p: within(p, signer_write))
+    readable = _Cached(lambda p: within(p, local_read))
+    for lines in batches:
+        incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
+        for line in lines:
+            version = parse_record(line)
+            result.received += 1
+            if not writable(version.partition):
+                result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
+                continue
+            row = _decode_checked(profile, version)
+            if row is None:
+                result.refuse("bad_partition", version, f"data does not belong to partition {version.partition}")
+            elif not readable(version.partition):
+                result.not_for_us += 1
+            else:
+                key = (version.model, version.id)
+                earlier = incoming.get(key)
+                if earlier is not None:  # the same record twice in one bundle: join them first
+                    both = merge(earlier[0], version)
+                    version, row = both.result, (row if both.incoming_won else earlier[1])
+                incoming[key] = (version, row)
+        local = fetch_versions(conn, incoming)
+        won: list[tuple[Version, dict[str, Any]]] = []
+        vectors: list[Version] = []
+        losers: list[tuple[str, str, str, str, int, str, str]] = []
+        purged: list[tuple[str, str]] = []
+        for key, (version, row) in incoming.items():
+            mine = local.get(key)
+            if mine is not None and not writable(mine.partition):
+                # The record as this device knows it is not the signer's to change, whatever it claims now.
+                result.refuse("out_of_scope", version, f"the local record lies in {mine.partition}, outside the "
+                              "signer's write scope")
+                continue
+            if version.purged and not signer_may_purge:
+                result.refuse("out_of_scope", version, "only a full-facility certificate may purge records")
+                continue
+            merged = merge(mine, version)
+            result.outcomes[merged.outcome.value] += 1
+            if merged.incoming_won:
+                won.append((merged.result, row))
+                if merged.result.purged:
+                    purged.append(key)
+            elif merged.result is not local.get(key):
+                vectors.append(merged.result)
+            if merged.loser is not None and not merged.result.purged:
+                losers.append(_loser_entry(merged, bundle_id, detected_at))
+        upsert_versions(conn, [(v, False) for v, _ in won], bundle_id)
+        app.write(won, written)
+        update_vectors(conn, vectors)
+        log_conflicts(conn, losers)
+        # A purge erases the personal data everywhere, the conflict log included.
+        conn.executemany("DELETE FROM bundlesync_conflicts WHERE model = ? AND record_id = ?", purged)
+    return result

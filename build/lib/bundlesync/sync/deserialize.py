@@ -1,0 +1,210 @@
+"""Writing store versions into the app tables, parents first.
+
+:class:`TableWriter` places rows of one table: a row whose foreign-key parent is
+not in the app table yet *waits* (it stays in the store, marked ``dirty``, with
+the reason in ``error``) and is retried by every later import, so a child that
+arrives before its parent applies when the parent does. A parent known only as
+a deletion does not block (the sending device had the same dangling reference).
+A row the database refuses (a constraint) also stays dirty, with the database's
+message; the rest still applies.
+
+The import's DEQUEUING stage uses a writer directly for records it has just
+merged (one JSON decode per record); :func:`deserialize` (the DESERIALIZING
+stage) then places every row still dirty — children whose parent came later,
+rows left from earlier imports — table by table in foreign-key order, and
+self-referencing tables in rounds until no more rows can be placed.
+
+Tracking triggers must be suppressed by the caller (:class:`~bundlesync.replica.tracking.suppressed`).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from bundlesync.format.records import decode_data
+from bundlesync.replica.db import q
+from bundlesync.profile import NEW, Profile, TableSpec, incoming_row_sql
+from bundlesync.replica.store import BATCH
+
+__all__ = ["DeserializeResult", "TableWriter", "deserialize"]
+
+K = TypeVar("K", bound=Hashable)
+
+SEEN_PARENTS_MAX = 20_000
+"""How many known-present parent ids a writer remembers per column (bounds memory)."""
+
+WAITING = "waiting for"
+"""Prefix of the ``error`` of a row whose parent has not arrived."""
+
+
+@dataclass
+class DeserializeResult:
+    """Counts of what was written, and of what still waits or was refused."""
+
+    written: int = 0
+    deleted: int = 0
+    waiting: int = 0
+    failed: int = 0
+    by_model: dict[str, int] = field(default_factory=dict)
+
+
+def _present(conn: sqlite3.Connection, sql: str, head: Sequence[object], ids: set[str]) -> set[str]:
+    found: set[str] = set()
+    pending = list(ids)
+    for start in range(0, len(pending), 900):
+        chunk = pending[start : start + 900]
+        found.update(r[0] for r in conn.execute(sql.format(marks=", ".join("?" * len(chunk))), [*head, *chunk]))
+    return found
+
+
+class TableWriter:
+    """Places rows of one app table (upsert by primary key; delete)."""
+
+    def __init__(self, conn: sqlite3.Connection, profile: Profile, table: TableSpec) -> None:
+        self.conn, self.table = conn, table
+        self.parents = dict(table.foreign_keys)
+        if table.self_reference:
+            self.parents[table.self_reference] = table.name
+        self.parent_pk = {col: profile.table(parent).primary_key for col, parent in self.parents.items()}
+        cols, pk = table.columns, q(table.primary_key)
+        written = (*cols, *table.receive)
+        updates = ", ".join(f"{q(c)} = excluded.{q(c)}" for c in written if c != table.primary_key)
+        conflict = f"ON CONFLICT ({pk}) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
+        # Rows carry their partition as one more value where the statements use it.
+        self.with_partition = bool(table.receive or table.lookups)
+        if table.receive:
+            # Received columns are computed from the incoming row, so the row is a one-row sub-select.
+            new = q(NEW)
+            picked = [f"{new}.{q(c)}" for c in cols] + [r.expression(NEW) for r in table.receive.values()]
+            self.upsert = (f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in written)}) "
+                           f"SELECT {', '.join(picked)} FROM {incoming_row_sql(table)} WHERE true {conflict}")
+        else:
+            self.upsert = (f"INSERT INTO {q(table.name)} ({', '.join(q(c) for c in cols)}) "
+                           f"VALUES ({', '.join('?' * len(cols))}) {conflict}")
+        # Where the partition needs a lookup, the claim is recomputed here, with the parents in place.
+        self.recompute = (f"SELECT {table.partition_sql(NEW)} FROM {incoming_row_sql(table)}"
+                          if table.lookups else None)
+        self.delete = f"DELETE FROM {q(table.name)} WHERE {pk} = ?"
+        # Parent ids already found in their app tables during this writer's life (one transaction).
+        self._seen: dict[str, set[str]] = {}
+
+    def remove(self, ids: Sequence[str]) -> None:
+        """Delete app rows (a deletion or a purge won)."""
+        self.conn.executemany(self.delete, [(i,) for i in ids])
+
+    def _blocked(self, rows: Sequence[tuple[K, dict[str, Any]]]) -> dict[K, str]:
+        """Rows whose foreign-key parent is absent, with the reason."""
+        blocked: dict[K, str] = {}
+        for col, parent in self.parents.items():
+            seen = self._seen.setdefault(col, set())
+            wanted = {str(v) for _, r in rows if (v := r.get(col)) is not None} - seen
+            if not wanted:
+                continue
+            pk = q(self.parent_pk[col])
+            found = _present(self.conn, f"SELECT {pk} FROM {q(parent)} WHERE {pk} IN ({{marks}})", (), wanted)
+            if len(seen) > SEEN_PARENTS_MAX:
+                seen.clear()  # keep memory bounded; the cache only saves lookups
+            seen.update(found)
+            absent = wanted - found
+            if absent:
+                absent -= _present(
+                    self.conn,
+                    "SELECT id FROM bundlesync_store WHERE model = ? AND id IN ({marks}) AND (deleted OR purged)",
+                    (parent,), absent,
+                )
+            for key, r in rows:
+                value = r.get(col)
+                if value is not None and str(value) in absent and key not in blocked:
+                    blocked[key] = f"{WAITING} {parent} {value} ({col}): not received yet"
+        return blocked
+
+    def _misplaced(self, ready: Sequence[tuple[K, tuple[object, ...], str]]) -> dict[K, str]:
+        """Rows whose claimed partition is not the one their data gives here (lookup partitions only)."""
+        errors: dict[K, str] = {}
+        if self.recompute is None:
+            return errors
+        for key, values, claimed in ready:
+            actual = self.conn.execute(self.recompute, values).fetchone()[0]
+            if actual is None:
+                errors[key] = (f"{WAITING} the rows its partition is looked up from ({', '.join(self.table.lookups)}): "
+                               "not found yet")
+            elif actual != claimed:
+                errors[key] = f"refused: it claims partition {claimed}, but its data gives {actual} here"
+        return errors
+
+    def place(self, rows: Sequence[tuple[K, dict[str, Any], str]]) -> dict[K, str]:
+        """Upsert rows ``(key, row, partition)`` whose parents are present; return the others with the reason."""
+        errors = self._blocked([(key, r) for key, r, _ in rows])
+        cols = self.table.columns
+        prepared = [(key, (*map(r.get, cols), *((partition,) if self.with_partition else ())), partition)
+                    for key, r, partition in rows if key not in errors]
+        errors.update(self._misplaced(prepared))
+        ready = [(key, v) for key, v, _ in prepared if key not in errors]
+        values = [v for _, v in ready]
+        try:
+            self.conn.executemany(self.upsert, values)
+        except sqlite3.DatabaseError:
+            # Find the rows the database refuses; each statement is atomic on its own.
+            for (key, _), row_values in zip(ready, values):
+                try:
+                    self.conn.execute(self.upsert, row_values)
+                except sqlite3.DatabaseError as exc:
+                    errors[key] = f"refused by the database: {exc}"
+        return errors
+
+
+def _dirty_batches(conn: sqlite3.Connection, model: str) -> Iterator[list[tuple[int, str, str, int, int, str]]]:
+    last = 0
+    while batch := conn.execute(
+        "SELECT rowid, id, data, deleted, purged, partition FROM bundlesync_store "
+        f"WHERE model = ? AND dirty = 1 AND rowid > ? ORDER BY rowid LIMIT {BATCH}",
+        (model, last),
+    ).fetchall():
+        last = batch[-1][0]
+        yield batch
+
+
+def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, batch: list[tuple[int, str, str, int, int, str]],
+                 result: DeserializeResult) -> int:
+    removals = [pk for _, pk, _, deleted, purged, _ in batch if deleted or purged]
+    writer.remove(removals)
+    errors = writer.place([(rowid, decode_data(data), partition) for rowid, _, data, deleted, purged, partition in batch
+                           if not (deleted or purged)])
+    # Every dirty row of this table between the batch's first and last rowid is in the batch.
+    conn.execute("UPDATE bundlesync_store SET dirty = 0, error = NULL WHERE model = ? AND dirty = 1 "
+                 "AND rowid BETWEEN ? AND ?", (writer.table.name, batch[0][0], batch[-1][0]))
+    conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = ? WHERE rowid = ?",
+                     [(reason, rowid) for rowid, reason in errors.items()])
+    placed = len(batch) - len(errors)
+    result.deleted += len(removals)
+    result.written += placed - len(removals)
+    return placed
+
+
+def count_unplaced(conn: sqlite3.Connection, result: DeserializeResult) -> None:
+    """Fill in how many rows wait for a parent and how many the database refused."""
+    row = conn.execute(
+        f"SELECT count(*), sum(error LIKE '{WAITING}%') FROM bundlesync_store WHERE dirty = 1"
+    ).fetchone()
+    result.waiting = int(row[1] or 0)
+    result.failed = int(row[0]) - result.waiting
+
+
+def deserialize(conn: sqlite3.Connection, profile: Profile, result: DeserializeResult | None = None) -> DeserializeResult:
+    """Write every dirty store row into its app table, parents first."""
+    result = result or DeserializeResult()
+    for table in profile.tables:
+        writer = TableWriter(conn, profile, table)
+        before = result.written + result.deleted
+        while True:
+            placed = sum(_apply_batch(conn, writer, batch, result) for batch in _dirty_batches(conn, table.name))
+            # Self-references: a later round may place children whose parent came later in rowid order.
+            if not (table.self_reference and placed):
+                break
+        if result.written + result.deleted > before:
+            result.by_model[table.name] = result.by_model.get(table.name, 0) + result.written + result.deleted - before
+    count_unplaced(conn, result)
+    return result
