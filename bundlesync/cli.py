@@ -40,8 +40,8 @@ from bundlesync.sync.importer import (
 from bundlesync.plugins.loader import PluginSet
 from bundlesync.replica.health import describe as describe_repair
 from bundlesync.sync.purge import plan_purge, purge_user
-from bundlesync.sync.status import device_status, list_conflicts
-from bundlesync.trust.authority import issue_grant, provision_facility
+from bundlesync.sync.status import certificate_listing, device_status, list_conflicts
+from bundlesync.trust.authority import issue_grant, provision_facility, revoke_certificate
 from bundlesync.trust.enrolment import install_grant, request_certificate
 
 __all__ = ["cli", "main"]
@@ -227,7 +227,8 @@ def facility_provision(ctx: click.Context, facility_id: str, quiet: bool) -> Non
     """Make this device the facility's authority (root key and certificate)."""
     with _device(ctx) as device:
         dataset_id, fac = device.resolve_facility(facility_id)
-        cert = provision_facility(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name)
+        cert = provision_facility(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name,
+                                  instance_id=device.instance_id)
         _say(f"this device is the authority of facility {fac} (dataset {dataset_id}); certificate {cert.cert_id}", quiet=quiet)
 
 
@@ -241,8 +242,10 @@ def cert() -> None:
 @click.option("--facility", "facility_id", required=True)
 @click.option("--scope", required=True, help="full, or user:USER_ID")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--valid-days", type=click.IntRange(min=1), default=None,
+              help="Ask for a certificate that expires after N days (the authority may shorten it).")
 @click.pass_context
-def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str) -> None:
+def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str, valid_days: int | None) -> None:
     """Write a certificate request for the facility's authority; prints its path."""
     with _device(ctx) as device:
         try:
@@ -250,7 +253,8 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str)
         except BundlesyncError:
             dataset_id, fac = "", facility_id  # a fresh device may not know the facility yet
         path = request_certificate(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name,
-                                      scope=scope, instance_id=device.instance_id, out_dir=Path(out_dir))
+                                      scope=scope, instance_id=device.instance_id, out_dir=Path(out_dir),
+                                   valid_days=valid_days)
         click.echo(str(path))
 
 
@@ -258,11 +262,55 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str)
 @_wait_option
 @click.argument("request", type=click.Path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False))
+@click.option("--valid-days", type=click.IntRange(min=1), default=None,
+              help="The certificate expires after N days (never later than the request asks or the issuer's own).")
 @click.pass_context
-def cert_issue(ctx: click.Context, request: str, out_dir: str) -> None:
+def cert_issue(ctx: click.Context, request: str, out_dir: str, valid_days: int | None) -> None:
     """On the authority: sign a request; prints the grant's path."""
     with _device(ctx) as device:
-        click.echo(str(issue_grant(device.keys, Path(request), Path(out_dir))))
+        click.echo(str(issue_grant(device.keys, Path(request), Path(out_dir), valid_days=valid_days)))
+
+
+@cert.command("revoke")
+@click.argument("cert_id")
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def cert_revoke(ctx: click.Context, cert_id: str, quiet: bool) -> None:
+    """On the authority: revoke a certificate (and all issued under it); later bundles carry it."""
+    with _device(ctx) as device:
+        rev = revoke_certificate(device.keys, cert_id.strip().lower())
+    _say(f"revoked certificate {rev.cert_id} at {rev.revoked_at}; every bundle this device exports from now on "
+         "carries the revocation, and every device that imports one refuses that certificate", quiet=quiet)
+
+
+@cert.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def cert_list(ctx: click.Context, as_json: bool) -> None:
+    """This device's certificates: chain, scopes, expiry, fingerprints, recipients, revocations."""
+    with _device(ctx) as device:
+        listing = certificate_listing(device)
+    if as_json:
+        click.echo(json.dumps(listing, indent=2, sort_keys=True))
+        return
+    lines = [f"device     instance {listing['instance_id']}", f"recipient  {listing['recipient']}"]
+    for f in listing["facilities"]:
+        role = "authority" if f["authority"] else "member"
+        lines.append(f"facility   {f['facility_id']} dataset {f['dataset_id']} ({role})")
+        for label, entries in (("chain", f["chain"]), ("peer", f["peers"])):
+            for c in entries:
+                lines.append(
+                    f"  {label:<8} {c['cert_id']} {c['scope']:<10} key {c['fingerprint']} "
+                    f"expires {c['expires_at'] or 'never'}"
+                    + (f" instance {c['instance_id']}" if c["instance_id"] else " (no instance id: re-issue)")
+                    + (f" recipient {c['recipient']}" if c["recipient"] else "")
+                )
+        if f["root"]:
+            lines.append(f"  root     {f['root']['cert_id']} key {f['root']['fingerprint']}")
+        for r in f["revocations"]:
+            lines.append(f"  revoked  {r['cert_id']} at {r['revoked_at']} by {r['revoked_by']}")
+        lines += [f"  {w}" for w in f["warnings"]]
+    click.echo("\n".join(lines))
 
 
 @cert.command("install")
@@ -289,19 +337,27 @@ def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
               help="Refuse a folder that is not on a mounted drive (other than the system disk and the home's).")
 @click.option("--max-size", callback=_parse_size, default=str(DEFAULT_MAX_SIZE), metavar="SIZE", show_default="4000M (below FAT32's 4 GiB)",
               help="Split a larger bundle into numbered volumes of at most SIZE bytes (K, M, G suffixes).")
+@click.option("--no-encrypt", is_flag=True,
+              help="Write the records in the clear (by default they are encrypted to the devices that may read them).")
+@click.option("--encrypt-to", "encrypt_to", multiple=True, metavar="RECIPIENT",
+              help="Also encrypt to this age recipient (age1...; see `bundlesync cert list` on that device).")
 @click.option("--quiet", "-q", is_flag=True, help="Print nothing on success (errors still go to stderr).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 @click.pass_context
 def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, user_id: str | None,
-               since: str | None, require_mount: bool, max_size: int, quiet: bool, as_json: bool) -> None:
+               since: str | None, require_mount: bool, max_size: int, no_encrypt: bool, encrypt_to: tuple[str, ...],
+               quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
     with _logged(ctx, "export") as log, _device(ctx) as device, _progress("exporting", quiet or as_json) as bar:
         if full and since:
             raise click.UsageError("--full and --since exclude each other")
+        if no_encrypt and encrypt_to:
+            raise click.UsageError("--no-encrypt and --encrypt-to exclude each other")
         result = export_bundle(device, facility_id, Path(out_dir), full=full, user=user_id,
                                since=Path(since) if since else None, require_mount=require_mount,
                                max_size=max_size, supersede=True, plugins=_plugins(ctx, device),
-                               warn=_warner(ctx, quiet), progress=bar)
+                               warn=_warner(ctx, quiet), progress=bar, encrypt=not no_encrypt,
+                               encrypt_to=encrypt_to)
         if result.path is None:
             carried = f", {result.already_on_drive.name} carries it" if result.already_on_drive else ""
             log(f"facility {facility_id}: nothing new ({result.basis_source}{carried}); no file written")
@@ -419,8 +475,11 @@ def verify_cmd(ctx: click.Context, bundle: str, quiet: bool) -> None:
 def inspect_cmd(bundle: str, as_json: bool) -> None:
     """Show a bundle's manifest and summary (structure is checked, trust is not)."""
     info = container.read_info(Path(bundle))
+    encryption: Any = info.manifest.get("encryption")
+    recipients = list(encryption.get("recipients", [])) if isinstance(encryption, dict) else []
     doc = {"path": bundle, "format_version": info.version, "size": info.size, "manifest": info.manifest,
-           "summary": info.summary, "digest": info.digest.hex()}
+           "summary": info.summary, "digest": info.digest.hex(),
+           "encrypted": bool(info.flags & container.FLAG_ENCRYPTED), "recipients": recipients}
     if as_json:
         click.echo(json.dumps(doc, indent=2, sort_keys=True))
         return
@@ -439,6 +498,10 @@ def inspect_cmd(bundle: str, as_json: bool) -> None:
         f"held       {json.dumps(m.get('held', m.get('result_fsic')), sort_keys=True)}",
         f"records    {s.get('records')}",
     ]
+    if doc["encrypted"]:
+        lines.insert(6, f"encrypted  to {len(recipients)} recipient(s): {', '.join(recipients)}")
+    else:
+        lines.insert(6, "encrypted  no: the records are in the clear (exported with --no-encrypt)")
     counts: Any = s.get("counts", {})
     lines += [f"  {model:<36} {n}" for model, n in sorted(counts.items())]
     click.echo("\n".join(lines))
@@ -466,6 +529,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     for f in st["facilities"]:
         role = "authority" if f["authority"] else (f["scope"] or "trusted, no certificate")
         lines.append(f"facility   {f['facility_id']} dataset {f['dataset_id']} ({role})")
+        lines += [f"  {w}" for w in f["warnings"]]
         for inst, ctr in sorted(f["fsic"].items()):
             lines.append(f"  holds    {inst} up to {ctr}")
         for prefix, counters in sorted(f["knowledge"].items()):
@@ -554,13 +618,13 @@ def profiles_cmd(as_json: bool) -> None:
 def drive_cmd(ctx: click.Context, folder: str, clean: bool, as_json: bool) -> None:
     """What a drive holds: bundles, receipts, and which bundles every known reader already has."""
     home = resolve_home(ctx.obj["home"])
-    keys = KeyStore(home)
     removed: list[str] = []
-    if clean:
-        with home_lock(home, what=ctx.command_path):
-            report, removed = drive.clean(Path(folder), keys)
-    else:
-        report = drive.survey(Path(folder), keys)
+    with _device(ctx) as device:  # receipts are checked against this device's profile and trusted roots
+        if clean:
+            with home_lock(home, what=ctx.command_path):
+                report, removed = drive.clean(Path(folder), device.keys, device.profile)
+        else:
+            report = drive.survey(Path(folder), device.keys, device.profile)
     unneeded = report.unneeded()
     bundles: list[dict[str, Any]] = [{
         "name": b.name, "files": [p.name for p in b.files], "size": b.size, "records": b.records,

@@ -267,6 +267,8 @@ def init_device(home: Path, db_path: Path, profile_path: Path | str) -> tuple[st
         conn.close()
     plugins = Config.load(home).plugins if not created else ()
     Config(db=db_path, profile=profile_path, plugins=plugins).save(home)
+    # The encryption identity: bundles for this device are encrypted to its public recipient.
+    KeyStore(home).encryption_secret()
     return me, newly, created
 
 

@@ -1,7 +1,5 @@
 #!/usr/bin/env python3
 """Benchmark bundlesync's export, import, memory and bundle size (a benchmark, not a test).
-from bundlesync.trust.authority import issue_grant, provision_facility
-from bundlesync.trust.enrolment import install_grant, request_certificate
 
 ``bench.py [--logs N | --sizes N1,N2,...] [--users U] [--seed S] [--changes C]
 [--workdir DIR] [--skip-memory] [--skip-zstd] [--profile DIR] [--json]``
@@ -62,6 +60,9 @@ try:
     from bundlesync.format import container
     from bundlesync.replica.db import write_transaction
     from bundlesync.device import Device, init_device
+    from bundlesync.trust.authority import issue_grant, provision_facility
+    from bundlesync.trust.enrolment import install_grant, request_certificate
+    from bundlesync.trust.keystore import KeyStore
     from bundlesync.errors import BundlesyncError
     from bundlesync.sync.exporter import export_bundle
     from bundlesync.sync.importer import import_bundle
@@ -225,7 +226,8 @@ def setup_pair(base: Path, a_db: Path, b_db: Path, facility: str) -> tuple[Path,
     with Device.open(home_a) as dev:
         queued = pending_changes(dev.conn)
         dataset_id, fac = dev.resolve_facility(facility)
-        provision_facility(dev.keys, dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name)
+        provision_facility(dev.keys, dataset_id=dataset_id, facility_id=fac, profile=dev.profile.name,
+                           instance_id=dev.instance_id)
     init_device(home_b, b_db, PROFILE)
     with Device.open(home_b) as dev:
         try:
@@ -371,10 +373,17 @@ def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zs
         run.notes.append(f"export reported {result.records} records but the bundle says {records}")
     total_s = ser_s + qw_s
 
+    secret_a = KeyStore(home_a).encryption_secret()
+
     def read_back() -> int:
         i = container.read_info(bundle_path)
         container.verify_digest(i)
-        return sum(len(b) for b in container.iter_record_batches(i))
+        if i.flags & container.FLAG_ENCRYPTED:
+            i = container.decrypt_payload(i, base / "readback.plain", secret_a)
+        try:
+            return sum(len(b) for b in container.iter_record_batches(i))
+        finally:
+            (base / "readback.plain").unlink(missing_ok=True)
     _, readback_s = timed(read_back)
 
     size = bundle_path.stat().st_size
@@ -401,6 +410,31 @@ def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zs
     if imported.deserialize.waiting or imported.deserialize.failed or imported.dequeue.refused:
         run.notes.append(f"import left {imported.deserialize.waiting} waiting, {imported.deserialize.failed} failed, "
                          f"{imported.dequeue.refused} refused rows")
+
+    # 3b. what encryption costs: the same full export with and without it, and the decryption import adds
+    say(f"{tag} encryption cost")
+    # Alternating runs, best of two each, so cache warmth and a busy machine favour neither side.
+    enc_s = clear_s = float("inf")
+    with Device.open(home_a) as dev:
+        for _ in range(2):
+            for encrypt in (False, True):
+                made, took = timed(lambda: export_bundle(dev, facility, out, full=True, encrypt=encrypt))
+                if made.path is not None:
+                    made.path.unlink()
+                if encrypt:
+                    enc_s = min(enc_s, took)
+                else:
+                    clear_s = min(clear_s, took)
+    enc_info = container.read_info(bundle_path)
+    _, decrypt_s = timed(lambda: container.decrypt_payload(enc_info, base / "cost.plain", secret_a))
+    (base / "cost.plain").unlink(missing_ok=True)
+    run.add("encrypt_export_s", "encryption: export --full, encrypted (default), best of 2", enc_s, "s")
+    run.add("encrypt_export_clear_s", "  export --full --no-encrypt, best of 2", clear_s, "s")
+    run.add("encrypt_export_cost_pct", "  encryption cost (encrypt + read-back decrypt), % of export wall", 100 * (enc_s - clear_s) / clear_s
+            if clear_s else None, "%", target=("<=", 15))
+    run.add("encrypt_decrypt_s", "  decrypting the payload (import's extra step)", decrypt_s, "s")
+    run.add("encrypt_import_cost_pct", "  decryption, % of import wall", 100 * decrypt_s / (import_s - decrypt_s)
+            if import_s > decrypt_s else None, "%", target=("<=", 15))
 
     # 4. incremental export after plain-SQL edits
     say(f"{tag} incremental export after {changes:,} plain-SQL updates")
@@ -442,8 +476,12 @@ def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zs
     if not skip_zstd:
         say(f"{tag} zstd -19 over the bundle's record lines (slow: ~3k records/s)")
         raw = base / "records.jsonl"
+        plain_info = info
+        if info.flags & container.FLAG_ENCRYPTED:
+            plain_info = container.decrypt_payload(info, base / "zstd.plain", secret_a)
         with raw.open("wb") as f:
-            f.writelines(container.iter_records(info))
+            f.writelines(container.iter_records(plain_info))
+        (base / "zstd.plain").unlink(missing_ok=True)
         raw_bytes = raw.stat().st_size
         if raw_bytes != info.payload_raw_bytes:
             run.notes.append(f"JSON lines are {raw_bytes} bytes, the summary says {info.payload_raw_bytes}")

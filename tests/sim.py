@@ -55,12 +55,20 @@ class World:
             world.devices.append(Device.open(root / f"home{i}"))
         first = world.devices[0]
         dataset_id, fac = first.resolve_facility(facility)
-        provision_facility(first.keys, dataset_id=dataset_id, facility_id=fac, profile=first.profile.name)
+        provision_facility(first.keys, dataset_id=dataset_id, facility_id=fac, profile=first.profile.name,
+                           instance_id=first.instance_id)
         for i, dev in enumerate(world.devices[1:], start=1):
             scope = scopes.get(i, "full")
             request = request_certificate(dev.keys, dataset_id=None, facility_id=fac, profile=dev.profile.name, scope=scope,
                                           instance_id=dev.instance_id, out_dir=drive)
             install_grant(dev.keys, issue_grant(first.keys, request, drive))
+        # Every device has met every other (their certificates), so relays are encrypted to all who may read.
+        leaves = [dev.keys.device_chain(dataset_id) for dev in world.devices]
+        for dev in world.devices:
+            for chain in leaves:
+                assert chain is not None
+                if chain[0].subject_key != dev.keys.device_key().public_key:
+                    dev.keys.save_peer(chain[0])
         return world
 
     def close(self) -> None:

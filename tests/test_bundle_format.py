@@ -55,6 +55,31 @@ GOLDEN_V1 = bytes.fromhex(
     "53abd183dd7d7f62b0dee462e306f1f25d52b86f320a40c465188f4bc189dd17a2b085411c"
     "c614351ee2343a956df3020a65a7e7584b4253594e43454e44"
 )
+# Written when the encrypted flag (0x0001) was introduced: the same four lines, encrypted
+# with age to the test-only key below. Readers must keep decrypting and reading it.
+GOLDEN_SECRET = "AGE-SECRET-KEY-1NZ4PR4TX38AVHATL0S9R9KPFSSEXXWXX83NEYADYFPALJ3UYUUDQJY92J2"
+GOLDEN_V1_ENCRYPTED = bytes.fromhex(
+    "4253594e43000d0a000100010000008e7b22656e6372797074696f6e223a7b22726563697069"
+    "656e7473223a5b226167653161366e30756b34653568723267613833356172686c6538646e66"
+    "61347333327535783838746865327074727277676c7a67397a71726c6b637061225d2c227363"
+    "68656d65223a22616765227d2c22666f726d6174223a22676f6c64656e2d76312d656e637279"
+    "70746564227d6167652d656e6372797074696f6e2e6f72672f76310a2d3e2058323535313920"
+    "36496e585465654d685278477149636864315a6b376c767a33724c3944697746757356456254"
+    "336d6678630a4835624341596a54387a416165345341544b4e4d2b5067783976656b61584f38"
+    "33594a31616e702b4e7a770a2d3e206c5534476830742d6772656173650a37317250534d2b2f"
+    "714e4f4d774852714f784f4139483373416962526369593839332b32643233394d666d457336"
+    "770a2d2d2d204e734734477674426144715a7742383355677851674855527441695444467450"
+    "773439355556635a5359590af028cb4744bb710774dcefed710778974a0fc31e640eaa290617"
+    "aff11fd45a202d831c5c3825352a7f050a3ebcff2f58ac1fb05621f28287ebadc5b6eb4c9823"
+    "07c088a5c185718c418197494b18377460101d8b5673d51686369c0fe67b227061796c6f6164"
+    "5f706c61696e5f736861323536223a2239333638303636623361633666373135653465353435"
+    "6166666432323164373533313233613434643462386232633033623138373339366131393834"
+    "39383264222c227061796c6f61645f7261775f6279746573223a3131312c227265636f726473"
+    "223a342c227461626c6573223a7b2274223a347d7d0000000000000147000000904d24527b9e"
+    "5e16d991020e1e3481633c9fd69661888bd5bbafd392fb5c7a55f9a4dd7350706dd0c0dc6a25"
+    "3db90811e785f18994826898081485499be0060a7c17c4761ca74ca05a58501165b69c18cbf7"
+    "9efe6b0eac49c888ff91ae487600b64253594e43454e44"
+)
 GOLDEN_V1_LINES = [
     b'{"id":"00000000000000000000000000000001","v":1}\n',
     b'{"id":"00000000000000000000000000000002","v":2.5}\n',
@@ -216,6 +241,21 @@ def test_golden_v1_vector_still_reads(tmp_path: Path) -> None:
     assert info.summary == {"tables": {"t": 4}, "records": 4, "payload_raw_bytes": 111}
 
 
+def test_golden_v1_encrypted_vector_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "golden-encrypted.bsb"
+    path.write_bytes(GOLDEN_V1_ENCRYPTED)
+    info = B.read_info(path)
+    B.verify_digest(info)
+    assert info.flags == B.FLAG_ENCRYPTED
+    assert info.manifest["format"] == "golden-v1-encrypted"
+    assert GOLDEN_V1_LINES[0] not in GOLDEN_V1_ENCRYPTED
+    with pytest.raises(FormatError, match="encrypted"):
+        list(B.iter_records(info))
+    plain = B.decrypt_payload(info, tmp_path / "plain", GOLDEN_SECRET)
+    assert list(B.iter_records(plain)) == GOLDEN_V1_LINES
+    assert info.summary["tables"] == {"t": 4} and info.summary["records"] == 4
+
+
 def test_empty_payload_is_valid(tmp_path: Path) -> None:
     path = write_bundle(tmp_path, [])
     info, got = read_all(path)
@@ -344,7 +384,7 @@ def test_text_mode_copy_is_recognised(small_bundle: bytes, tmp_path: Path) -> No
     [
         (2, 0, "format version 2 is not supported (this bundlesync reads version 1): upgrade"),
         (0, 0, "format version 0 is not supported"),
-        (1, 1, "unknown feature flags 0x0001: upgrade bundlesync"),
+        (1, 2, "unknown feature flags 0x0002: upgrade bundlesync"),
         (1, 0x8000, "unknown feature flags 0x8000"),
     ],
 )

@@ -272,7 +272,7 @@ BAD_BUNDLES: dict[str, tuple[Builder, int, str, bool]] = {
     "tampered-signature-last-byte": (_flip(lambda d: len(d) + SIGNATURE_FROM_END[1] - 1), 5,
                                      "signature|signer|trust", False),
     "unknown-format-version": (_set_u16(8, 2), 4, "version", True),
-    "unknown-flags": (_set_u16(10, 1), 4, "flag", True),
+    "unknown-flags": (_set_u16(10, 2), 4, "flag", True),
     "truncated-to-magic": (_cut(lambda n: 8), 4, TRUNCATED, True),
     "truncated-to-preamble": (_cut(lambda n: PREAMBLE_SIZE), 4, TRUNCATED, True),
     "truncated-100": (_cut(lambda n: 100), 4, TRUNCATED, True),
@@ -382,11 +382,17 @@ def _rewrite(src: Path, out_dir: Path, manifest: dict[str, object], key: Signing
     """A new bundle with ``manifest`` and the records and summary of ``src``, signed by ``key``."""
     info = container.read_info(src)
     container.verify_digest(info)
-    summary = {k: v for k, v in info.summary.items() if k not in ("records", "payload_raw_bytes")}
+    summary = {k: v for k, v in info.summary.items()
+               if k not in ("records", "payload_raw_bytes", "payload_plain_sha256")}
     out_dir.mkdir(parents=True, exist_ok=True)
+    readable = info
+    if info.flags & container.FLAG_ENCRYPTED:  # A's own key reads it; the rewrite is in the clear
+        readable = container.decrypt_payload(info, out_dir / "plain", KeyStore(src.parents[1] / "devA").encryption_secret())
+        manifest = {k: v for k, v in manifest.items() if k != "encryption"}
     with container.BundleWriter(out_dir, src.name, manifest, lambda digest: key.sign("bundle", digest)) as writer:
-        writer.write_records(container.iter_records(info))
+        writer.write_records(container.iter_records(readable))
         path = writer.finish(summary)
+    (out_dir / "plain").unlink(missing_ok=True)
     assert container.read_info(path).records == info.records
     return path
 

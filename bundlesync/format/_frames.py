@@ -19,6 +19,8 @@ from bundlesync.errors import BundleError, DriveError, FormatError, IntegrityErr
 
 __all__ = [
     "AGAIN",
+    "FLAG_ENCRYPTED",
+    "SUMMARY_PLAIN_SHA256",
     "SUMMARY_RAW_BYTES",
     "SUMMARY_RECORDS",
     "CHUNK_SIZE",
@@ -56,8 +58,11 @@ END_MAGIC: Final = b"BSYNCEND"
 FORMAT_VERSION: Final = 1
 """Any change to the layout or its rules bumps this; readers refuse other values."""
 
-FLAG_MASK: Final = 0x0000
-"""Flag bits this version understands: none. Any set bit makes the file unreadable."""
+FLAG_ENCRYPTED: Final = 0x0001
+"""The payload is an age file whose plaintext is the zstd frame (see docs/format.md)."""
+
+FLAG_MASK: Final = FLAG_ENCRYPTED
+"""Flag bits this reader understands. Any other set bit makes the file unreadable."""
 
 PREAMBLE: Final = struct.Struct(">8sHHI")
 """magic, format version, flags, manifest_len (16 bytes)."""
@@ -91,6 +96,8 @@ AGAIN: Final = "copy it again from the source device"
 
 SUMMARY_RECORDS: Final = "records"
 SUMMARY_RAW_BYTES: Final = "payload_raw_bytes"
+SUMMARY_PLAIN_SHA256: Final = "payload_plain_sha256"
+"""In an encrypted bundle: SHA-256 (hex) of the decrypted payload, the zstd frame."""
 """Summary keys the writer adds: the number of records and the decompressed payload size."""
 
 

@@ -17,7 +17,16 @@ from typing import BinaryIO, Final
 
 import zstandard as zstd
 
-from bundlesync.format._frames import AGAIN, CHUNK_SIZE, MAX_RECORD, MAX_WINDOW_LOG, BundleInfo, damaged, read_error
+from bundlesync.format._frames import (
+    AGAIN,
+    CHUNK_SIZE,
+    FLAG_ENCRYPTED,
+    MAX_RECORD,
+    MAX_WINDOW_LOG,
+    BundleInfo,
+    damaged,
+    read_error,
+)
 from bundlesync.errors import FormatError
 from bundlesync.format.volumes import open_joined
 
@@ -117,6 +126,8 @@ def iter_payload(info: BundleInfo) -> Iterator[bytes]:
             other than the summary's.
         BundleError: The file cannot be read.
     """
+    if info.flags & FLAG_ENCRYPTED:
+        raise FormatError(f"{info.path}: the payload is encrypted; decrypt it first (decrypt_payload)")
     with open_read(info.path) as file:
         try:
             check_unchanged(file, info)

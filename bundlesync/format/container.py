@@ -28,8 +28,9 @@ import hashlib
 import hmac
 import itertools
 import os
+import tempfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO, Final, TypeVar
@@ -37,6 +38,8 @@ from typing import BinaryIO, Final, TypeVar
 import zstandard as zstd
 
 from bundlesync.format._frames import (
+    FLAG_ENCRYPTED,
+    SUMMARY_PLAIN_SHA256,
     CHUNK_SIZE,
     DIGEST_SIZE,
     END_MAGIC,
@@ -73,8 +76,10 @@ from bundlesync.format._payload import (
     iter_line_blocks,
     open_read,
 )
-from bundlesync.errors import FormatError, SyncError
+
 from bundlesync.format.volumes import VolumeSetWriter
+from bundlesync.errors import FormatError, IntegrityError, SyncError
+from bundlesync.format.envelope import decrypt_stream, encrypt_stream
 from bundlesync.fsutil import PARTIAL_SUFFIX, AtomicFile, fsync_dir, partial_path
 
 __all__ = [
@@ -82,6 +87,7 @@ __all__ = [
     "DEFAULT_LEVEL",
     "DIGEST_SIZE",
     "END_MAGIC",
+    "FLAG_ENCRYPTED",
     "FLAG_MASK",
     "FOOTER",
     "FORMAT_VERSION",
@@ -100,6 +106,7 @@ __all__ = [
     "Signer",
     "canonical_json",
     "copy_verified",
+    "decrypt_payload",
     "iter_record_batches",
     "iter_records",
     "read_info",
@@ -155,6 +162,8 @@ class BundleWriter:
         *,
         level: int = DEFAULT_LEVEL,
         max_volume: int | None = None,
+        encrypt_to: Sequence[str] = (),
+        scratch_dir: Path | None = None,
     ) -> None:
         """Create the partial file and write preamble and manifest.
 
@@ -166,6 +175,10 @@ class BundleWriter:
             level: zstd level, 1-22 (window and hash table floors still apply).
             max_volume: Split the file into volumes of at most this many bytes
                 (:mod:`bundlesync.format.volumes`); :attr:`path` is then the first volume.
+            encrypt_to: age recipients; if any, the payload is encrypted to them
+                (:data:`FLAG_ENCRYPTED`) and the summary records the plaintext's SHA-256.
+            scratch_dir: Where the compressed plaintext waits until :meth:`finish`
+                encrypts it (an unnamed temporary file: never on the output drive).
 
         Raises:
             ValueError: Bad ``name``, ``level`` or manifest (not a JSON object, too big).
@@ -195,14 +208,26 @@ class BundleWriter:
         self._pending_len = 0
         self._raw_bytes = 0
         self._payload_len = 0
+        self._recipients = tuple(encrypt_to)
+        self._plain = hashlib.sha256()
+        self._scratch: BinaryIO | None = None
+        if self._recipients:
+            if scratch_dir is None:
+                raise ValueError("an encrypted bundle needs a scratch_dir for its plaintext")
+            try:
+                self._scratch = tempfile.TemporaryFile(dir=scratch_dir)
+            except OSError as exc:
+                raise write_error(Path(scratch_dir), exc) from exc
         try:
             self._out: AtomicFile | VolumeSetWriter = (
                 VolumeSetWriter(self._path, max_volume) if max_volume else AtomicFile(self._path)
             )
         except OSError as exc:
+            self._close_scratch()
             raise write_error(self._partial, exc) from exc
         self._state = "open"
-        self._emit(Preamble(FORMAT_VERSION, 0, len(manifest_bytes)).to_bytes() + manifest_bytes)
+        flags = FLAG_ENCRYPTED if self._recipients else 0
+        self._emit(Preamble(FORMAT_VERSION, flags, len(manifest_bytes)).to_bytes() + manifest_bytes)
 
     @property
     def records(self) -> int:
@@ -279,18 +304,22 @@ class BundleWriter:
         try:
             if not isinstance(summary, Mapping):
                 raise ValueError("summary must be a mapping (a JSON object)")
-            reserved = {SUMMARY_RECORDS, SUMMARY_RAW_BYTES} & set(summary)
+            reserved = {SUMMARY_RECORDS, SUMMARY_RAW_BYTES, SUMMARY_PLAIN_SHA256} & set(summary)
             if reserved:
                 raise ValueError(f"summary keys {sorted(reserved)} are added by the writer")
             self._flush_pending()
+            self._compress_data(b"", end_frame=True)
+            extra: dict[str, object] = {}
+            if self._scratch is not None:
+                self._encrypt_scratch()
+                extra[SUMMARY_PLAIN_SHA256] = self._plain.hexdigest()
             summary_bytes = canonical_json(
-                {**summary, SUMMARY_RECORDS: self._records, SUMMARY_RAW_BYTES: self._raw_bytes}
+                {**summary, **extra, SUMMARY_RECORDS: self._records, SUMMARY_RAW_BYTES: self._raw_bytes}
             )
             if len(summary_bytes) > MAX_SUMMARY:
                 raise ValueError(
                     f"summary is {len(summary_bytes)} bytes, over the {MAX_SUMMARY} limit"
                 )
-            self._compress_data(b"", end_frame=True)
             self._emit(summary_bytes)
             digest = self._hasher.digest()
             signature = self._signer(digest)
@@ -315,6 +344,7 @@ class BundleWriter:
         if self._state != "open":
             return
         self._state = "aborted"
+        self._close_scratch()
         try:
             self._out.discard()
         except OSError as exc:
@@ -360,6 +390,28 @@ class BundleWriter:
         with contextlib.suppress(SyncError):
             self.abort()
 
+    def _close_scratch(self) -> None:
+        if self._scratch is not None:
+            with contextlib.suppress(OSError):
+                self._scratch.close()
+            self._scratch = None
+
+    def _encrypt_scratch(self) -> None:
+        """Encrypt the finished zstd frame from the scratch file into the bundle."""
+        assert self._scratch is not None
+        try:
+            self._scratch.flush()
+            self._scratch.seek(0)
+        except OSError as exc:
+            raise write_error(self._partial, exc) from exc
+
+        def emit(data: bytes) -> None:
+            self._payload_len += len(data)
+            self._emit(data)
+
+        encrypt_stream(self._scratch, emit, self._recipients)
+        self._close_scratch()
+
     def _check_open(self) -> None:
         if self._state != "open":
             raise ValueError(f"BundleWriter is {self._state}; it cannot write any more")
@@ -380,7 +432,14 @@ class BundleWriter:
             self._abort_quietly()
             raise SyncError(f"compressing the bundle failed: {exc}") from exc
         self._raw_bytes += len(data)
-        if out:
+        if out and self._scratch is not None:
+            self._plain.update(out)
+            try:
+                self._scratch.write(out)
+            except OSError as exc:
+                self._abort_quietly()
+                raise write_error(self._partial, exc) from exc
+        elif out:
             self._payload_len += len(out)
             self._emit(out)
 
@@ -462,6 +521,11 @@ def read_info(path: Path) -> BundleInfo:
         value = summary.get(key)
         if type(value) is not int or value < 0:
             raise damaged(path, f"summary lacks a valid {key!r} count")
+    plain = summary.get(SUMMARY_PLAIN_SHA256)
+    if preamble.flags & FLAG_ENCRYPTED and not (
+        isinstance(plain, str) and len(plain) == 64 and all(c in "0123456789abcdef" for c in plain)
+    ):
+        raise damaged(path, f"is encrypted but its summary lacks a valid {SUMMARY_PLAIN_SHA256!r}")
     return BundleInfo(
         path=path,
         version=preamble.version,
@@ -602,3 +666,49 @@ def _publish(out: AtomicFile | VolumeSetWriter) -> None:
         fsync_dir(out.path.parent)
     except OSError as exc:
         raise write_error(out.path, exc) from exc
+
+
+def decrypt_payload(info: BundleInfo, dst: Path, secret: str, *, shown_as: str | None = None) -> BundleInfo:
+    """Decrypt an encrypted bundle's payload into ``dst``; return the info to read it by.
+
+    ``info`` must come from a bundle whose digest (and, by the caller, signature) was
+    checked. The plaintext is written to ``dst`` (mode 0600; the caller keeps it off the
+    drive and deletes it) and its SHA-256 must equal the summary's: the signer signed the
+    plaintext too, so a payload re-encrypted by anyone else cannot pass.
+
+    Raises:
+        TrustError: ``secret`` is not one of the recipients' keys.
+        BundleError: The ciphertext is damaged.
+        IntegrityError: The plaintext is not the one the signer signed.
+        SyncError: ``dst`` cannot be written.
+    """
+    name = shown_as or info.path.name
+    hasher = hashlib.sha256()
+    size = 0
+    try:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o600)
+        out = os.fdopen(fd, "wb")
+    except OSError as exc:
+        raise write_error(dst, exc) from exc
+    try:
+        with out, open_read(info.path) as file:
+
+            def emit(data: bytes) -> None:
+                nonlocal size
+                hasher.update(data)
+                size += len(data)
+                out.write(data)
+
+            try:
+                check_unchanged(file, info)
+                file.seek(info.payload_offset)
+            except OSError as exc:
+                raise read_error(info.path, exc) from exc
+            decrypt_stream(file, info.payload_len, emit, secret, shown_as=name)
+        if not hmac.compare_digest(hasher.hexdigest(), str(info.summary.get(SUMMARY_PLAIN_SHA256))):
+            raise IntegrityError(f"{name}: the decrypted payload is not the one its signer signed (re-encrypted "
+                                 "or swapped); do not import it, ask the sender for a fresh export")
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return dataclasses.replace(info, path=dst, flags=0, payload_offset=0, payload_len=size, size=size)

@@ -17,6 +17,7 @@ from bundlesync.errors import FormatError
 __all__ = ["Manifest", "fsic_from_json", "knowledge_from_json"]
 
 MANIFEST_KIND = "bundlesync-bundle"
+ENCRYPTION_SCHEME = "age"
 
 
 def fsic_from_json(raw: object, what: str) -> dict[str, int]:
@@ -61,6 +62,9 @@ class Manifest:
     operations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
     basis: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     held: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    revocations: tuple[Mapping[str, Any], ...] = field(default_factory=tuple)
+    recipients: tuple[str, ...] | None = None
+    """age recipients the payload is encrypted to; None for a bundle exported with --no-encrypt."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written into the bundle."""
@@ -80,6 +84,9 @@ class Manifest:
             "operations": [dict(o) for o in self.operations],
             "basis": {p: dict(c) for p, c in self.basis.items()},
             "held": {p: dict(c) for p, c in self.held.items()},
+            **({"revocations": [dict(r) for r in self.revocations]} if self.revocations else {}),
+            **({"encryption": {"scheme": ENCRYPTION_SCHEME, "recipients": list(self.recipients)}}
+               if self.recipients is not None else {}),
         }
 
     @classmethod
@@ -95,6 +102,20 @@ class Manifest:
             chain = raw["chain"]
             if not isinstance(chain, list) or not chain or not all(isinstance(c, dict) for c in chain):
                 raise FormatError("bundle manifest has no certificate chain")
+            recipients = None
+            if "encryption" in raw:
+                enc = raw["encryption"]
+                if not isinstance(enc, dict) or enc.get("scheme") != ENCRYPTION_SCHEME or set(enc) != {
+                        "scheme", "recipients"}:
+                    raise FormatError(f"bundle manifest field encryption is not {ENCRYPTION_SCHEME!r} with recipients: "
+                                      "upgrade bundlesync on this device")
+                listed = enc["recipients"]
+                if not isinstance(listed, list) or not listed or not all(isinstance(r, str) for r in listed):
+                    raise FormatError("bundle manifest lists no valid recipients")
+                recipients = tuple(listed)
+            revocations = raw.get("revocations", [])
+            if not isinstance(revocations, list) or not all(isinstance(r, dict) for r in revocations):
+                raise FormatError("bundle manifest field revocations is not a list")
             operations = raw.get("operations", [])
             if not isinstance(operations, list) or not all(isinstance(o, dict) for o in operations):
                 raise FormatError("bundle manifest field operations is not a list")
@@ -124,6 +145,8 @@ class Manifest:
                 operations=tuple(operations),
                 basis=basis,
                 held=held,
+                revocations=tuple(revocations),
+                recipients=recipients,
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"bundle manifest is missing or mangles field {exc}; the file is not usable") from exc

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from bundlesync.replica.knowledge import Knowledge
 from bundlesync.replica.peers import Peer, known_peers, learn
 from bundlesync.trust.certs import Certificate
 from bundlesync.trust.keystore import KeyStore
+from bundlesync.profile import Profile
 from bundlesync.trust.receipts import Receipt, find_receipts, read_receipt
 
 __all__ = ["Basis", "choose_basis", "reads"]
@@ -85,18 +86,24 @@ def _peer_label(peers: Sequence[Peer]) -> str:
 def choose_basis(
     conn: sqlite3.Connection, keys: KeyStore, *, dataset_id: str, facility_id: str, me: str,
     prefixes: Sequence[str], user: str | None, full: bool, since: Path | None, out_dir: Path, at: str,
+    profile: Profile, on_receipt: Callable[[Receipt], None] | None = None,
 ) -> Basis:
     """The basis of an export of ``prefixes`` into ``out_dir`` (inside the export's write transaction)."""
     if full:
         return Basis({}, "full")
     if since is not None:
-        receipt = read_receipt(since, keys)
+        receipt = read_receipt(since, keys, profile)
+        if on_receipt is not None:
+            on_receipt(receipt)
         if receipt.dataset_id != dataset_id:
             raise StateError(f"receipt {since.name} is for another facility: pick one of {facility_id}")
         _learn_receipt(conn, receipt, at)
         held = _known(conn, dataset_id).get(receipt.instance_id, receipt.held())
         return Basis(kn.clip(held, prefixes), f"receipt of {receipt.instance_id[:8]}")
-    receipts, skipped = find_receipts(out_dir, keys, dataset_id, me)
+    receipts, skipped = find_receipts(out_dir, keys, profile, dataset_id, me)
+    if on_receipt is not None:
+        for receipt in receipts:
+            on_receipt(receipt)
     readers: list[Receipt] = []
     for receipt in receipts:
         _learn_receipt(conn, receipt, at)

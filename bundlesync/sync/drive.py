@@ -27,6 +27,7 @@ from bundlesync.format import container
 from bundlesync.format.manifest import Manifest
 from bundlesync.format.volumes import all_volume_paths, base_name, remove_bundle_files
 from bundlesync.fsutil import PARTIAL_SUFFIX
+from bundlesync.profile import Profile
 from bundlesync.trust.keystore import KeyStore
 from bundlesync.trust.receipts import Receipt, read_receipt
 
@@ -265,7 +266,7 @@ STALE_PARTIAL_S = 600.0
 """A ``*.partial`` file untouched this long belongs to a run that died."""
 
 
-def survey(folder: Path, keys: KeyStore) -> DriveReport:
+def survey(folder: Path, keys: KeyStore, profile: Profile) -> DriveReport:
     """Read a drive: bundles, receipts (verified against the roots ``keys`` trusts), who holds what."""
     if not folder.is_dir():
         raise DriveError(f"{folder} does not exist or is not a folder: is the drive mounted?")
@@ -274,7 +275,7 @@ def survey(folder: Path, keys: KeyStore) -> DriveReport:
     bad: list[str] = []
     for path in sorted(folder.glob("receipt-*.json")):
         try:
-            receipts.append(read_receipt(path, keys))
+            receipts.append(read_receipt(path, keys, profile))
         except BundlesyncError as exc:
             bad.append(f"{path.name}: {exc}")
     report = DriveReport(bundles, receipts, bad)
@@ -292,9 +293,9 @@ def survey(folder: Path, keys: KeyStore) -> DriveReport:
     return report
 
 
-def clean(folder: Path, keys: KeyStore) -> tuple[DriveReport, list[str]]:
+def clean(folder: Path, keys: KeyStore, profile: Profile) -> tuple[DriveReport, list[str]]:
     """Remove the bundles nobody needs and stale partial files; returns what was removed."""
-    report = survey(folder, keys)
+    report = survey(folder, keys, profile)
     removed: list[str] = []
     for b in report.bundles:
         if b.name in report.unneeded():

@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bundlesync._version import __version__
 from bundlesync.format import container as container
@@ -36,10 +37,12 @@ from bundlesync.replica.knowledge import Knowledge
 from bundlesync.sync.basis import choose_basis
 from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import read_transaction, write_transaction
-from bundlesync.trust.certs import Certificate
+from bundlesync.trust.certs import Certificate, verify_chain
+from bundlesync.trust.revocation import check_not_revoked
 from bundlesync.device import Device
-from bundlesync.errors import BundlesyncError, StateError, SyncError
+from bundlesync.errors import BundlesyncError, StateError, SyncError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
+from bundlesync.format.envelope import check_recipient
 from bundlesync.format.manifest import Manifest
 from bundlesync.format.records import LINE_SQL
 from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
@@ -193,8 +196,10 @@ class ExportWork(FacilityDataSyncHook):
     def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
                  since: Path | None, plugins: PluginSet, now: datetime.datetime | None,
                  require_mount: bool = False, max_size: int | None = None, progress: Progress | None = None,
-                 supersede: bool = False, key: SigningKey | None = None) -> None:
+                 supersede: bool = False, encrypt: bool = True, encrypt_to: Sequence[str] = (),
+                 key: SigningKey | None = None) -> None:
         self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
+        self.encrypt, self.encrypt_to = encrypt, tuple(encrypt_to)
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
         self.require_mount, self.max_size, self.progress = require_mount, max_size, progress
@@ -235,10 +240,35 @@ class ExportWork(FacilityDataSyncHook):
             ctx.connection, self.device.keys, dataset_id=ctx.dataset_id, facility_id=ctx.facility_id,
             me=ctx.instance_id, prefixes=ctx.filter, user=self.user, full=self.full, since=self.since,
             out_dir=self.out_dir, at=_now_text(self.now),
+            profile=ctx.profile, on_receipt=lambda r: self._remember_signer(r.chain),
         )
         self.result.basis, self.result.basis_source = basis.knowledge, basis.source
         self.skipped_receipts = basis.skipped
         self.scope_prefixes = tuple(dict.fromkeys((*mine.read, *mine.write)))
+
+    def _recipients(self, ctx: SyncContext) -> list[str]:
+        """This device, every known device whose certificate may read the whole filter, and ``--encrypt-to``.
+
+        Expired and revoked certificates are left out; so is a device that may read only
+        part of the filter (a learner's tablet never receives other learners' data).
+        """
+        assert ctx.dataset_id is not None
+        keys = self.device.keys
+        revoked = {r.cert_id for r in keys.revocations(ctx.dataset_id)}
+        moment = self.now or datetime.datetime.now(datetime.timezone.utc)
+        found = {keys.recipient(), *self.encrypt_to}
+        for cert in keys.peers(ctx.dataset_id):
+            if cert.recipient is None or cert.has_expired(moment) or {cert.cert_id, cert.issuer_id} & revoked:
+                continue
+            if covered(ctx.filter, scope_filters(ctx.profile, ctx.dataset_id, cert.scope).read):
+                found.add(cert.recipient)
+        return sorted(found)
+
+    def _remember_signer(self, chain: Sequence[Mapping[str, Any]]) -> None:
+        """Keep a verified peer's certificate: later exports may be encrypted to it."""
+        leaf = Certificate.from_dict(chain[0])
+        if leaf.subject_key != self.chain[0].subject_key:
+            self.device.keys.save_peer(leaf)
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:
@@ -265,6 +295,9 @@ class ExportWork(FacilityDataSyncHook):
             basis_fsic=_most(self.result.basis), result_fsic=kn.flat(result, ctx.filter),
             operations=tuple(self.plugins.manifest_entries(EXPORT_STAGES)),
             basis=self.result.basis, held=held,
+            # Every revocation this device knows travels on: revocations spread like records.
+            revocations=tuple(r.to_dict() for r in self.device.keys.revocations(ctx.dataset_id)),
+            recipients=tuple(self._recipients(ctx)) if self.encrypt else None,
         )
         ctx.manifest = manifest
         self.result.result = result
@@ -286,8 +319,9 @@ class ExportWork(FacilityDataSyncHook):
         if total:
             drive.check_free(self.out_dir, raw // COMPRESSION_GUESS)
         key = self.key or self.device.keys.signing_key(self.chain)
-        self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d),
-                                             max_volume=self.max_size)
+        self.writer = container.BundleWriter(
+            self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d), max_volume=self.max_size,
+            encrypt_to=manifest.recipients or (), scratch_dir=self.device.staging)
         counts = self.result.counts
         for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
             self.writer.write_records(lines)
@@ -319,12 +353,21 @@ class ExportWork(FacilityDataSyncHook):
     # TRANSFERRING
     def transfer(self, ctx: SyncContext) -> None:
         assert self.writer is not None and ctx.dataset_id is not None
-        self.path = self.writer.finish({"counts": self.result.counts})
+        # Per-table counts say how active a learner was: in the clear only when not encrypted.
+        self.path = self.writer.finish({} if self.encrypt else {"counts": self.result.counts})
         ctx.bundle_path = self.path
         info = container.read_info(self.path)
         container.verify_digest(info)
         verify(self.chain[0].subject_key, "bundle", info.digest, info.signature)
-        seen = sum(len(batch) for batch in container.iter_record_batches(info))
+        readable = info
+        if self.encrypt:
+            plain = self.device.staging / f"{self.path.name}.readback"
+            readable = container.decrypt_payload(info, plain, self.device.keys.encryption_secret())
+        try:
+            seen = sum(len(batch) for batch in container.iter_record_batches(readable))
+        finally:
+            if readable is not info:
+                readable.path.unlink(missing_ok=True)
         if seen != self.result.records:
             raise SyncError(f"bundle {self.path.name} read back {seen} records, wrote {self.result.records}: "
                             "the medium may be faulty; try another drive")
@@ -348,6 +391,42 @@ class ExportWork(FacilityDataSyncHook):
             remove_bundle_files(self.path)
 
 
+EXPIRY_WARNING_DAYS = 30
+"""An export (and ``status``) warns when the device's own certificate expires sooner than this."""
+
+
+def check_own_certificate(device: Device, dataset_id: str, chain: Sequence[Certificate], warn: Warn, *,
+                          now: datetime.datetime | None = None) -> None:
+    """Refuse to sign with an expired or revoked certificate; warn when it expires soon.
+
+    Raises:
+        TrustError: The certificate (or one of its issuers) expired or is revoked.
+    """
+    root = device.keys.trusted_root(dataset_id)
+    if root is None:
+        raise StateError(f"this device trusts no root for dataset {dataset_id}: install the facility's grant again")
+    try:
+        verify_chain(chain, root, dataset_id=dataset_id, now=now)
+    except TrustError as exc:
+        raise TrustError(f"this device cannot sign bundles: {exc}") from exc
+    check_not_revoked(chain, device.keys.revocations(dataset_id), what="this device's own certificate")
+    message = expiry_warning(chain[0], now=now)
+    if message:
+        warn(f"warning: {message}")
+
+
+def expiry_warning(cert: Certificate, *, now: datetime.datetime | None = None) -> str | None:
+    """A one-line warning if ``cert`` expires within :data:`EXPIRY_WARNING_DAYS`, else None."""
+    if cert.expires_at is None:
+        return None
+    moment = now or datetime.datetime.now(datetime.timezone.utc)
+    left = datetime.datetime.fromisoformat(cert.expires_at.replace("Z", "+00:00")) - moment
+    if left > datetime.timedelta(days=EXPIRY_WARNING_DAYS):
+        return None
+    return (f"this device's certificate {cert.cert_id} ({cert.scope}) expires at {cert.expires_at}, in "
+            f"{max(left.days, 0)} day(s): run `bundlesync cert request` and have the authority issue a new one")
+
+
 def export_bundle(
     device: Device,
     facility: str,
@@ -363,6 +442,8 @@ def export_bundle(
     max_size: int | None = DEFAULT_MAX_SIZE,
     progress: Progress | None = None,
     supersede: bool = False,
+    encrypt: bool = True,
+    encrypt_to: Sequence[str] = (),
 ) -> ExportResult:
     """Export what the receiver lacks as one signed bundle in ``out_dir``.
 
@@ -372,7 +453,12 @@ def export_bundle(
     ``supersede``: treat ``out_dir`` as a drive that carries this device's latest state: write
     nothing if a bundle of ours there already carries everything this export would, and remove
     our earlier bundles there that the new one carries (the CLI does; an archive folder must not).
+    The payload is encrypted (age) to this device, every device it knows by certificate
+    that may read the whole filter, and ``encrypt_to``; ``encrypt=False`` writes it in
+    the clear (``--no-encrypt``).
     """
+    for recipient in encrypt_to:
+        check_recipient(recipient)
     plugins = plugins or PluginSet()
     conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
@@ -382,13 +468,15 @@ def export_bundle(
             f"this device holds no certificate for facility {facility}: run `bundlesync facility provision` "
             "on the facility's authority, or `bundlesync cert request` here and `cert install` the grant"
         )
+    check_own_certificate(device, dataset_id, chain, warn or (lambda _: None), now=now)
     # Before anything is written: a lost or replaced key would only make a bundle nobody accepts.
     key = device.keys.signing_key(chain)
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
     work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now,
-                      require_mount=require_mount, max_size=max_size, progress=progress, supersede=supersede, key=key)
+                      require_mount=require_mount, max_size=max_size, progress=progress, supersede=supersede,
+                      encrypt=encrypt, encrypt_to=encrypt_to, key=key)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):

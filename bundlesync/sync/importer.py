@@ -25,7 +25,10 @@ recognised after the checks and changes nothing.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +49,8 @@ from bundlesync.format.manifest import Manifest
 from bundlesync.plugins.operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.trust.receipts import make_receipt, write_receipt
-from bundlesync.partitions import covered
+from bundlesync.trust.revocation import Revocation, check_not_revoked, parse_revocations
+from bundlesync.partitions import covered, within
 from bundlesync.trust.scope import ScopeFilters, scope_filters
 from bundlesync.replica.store import record_transfer, serialize_changes
 from bundlesync.replica.tracking import suppressed
@@ -59,6 +63,7 @@ __all__ = [
     "exit_rank",
     "failure_json",
     "import_bundle",
+    "read_records",
     "verify_bundle",
 ]
 
@@ -77,6 +82,7 @@ class VerifiedBundle:
     manifest: Manifest
     signer: Certificate
     signer_scope: ScopeFilters
+    revocations: tuple[Revocation, ...] = ()
 
 
 @dataclass
@@ -147,7 +153,14 @@ def check_trust(device: Device, info: container.BundleInfo, *, shown_as: str | N
         chain = [Certificate.from_dict(c) for c in manifest.chain]
     except CertError as exc:
         raise TrustError(f"bundle's certificate chain is malformed ({exc}); refusing it") from exc
-    signer = verify_chain(chain, root, dataset_id=manifest.dataset_id)
+    name = shown_as or info.path.name
+    try:
+        signer = verify_chain(chain, root, dataset_id=manifest.dataset_id)
+    except TrustError as exc:
+        raise TrustError(f"{name}: {exc}") from exc
+    # Revocations this device holds, and those the bundle carries (verified against the root).
+    carried = parse_revocations(list(manifest.revocations), root)
+    check_not_revoked(chain, [*device.keys.revocations(manifest.dataset_id), *carried], what=f"bundle {name}")
     try:
         verify(signer.subject_key, "bundle", info.digest, info.signature)
     except TrustError as exc:
@@ -157,7 +170,28 @@ def check_trust(device: Device, info: container.BundleInfo, *, shown_as: str | N
         ) from exc
     if not covered(list(manifest.filter), [manifest.dataset_id]):
         raise TrustError(f"bundle filter {list(manifest.filter)} reaches outside its facility: refusing it")
-    return VerifiedBundle(info, manifest, signer, scope_filters(profile, manifest.dataset_id, signer.scope))
+    encrypted = bool(info.flags & container.FLAG_ENCRYPTED)
+    if encrypted != (manifest.recipients is not None):
+        raise FormatError(f"{name}: its manifest and its flags disagree on whether it is encrypted; "
+                          "ask the sender for a fresh export")
+    if manifest.recipients is not None:
+        mine = device.keys.recipient()
+        if mine not in manifest.recipients:
+            raise TrustError(
+                f"{name} is encrypted to {', '.join(manifest.recipients)}, and this device ({mine}) is not one "
+                f"of them: ask the sender to export again with --encrypt-to {mine}"
+            )
+    return VerifiedBundle(info, manifest, signer, scope_filters(profile, manifest.dataset_id, signer.scope),
+                          tuple(carried))
+
+
+def open_payload(device: Device, verified: VerifiedBundle, plain: Path, *, shown_as: str) -> VerifiedBundle:
+    """The bundle as read for its records: an encrypted payload is decrypted into ``plain``
+    (in the home's staging folder) and checked against the plaintext digest its signer signed."""
+    if not verified.info.flags & container.FLAG_ENCRYPTED:
+        return verified
+    info = container.decrypt_payload(verified.info, plain, device.keys.encryption_secret(), shown_as=shown_as)
+    return dataclasses.replace(verified, info=info)
 
 
 def _check_payload(info: container.BundleInfo) -> None:
@@ -173,14 +207,35 @@ def _require_file(path: Path) -> None:
         raise FormatError(f"{path} is {what}{hint}, not a bundle: check the path (a bundle is named bundle-….bsync)")
 
 
-def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
-    """Everything import checks, without writing anything. Raises a :class:`BundleError`."""
+@contextlib.contextmanager
+def opened_bundle(device: Device, path: Path) -> Iterator[VerifiedBundle]:
+    """Every check import makes, without writing to the database; yields the readable bundle.
+
+    An encrypted payload is decrypted into the home's staging folder for the duration.
+    """
     _require_file(path)
     info = container.read_info(path)
     container.verify_digest(info)  # integrity first: damage must not be reported as a trust problem
     verified = check_trust(device, info)
-    _check_payload(info)
-    return verified
+    plain = device.staging / f"{path.name}.{uuid.uuid4().hex[:8]}.plain"
+    try:
+        readable = open_payload(device, verified, plain, shown_as=path.name)
+        _check_payload(readable.info)
+        yield readable
+    finally:
+        plain.unlink(missing_ok=True)
+
+
+def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
+    """Everything import checks, without writing anything. Raises a :class:`BundleError`."""
+    with opened_bundle(device, path) as verified:
+        return dataclasses.replace(verified, info=container.read_info(path))
+
+
+def read_records(device: Device, path: Path) -> Iterator[bytes]:
+    """The record lines of a bundle, after every check :func:`verify_bundle` makes."""
+    with opened_bundle(device, path) as verified:
+        yield from container.iter_records(verified.info)
 
 
 class ImportWork(FacilityDataSyncHook):
@@ -189,6 +244,7 @@ class ImportWork(FacilityDataSyncHook):
     def __init__(self, device: Device, path: Path, plugins: PluginSet, progress: Progress | None = None) -> None:
         self.device, self.source, self.plugins, self.progress = device, path, plugins, progress
         self.staged = device.staging / f"{path.name}.importing"
+        self.plain = device.staging / f"{path.name}.plain"  # the decrypted payload: never on the drive
         self.verified: VerifiedBundle | None = None
         self.result = ImportResult("", path)
         self.now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -206,7 +262,8 @@ class ImportWork(FacilityDataSyncHook):
     def stage_and_check(self) -> None:
         """Copy the bundle off the medium (digest checked on the way), then check its signer."""
         info = container.copy_verified(self.source, self.staged)
-        self.verified = check_trust(self.device, info, shown_as=self.source.name)
+        verified = check_trust(self.device, info, shown_as=self.source.name)
+        self.verified = open_payload(self.device, verified, self.plain, shown_as=self.source.name)
 
     # INITIALIZING
     def initialize(self, ctx: SyncContext) -> None:
@@ -400,6 +457,13 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
                     plugins.run_stage(stage, ctx, work)
     finally:
         work.staged.unlink(missing_ok=True)
+        work.plain.unlink(missing_ok=True)
+    # After the commit: what the verified bundle taught us about the facility's devices.
+    verified = work._verified()
+    for rev in verified.revocations:
+        device.keys.save_revocation(rev)
+    if verified.signer.subject_key != device.keys.device_key().public_key:
+        device.keys.save_peer(verified.signer)
     if receipt and ctx.dataset_id is not None:
         try:
             work.result.receipt = leave_receipt(device, ctx.dataset_id, path.parent)

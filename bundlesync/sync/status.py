@@ -12,8 +12,10 @@ from bundlesync.trust.scope import scope_filters
 from bundlesync.device import Device
 from bundlesync.replica.health import describe, recent_repairs
 from bundlesync.replica.store import current_counter, pending_changes
+from bundlesync.sync.exporter import expiry_warning
+from bundlesync.trust.certs import Certificate
 
-__all__ = ["device_status", "list_conflicts"]
+__all__ = ["certificate_listing", "device_status", "list_conflicts"]
 
 RECENT_TRANSFERS = 10
 
@@ -34,10 +36,14 @@ def device_status(device: Device) -> dict[str, Any]:
             )
         ]
         read = scope_filters(device.profile, dataset_id, chain[0].scope).read if chain else (dataset_id,)
+        warning = expiry_warning(chain[0]) if chain else None
         facilities.append({
             "dataset_id": dataset_id,
             "facility_id": root.facility_id if root else None,
             "scope": chain[0].scope if chain else None,
+            "certificate": chain[0].cert_id if chain else None,
+            "expires_at": chain[0].expires_at if chain else None,
+            "warnings": [warning] if warning else [],
             "authority": device.keys.root_key(dataset_id) is not None,
             "fsic": kn.flat(knowledge, read),
             "knowledge": kn.clip(knowledge, read),
@@ -94,3 +100,37 @@ def list_conflicts(device: Device, *, model: str | None = None, limit: int | Non
          "winner": {"instance": wi, "counter": wc}, "bundle_id": bundle, "detected_at": at}
         for cid, m, rid, loser, wi, wc, bundle, at in device.conn.execute(sql, params)
     ]
+
+
+def _cert_entry(cert: Certificate) -> dict[str, Any]:
+    return {
+        "cert_id": cert.cert_id, "scope": cert.scope, "issuer": cert.issuer_id, "issued_at": cert.issued_at,
+        "expires_at": cert.expires_at, "fingerprint": cert.fingerprint, "instance_id": cert.instance_id,
+        "recipient": cert.recipient,
+    }
+
+
+def certificate_listing(device: Device) -> dict[str, Any]:
+    """This device's certificates per facility (``bundlesync cert list``): its chain, scopes,
+    expiry, fingerprints and encryption recipients, the peers it may encrypt to, and the
+    revocations it knows (and relays)."""
+    keys = device.keys
+    facilities = []
+    for dataset_id in keys.datasets():
+        root = keys.trusted_root(dataset_id)
+        chain = keys.device_chain(dataset_id) or ()
+        warning = expiry_warning(chain[0]) if chain else None
+        facilities.append({
+            "dataset_id": dataset_id,
+            "facility_id": root.facility_id if root else None,
+            "authority": keys.root_key(dataset_id) is not None,
+            "chain": [_cert_entry(c) for c in chain],
+            "root": _cert_entry(root) if root else None,
+            "peers": [_cert_entry(c) for c in keys.peers(dataset_id)],
+            "revocations": [
+                {"cert_id": r.cert_id, "revoked_at": r.revoked_at, "revoked_by": r.revoker_id}
+                for r in keys.revocations(dataset_id)
+            ],
+            "warnings": [warning] if warning else [],
+        })
+    return {"instance_id": device.instance_id, "recipient": keys.recipient(), "facilities": facilities}

@@ -22,6 +22,8 @@ from bundlesync.errors import CertError
 
 __all__ = [
     "FULL_SCOPE",
+    "OMIT_IF_NONE",
+    "RECIPIENT_RE",
     "Malformed",
     "check_fields",
     "check_keys",
@@ -42,6 +44,14 @@ _USER_ID_RE = re.compile(r"[0-9a-f]{1,64}")
 _HEX32_RE = re.compile(r"[0-9a-f]{32}")
 _TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d{1,6})?Z", re.ASCII)
 _HEX_RE = re.compile(r"(?:[0-9a-f]{2})*")
+# An age X25519 recipient: "age1" and 58 lowercase Bech32 characters.
+RECIPIENT_RE = re.compile(r"age1[02-9ac-hj-np-z]{58}")
+OMIT_IF_NONE = "omit_if_none"
+"""Field metadata: the field was added later; ``None`` is written by leaving the key out.
+
+Certificates signed before such a field existed keep their id and signature, because
+their canonical body is unchanged; a reader treats the missing key as ``None``.
+"""
 
 
 class Malformed(ValueError):
@@ -125,6 +135,7 @@ def _raw(size: int) -> Callable[[str, object], None]:
 
 
 _hex32 = _text(_HEX32_RE, "32 lowercase hex characters")
+_recipient = _text(RECIPIENT_RE, "an age recipient (age1...)")
 _ident = _text(_ID_RE, "a valid id")
 _RULES: dict[str, Callable[[str, object], object]] = {
     "cert_id": _hex32,
@@ -138,19 +149,21 @@ _RULES: dict[str, Callable[[str, object], object]] = {
     "issued_at": parse_time,
     "expires_at": parse_time,
     "created_at": parse_time,
+    "recipient": _recipient,
     "subject_key": _raw(PUBLIC_KEY_SIZE),
     "device_key": _raw(PUBLIC_KEY_SIZE),
     "signature": _raw(SIGNATURE_SIZE),
 }
-_SCHEMAS: dict[type, tuple[tuple[str, bool, bool], ...]] = {}
+_SCHEMAS: dict[type, tuple[tuple[str, bool, bool, bool], ...]] = {}
 
 
-def _schema(cls: type) -> tuple[tuple[str, bool, bool], ...]:
-    """``(name, is bytes, may be None)`` of each field of a dataclass, from its annotations."""
+def _schema(cls: type) -> tuple[tuple[str, bool, bool, bool], ...]:
+    """``(name, is bytes, may be None, omitted when None)`` of each field of a dataclass."""
     if cls not in _SCHEMAS:
         hints = typing.get_type_hints(cls)
         _SCHEMAS[cls] = tuple(
-            (f.name, hints[f.name] is bytes, type(None) in typing.get_args(hints[f.name]))
+            (f.name, hints[f.name] is bytes, type(None) in typing.get_args(hints[f.name]),
+             bool(f.metadata.get(OMIT_IF_NONE)))
             for f in dataclasses.fields(cls)
         )
     return _SCHEMAS[cls]
@@ -158,7 +171,7 @@ def _schema(cls: type) -> tuple[tuple[str, bool, bool], ...]:
 
 def check_fields(obj: object) -> None:
     """Apply each field's rule to a dataclass instance (``None`` passes where allowed)."""
-    for name, _, optional in _schema(type(obj)):
+    for name, _, optional, _ in _schema(type(obj)):
         value = getattr(obj, name)
         if value is not None or not optional:
             _RULES[name](name, value)
@@ -174,9 +187,9 @@ def check_keys(d: Mapping[str, object], allowed: Sequence[str], what: str) -> No
 def to_json(obj: object, *, without: Sequence[str] = ()) -> dict[str, object]:
     """The JSON object of a dataclass instance, minus the fields in ``without``."""
     form: dict[str, object] = {}
-    for name, _, _ in _schema(type(obj)):
-        if name not in without:
-            value = getattr(obj, name)
+    for name, _, _, omit in _schema(type(obj)):
+        value = getattr(obj, name)
+        if name not in without and not (omit and value is None):
             form[name] = value.hex() if isinstance(value, bytes) else value
     return form
 
@@ -189,13 +202,16 @@ def from_json(cls: type, d: object, what: str, extra: Sequence[str] = ()) -> dic
     if not isinstance(d, Mapping):
         raise Malformed(f"{what} is not a JSON object")
     schema = _schema(cls)
-    check_keys(d, [name for name, _, _ in schema] + list(extra), what)
+    check_keys(d, [name for name, _, _, _ in schema] + list(extra), what)
     kwargs: dict[str, Any] = {}
-    for name, is_bytes, optional in schema:
+    for name, is_bytes, optional, omit in schema:
+        if name not in d and omit:
+            kwargs[name] = None
+            continue
         if name not in d:
             raise Malformed(f"field {name!r} is missing")
         value = d[name]
-        if value is None and optional:
+        if value is None and optional and not omit:
             kwargs[name] = None
         elif not isinstance(value, str):
             raise Malformed(f"field {name!r} is not a string")

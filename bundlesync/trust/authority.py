@@ -2,20 +2,30 @@
 
 ``facility provision`` makes this device the facility's authority (root key, trusted root,
 its own full-scope certificate); ``cert issue`` signs a request file from another device
-into a grant file. Both read and write the home through :class:`KeyStore`.
+into a grant file; ``cert revoke`` signs a revocation that travels in later bundles. Both read and write the home through :class:`KeyStore`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from bundlesync.errors import CertError, StateError, TrustError
 from bundlesync.trust.certfiles import CertGrant, read_request, write_grant
-from bundlesync.trust.certs import FULL_SCOPE, Certificate, issue_certificate, make_root_certificate, validate_id, verify_chain
+from bundlesync.trust._certfields import now_utc, parse_time
+from bundlesync.trust.certs import (
+    FULL_SCOPE,
+    Certificate,
+    format_time,
+    issue_certificate,
+    make_root_certificate,
+    validate_id,
+    verify_chain,
+)
 from bundlesync.trust.keystore import KeyStore
+from bundlesync.trust.revocation import Revocation, make_revocation, verify_revocation
 
-__all__ = ["issue_grant", "provision_facility"]
+__all__ = ["issue_grant", "provision_facility", "revoke_certificate"]
 
 
 def provision_facility(
@@ -24,13 +34,15 @@ def provision_facility(
     dataset_id: str,
     facility_id: str,
     profile: str,
+    instance_id: str | None = None,
     now: datetime | None = None,
 ) -> Certificate:
     """Make this device the facility's authority: root key, trusted root, device cert.
 
     Idempotent: on a device that already is the authority, the existing full-scope
-    device certificate is returned (a new one is issued only if it is missing or no
-    longer verifies); a new root is never made.
+    device certificate is returned (a new one is issued only if it is missing, no
+    longer verifies, or does not bind this device's instance id and encryption
+    recipient); a new root is never made. ``instance_id`` is this device's instance id.
 
     Args:
         dataset_id: The dataset id.
@@ -49,6 +61,7 @@ def provision_facility(
     validate_id(dataset_id, "dataset id")
     validate_id(facility_id, "facility id")
     device = store.ensure_device_key()
+    recipient = store.recipient()
     root = store.trusted_root(dataset_id)
     root_key = store.root_key(dataset_id)
     if root is not None:
@@ -72,7 +85,8 @@ def provision_facility(
             except TrustError:
                 pass  # expired or damaged: issue a fresh one below
             else:
-                if leaf.subject_key == device.public_key and leaf.scope == FULL_SCOPE:
+                if (leaf.subject_key == device.public_key and leaf.scope == FULL_SCOPE
+                        and (leaf.instance_id, leaf.recipient) == (instance_id, recipient)):
                     return leaf
     else:
         # Key first, then the root that names it: after a crash between the two, the
@@ -83,16 +97,23 @@ def provision_facility(
             root_key, dataset_id=dataset_id, facility_id=facility_id, profile=profile, now=now
         )
         store.save_trusted_root(root)
-    leaf = issue_certificate(root, root_key, device.public_key, FULL_SCOPE, now=now)
+    leaf = issue_certificate(root, root_key, device.public_key, FULL_SCOPE, now=now,
+                             instance_id=instance_id, recipient=recipient)
     store.save_device_chain((leaf, root))
     return leaf
 
 
 def issue_grant(
-    store: KeyStore, request_path: Path, out_dir: Path, *, now: datetime | None = None) -> Path:
+    store: KeyStore, request_path: Path, out_dir: Path, *, now: datetime | None = None,
+    valid_days: int | None = None,
+) -> Path:
     """Answer a request with a grant, as the facility's authority.
 
-    The leaf is signed directly by the root, so the grant's chain is ``[leaf, root]``.
+    The leaf is signed directly by the root, so the grant's chain is ``[leaf, root]``; it
+    binds the requesting device's instance id and encryption recipient. Its expiry is the
+    earliest of what the request asks, ``valid_days`` from now, and the issuer's own.
+    The grant also carries this device's own certificate, so the new device can encrypt
+    its first bundles to the authority; the issued certificate is kept as a peer.
     A request that names no dataset (made on a device that had not received the
     facility) is matched by its facility id, or dataset id, to a root held here.
 
@@ -134,9 +155,21 @@ def issue_grant(
             f"{root.facility_id} uses profile {root.profile}; make the request on a "
             "device set up with that profile"
         )
-    leaf = issue_certificate(root, root_key, request.device_key, request.scope, now=now)
-    grant = CertGrant(leaf=leaf, chain=(root,))
-    return write_grant(Path(out_dir), grant, instance_id=request.instance_id)
+    moment = now_utc(now)
+    expiries = [request.expires_at] if request.expires_at is not None else []
+    if valid_days is not None:
+        if valid_days < 1:
+            raise CertError(f"--valid-days {valid_days} is not a positive number of days; give 1 or more")
+        expiries.append(format_time(moment + timedelta(days=valid_days)))
+    expires_at = min(expiries, key=lambda t: parse_time("expires_at", t)) if expiries else None
+    leaf = issue_certificate(root, root_key, request.device_key, request.scope, now=moment, expires_at=expires_at,
+                             instance_id=request.instance_id, recipient=request.recipient)
+    own = store.device_chain(root.dataset_id)
+    peers = (own[0],) if own is not None and own[0].issuer_id == root.cert_id else ()
+    grant = CertGrant(leaf=leaf, chain=(root,), peers=peers)
+    path = write_grant(Path(out_dir), grant, instance_id=request.instance_id)
+    store.save_peer(leaf)
+    return path
 
 
 def _authority_dataset_of(
@@ -157,3 +190,46 @@ def _authority_dataset_of(
             f"({', '.join(found)}); make the request with the dataset id as --facility"
         )
     return found[0] if found else None
+
+
+def revoke_certificate(store: KeyStore, cert_id: str, *, now: datetime | None = None) -> Revocation:
+    """Revoke certificate ``cert_id`` with the root key of the facility it belongs to.
+
+    The revocation is kept in the home; every later bundle of this device carries it, and
+    every device that imports one keeps and relays it in turn. Revoking again changes nothing.
+
+    Raises:
+        CertError: ``cert_id`` is not a certificate id, or it is the facility's root.
+        StateError: This device is the authority of no facility (or of several, and
+            none of them knows the certificate).
+    """
+    if len(cert_id) != 32 or any(c not in "0123456789abcdef" for c in cert_id):
+        raise CertError(f"{cert_id!r} is not a certificate id (32 lowercase hex characters); "
+                        "see `bundlesync cert list` or the certificate's grant file")
+    mine = [ds for ds in store.datasets() if store.root_key(ds) is not None]
+    if not mine:
+        raise StateError("this device is not the authority of any facility; run `bundlesync cert revoke` on the "
+                         "facility's authority (the device that ran `facility provision`)")
+
+    def knows(ds: str) -> bool:
+        own = store.device_chain(ds) or ()
+        return any(c.cert_id == cert_id for c in (*own, *store.peers(ds)))
+
+    known = [ds for ds in mine if knows(ds)]
+    if len(known) != 1 and len(mine) != 1:
+        raise StateError(f"certificate {cert_id} is not one this device issued or has seen; revoke it on the "
+                         "authority of its facility")
+    dataset_id = known[0] if len(known) == 1 else mine[0]
+    root, root_key = store.trusted_root(dataset_id), store.root_key(dataset_id)
+    assert root is not None and root_key is not None
+    store.check_root_key(root, root_key)
+    if cert_id == root.cert_id:
+        raise CertError(f"{cert_id} is the facility's root certificate, which cannot be revoked; "
+                        "revoke the device certificates instead")
+    existing = [r for r in store.revocations(dataset_id) if r.cert_id == cert_id]
+    if existing:
+        return existing[0]
+    rev = make_revocation(cert_id, root_key, (root,), now=now)
+    verify_revocation(rev, root)
+    store.save_revocation(rev)
+    return rev

@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
 from bundlesync.trust._certfields import (
+    OMIT_IF_NONE,
     Malformed,
     check_fields,
     check_keys,
@@ -106,6 +107,8 @@ class CertRequest:
         created_at: ISO-8601 UTC time the request was made.
         nonce: 32 random hex characters, so two requests never have the same bytes.
         signature: ``device_key``'s signature over :meth:`body`: proof of possession.
+        recipient: The device's age encryption recipient, to be bound by the certificate.
+        expires_at: The expiry asked for (``--valid-days``); the issuer may shorten it.
     """
 
     dataset_id: str | None
@@ -117,6 +120,8 @@ class CertRequest:
     created_at: str
     nonce: str
     signature: bytes
+    recipient: str | None = field(default=None, metadata={OMIT_IF_NONE: True})
+    expires_at: str | None = field(default=None, metadata={OMIT_IF_NONE: True})
 
     def __post_init__(self) -> None:
         """Refuse ill-formed fields (with a ``ValueError``; file readers translate it)."""
@@ -184,6 +189,8 @@ def make_request(
     scope: str,
     instance_id: str,
     now: datetime | None = None,
+    recipient: str | None = None,
+    valid_days: int | None = None,
 ) -> CertRequest:
     """Make a certificate request signed by ``device_key``.
 
@@ -196,6 +203,8 @@ def make_request(
         scope: ``"full"`` or ``"user:<USER_ID>"``.
         instance_id: The requesting device's instance id.
         now: The creation time (default: the current time).
+        recipient: The device's age recipient (``age1...``), bound by the certificate.
+        valid_days: Ask for a certificate that expires this many days from now.
 
     Raises:
         CertError: An argument is not valid.
@@ -204,6 +213,12 @@ def make_request(
     dataset_id = dataset_id or None
     validate_names(profile, dataset_id=dataset_id, facility_id=facility_id, instance_id=instance_id)
     parse_scope(scope)
+    moment = now_utc(now)
+    expires_at = None
+    if valid_days is not None:
+        if valid_days < 1:
+            raise CertError(f"--valid-days {valid_days} is not a positive number of days; give 1 or more")
+        expires_at = format_time(moment + timedelta(days=valid_days))
     unsigned = CertRequest(
         dataset_id=dataset_id,
         facility_id=facility_id,
@@ -211,9 +226,11 @@ def make_request(
         scope=scope,
         device_key=device_key.public_key,
         instance_id=instance_id,
-        created_at=format_time(now_utc(now)),
+        created_at=format_time(moment),
         nonce=secrets.token_hex(16),
         signature=bytes(SIGNATURE_SIZE),
+        recipient=recipient,
+        expires_at=expires_at,
     )
     signature = device_key.sign(_REQUEST_CONTEXT, canonical_json(unsigned.body()))
     return replace(unsigned, signature=signature)
@@ -256,10 +273,13 @@ class CertGrant:
         leaf: The certificate issued for the requesting device's key.
         chain: The leaf's issuers, from its direct issuer up to the root (root last);
             the leaf itself is not repeated here (see :attr:`full_chain`).
+        peers: Certificates of other devices the new device may encrypt bundles to (the
+            authority's own device certificate), each issued directly by the root.
     """
 
     leaf: Certificate
     chain: tuple[Certificate, ...]
+    peers: tuple[Certificate, ...] = ()
 
     @property
     def full_chain(self) -> tuple[Certificate, ...]:
@@ -278,18 +298,20 @@ class CertGrant:
             "format": FORMAT_VERSION,
             "leaf": self.leaf.to_dict(),
             "chain": [cert.to_dict() for cert in self.chain],
+            **({"peers": [cert.to_dict() for cert in self.peers]} if self.peers else {}),
         }
 
 
 def _grant_from_json(obj: Mapping[str, object]) -> CertGrant:
-    check_keys(obj, ("type", "format", "leaf", "chain"), "the grant")
+    check_keys(obj, ("type", "format", "leaf", "chain", "peers"), "the grant")
     if "leaf" not in obj:
         raise Malformed("field 'leaf' is missing")
     leaf = _certificate(obj["leaf"])
     chain = _certs_from_list(obj.get("chain"))
     if not chain:
         raise Malformed("it has no issuer chain")
-    return CertGrant(leaf=leaf, chain=chain)
+    peers = _certs_from_list(obj["peers"]) if "peers" in obj else ()
+    return CertGrant(leaf=leaf, chain=chain, peers=peers)
 
 
 def write_grant(out_dir: Path, grant: CertGrant, *, instance_id: str) -> Path:
@@ -323,6 +345,8 @@ def read_grant(path: Path, *, now: datetime | None = None) -> CertGrant:
     grant = _read(path, GRANT_TYPE, _grant_from_json)
     try:
         verify_chain(grant.full_chain, grant.root, now=now)
+        for peer in grant.peers:
+            verify_chain((peer, grant.root), grant.root, now=now)
     except TrustError as exc:
         raise CertError(f"certificate grant {path} cannot be trusted: {exc}") from exc
     return grant

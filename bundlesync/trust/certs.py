@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from bundlesync.trust._certfields import (
     FULL_SCOPE,
+    OMIT_IF_NONE,
     Malformed,
     check_fields,
     check_scope,
@@ -134,6 +135,10 @@ class Certificate:
         issued_at: ISO-8601 UTC time of issue.
         expires_at: ISO-8601 UTC expiry time, or ``None`` for no expiry.
         signature: The issuer's 64-byte signature over :meth:`body`.
+        instance_id: The instance id of the certified device, which binds its receipts to it;
+            ``None`` for a root and for certificates issued before certificates carried one.
+        recipient: The certified device's age encryption recipient (``age1...``), to which
+            bundles for it are encrypted; ``None`` for a root and for older certificates.
     """
 
     cert_id: str
@@ -146,6 +151,8 @@ class Certificate:
     issued_at: str
     expires_at: str | None
     signature: bytes
+    instance_id: str | None = field(default=None, metadata={OMIT_IF_NONE: True})
+    recipient: str | None = field(default=None, metadata={OMIT_IF_NONE: True})
 
     def __post_init__(self) -> None:
         """Refuse ill-formed fields (with a ``ValueError``; file readers translate it)."""
@@ -260,6 +267,8 @@ def issue_certificate(
     *,
     now: datetime | None = None,
     expires_at: str | None = None,
+    instance_id: str | None = None,
+    recipient: str | None = None,
 ) -> Certificate:
     """Issue a certificate for ``subject_key``, of the issuer's dataset, facility and profile.
 
@@ -269,7 +278,10 @@ def issue_certificate(
         subject_key: The raw 32-byte public key to certify.
         scope: ``"full"`` or ``"user:<USER_ID>"``.
         now: The issue time (default: the current time).
-        expires_at: ISO-8601 UTC expiry (``"2026-01-31T00:00:00Z"``), or ``None``.
+        expires_at: ISO-8601 UTC expiry (``"2026-01-31T00:00:00Z"``), or ``None``; never
+            later than the issuer's own expiry (a later one is cut to it).
+        instance_id: The subject device's instance id (binds its receipts to it).
+        recipient: The subject device's age recipient (bundles are encrypted to it).
 
     Raises:
         CertError: The key does not belong to ``issuer``, the issuer may not issue or has
@@ -308,6 +320,12 @@ def issue_certificate(
                 f"expiry {expires_at} is not after the issue time {issued_at}; "
                 "give a later expiry"
             )
+    # A certificate never outlives its issuer: an issuer may shorten, never extend.
+    if issuer.expires_at is not None and (
+        expires_at is None
+        or parse_time("expiry", expires_at) > parse_time("expires_at", issuer.expires_at)
+    ):
+        expires_at = issuer.expires_at
     return _build(
         issuer_key,
         dataset_id=issuer.dataset_id,
@@ -318,6 +336,8 @@ def issue_certificate(
         issuer_id=issuer.cert_id,
         issued_at=issued_at,
         expires_at=expires_at,
+        instance_id=instance_id,
+        recipient=recipient,
     )
 
 
@@ -434,7 +454,9 @@ def verify_chain(
                 f"{parent.scope} may not issue certificates; {_NEW_CERT_HINT}"
             )
 
-    for cert in chain:
+    # Issuers first: when an issuer expired, its children (which never outlive it) did too,
+    # and the issuer is the one to renew.
+    for cert in reversed(chain):
         if cert.has_expired(moment):
             raise TrustError(
                 f"certificate {cert.cert_id} (scope {cert.scope}) expired at "

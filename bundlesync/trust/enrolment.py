@@ -29,8 +29,9 @@ def request_certificate(
     instance_id: str,
     out_dir: Path,
     now: datetime | None = None,
+    valid_days: int | None = None,
 ) -> Path:
-    """Write a certificate request for this device's key into ``out_dir``.
+    """Write a certificate request for this device's key and encryption recipient into ``out_dir``.
 
     Args:
         dataset_id: The dataset the certificate is wanted for; ``None`` or ``""`` when
@@ -42,6 +43,7 @@ def request_certificate(
         instance_id: This device's instance id.
         out_dir: Where to write the request (e.g. a USB drive).
         now: The creation time (default: the current time).
+        valid_days: Ask for a certificate that expires this many days from now.
 
     Returns:
         The request file's path.
@@ -57,6 +59,8 @@ def request_certificate(
         scope=scope,
         instance_id=instance_id,
         now=now,
+        recipient=store.recipient(),
+        valid_days=valid_days,
     )
     return write_request(Path(out_dir), request)
 
@@ -114,4 +118,7 @@ def install_grant(
     # Certificates compare every field, signature included: a re-signed copy differs.
     if existing != grant.full_chain:
         store.save_device_chain(grant.full_chain)
+    for peer in grant.peers:  # verified against the grant's root by read_grant
+        if peer.subject_key != leaf.subject_key:
+            store.save_peer(peer)
     return leaf

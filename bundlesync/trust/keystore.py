@@ -3,9 +3,15 @@
 Layout under the home directory::
 
     keys/device.key                      this device's Ed25519 signing key (0600)
+    keys/encryption.key                  this device's age secret key: bundles for it are
+                                         encrypted to its public recipient (0600)
     keys/root-<dataset_id>.key           a facility's root key, on its authority only (0600)
     certs/<dataset_id>/trusted-root.json the root this device trusts for the dataset
     certs/<dataset_id>/device-chain.json this device's own certificate, leaf first, root last
+    certs/<dataset_id>/peers/<cert_id>.json   verified certificates of other devices (from
+                                         grants, issued certificates, bundles and receipts):
+                                         who exports may be encrypted to
+    certs/<dataset_id>/revocations/<cert_id>.json  revocations this device knows (and relays)
 
 A device trusts a facility's root in exactly two ways, both explicit user actions: by
 provisioning the facility itself (:mod:`bundlesync.trust.authority`), or by installing a
@@ -17,6 +23,7 @@ scheduled export) can share one home.
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -39,15 +46,22 @@ from bundlesync.trust.certs import (
     verify_chain,
 )
 from bundlesync.trust.crypto import SigningKey, key_fingerprint, load_private_key, save_private_key
-from bundlesync.errors import CertError, StateError, TrustError
+from bundlesync.errors import BundlesyncError, CertError, StateError, TrustError
+from bundlesync.format.envelope import generate_identity, recipient_of
+from bundlesync.fsutil import TargetExistsError, atomic_write_bytes
+from bundlesync.trust.revocation import Revocation, read_revocation_json, revocation_json
 
 __all__ = ["KeyStore"]
 
 _KEYS_DIR = "keys"
 _CERTS_DIR = "certs"
 _DEVICE_KEY = "device.key"
+_ENCRYPTION_KEY = "encryption.key"
+_MAX_SECRET_FILE = 4096
 _TRUSTED_ROOT = "trusted-root.json"
 _DEVICE_CHAIN = "device-chain.json"
+_PEERS = "peers"
+_REVOCATIONS = "revocations"
 _NEW_CERT = (
     "get a new certificate: run `bundlesync cert request --facility FACILITY --scope SCOPE --out DRIVE` here, "
     "`bundlesync cert issue REQUEST --out DRIVE` on the facility's authority, then `bundlesync cert install GRANT` "
@@ -108,6 +122,36 @@ class KeyStore:
         """
         return self.create_key(self._device_key_path())
 
+    def encryption_secret(self) -> str:
+        """This device's age secret key, created on first use (``init`` creates it).
+
+        Raises:
+            CertError: The key file cannot be read, is open to other users, or cannot be written.
+        """
+        path = self._keys_dir / _ENCRYPTION_KEY
+        if not path.exists():
+            try:
+                path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                atomic_write_bytes(path, (generate_identity() + "\n").encode(), mode=0o600, exclusive=True)
+            except TargetExistsError:
+                pass  # another process made it first: use theirs
+            except OSError as exc:
+                raise CertError(f"cannot write key file {path}: {exc.strerror or exc}; check the home's permissions") from exc
+        try:
+            st = path.stat()
+            if os.name == "posix" and st.st_mode & 0o077:
+                raise CertError(f"key file {path} is accessible by other users; run `chmod 600 {path}` and retry")
+            data = path.read_bytes()[:_MAX_SECRET_FILE]
+        except OSError as exc:
+            raise CertError(f"cannot read key file {path}: {exc.strerror or exc}; check its owner and permissions") from exc
+        return data.decode("ascii", "replace").strip()
+
+    def recipient(self) -> str:
+        """This device's age recipient (``age1...``): the public half of :meth:`encryption_secret`."""
+        try:
+            return recipient_of(self.encryption_secret())
+        except BundlesyncError as exc:
+            raise CertError(f"{self._keys_dir / _ENCRYPTION_KEY}: {exc}") from exc
     def device_key(self) -> SigningKey:
         """This device's existing signing key (never created here).
 
@@ -249,3 +293,46 @@ class KeyStore:
 
     def save_device_chain(self, chain: tuple[Certificate, ...]) -> None:
         write_chain_file(self.dataset_dir(chain[0].dataset_id) / _DEVICE_CHAIN, chain)
+
+    # ------------------------------------------------------------------ peers and revocations
+
+    def _files(self, dataset_id: str, kind: str) -> list[Path]:
+        folder = self.dataset_dir(dataset_id) / kind
+        try:
+            return sorted(p for p in folder.iterdir() if p.suffix == ".json")
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise CertError(f"cannot list {folder}: {exc.strerror or exc}; check its permissions") from exc
+
+    def peers(self, dataset_id: str) -> list[Certificate]:
+        """Verified certificates of other devices of ``dataset_id`` this device has seen."""
+        return [read_chain_file(path)[0] for path in self._files(dataset_id, _PEERS)]
+
+    def save_peer(self, cert: Certificate) -> None:
+        """Remember another device's certificate (already verified by the caller)."""
+        path = self.dataset_dir(cert.dataset_id) / _PEERS / f"{cert.cert_id}.json"
+        if not path.exists():
+            write_chain_file(path, (cert,))
+
+    def revocations(self, dataset_id: str) -> list[Revocation]:
+        """Revocations of ``dataset_id`` this device knows (verified when they were saved)."""
+        out = []
+        for path in self._files(dataset_id, _REVOCATIONS):
+            try:
+                out.append(read_revocation_json(path.read_bytes()))
+            except OSError as exc:
+                raise CertError(f"cannot read {path}: {exc.strerror or exc}; check its permissions") from exc
+        return out
+
+    def save_revocation(self, rev: Revocation) -> bool:
+        """Keep a verified revocation; returns True if it was new here."""
+        path = self.dataset_dir(rev.dataset_id) / _REVOCATIONS / f"{rev.cert_id}.json"
+        if path.exists():
+            return False
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(path, revocation_json(rev))
+        except OSError as exc:
+            raise CertError(f"cannot write {path}: {exc.strerror or exc}; check the home's permissions") from exc
+        return True

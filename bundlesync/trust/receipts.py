@@ -7,8 +7,12 @@ reads the receipts of known peers and sends exactly what the least up-to-date of
 them lacks — Morango's FSIC exchange, done asynchronously over the drive
 (like a Briar acknowledgement). ``export --since RECEIPT`` answers one peer.
 
-A receipt can only lower what is sent (it is a basis); a forged or stale one
-costs bandwidth, never data, and receipts from untrusted signers are ignored.
+A receipt can only lower what is sent to its own signer: it is believed only when its
+instance id is the one its signer's certificate binds and its filter lies inside that
+certificate's read scope, and the exporter takes the pointwise minimum of every receipt
+it believes. So a stale receipt costs bandwidth, never data, and a forged one (another
+device's instance, a wider filter, an untrusted, expired or revoked signer) is ignored
+with a warning.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ from bundlesync.errors import BundlesyncError, CertError, FormatError, ReceiptEr
 from bundlesync.fsutil import atomic_write_bytes
 from bundlesync.trust.keystore import KeyStore
 from bundlesync.format.manifest import fsic_from_json, knowledge_from_json
+from bundlesync.partitions import covered
+from bundlesync.profile import Profile
+from bundlesync.trust.revocation import check_not_revoked
+from bundlesync.trust.scope import scope_filters
 
 __all__ = ["Receipt", "find_receipts", "read_receipt", "write_receipt"]
 
@@ -80,8 +88,20 @@ def write_receipt(out_dir: Path, receipt: Receipt, key: SigningKey) -> Path:
     return path
 
 
-def read_receipt(path: Path, keys: KeyStore) -> Receipt:
-    """Read and verify a receipt against the trusted root of its facility."""
+def read_receipt(path: Path, keys: KeyStore, profile: Profile, *, now: datetime.datetime | None = None) -> Receipt:
+    """Read and verify a receipt: its chain to the trusted root, its signature, and that it
+    speaks only for its signer.
+
+    A receipt is a claim about what one device holds. It is believed only when its
+    instance id is the one its signer's certificate binds (so one device cannot speak for
+    another) and its filter lies inside that certificate's read scope (so a learner's
+    device cannot claim to hold the whole facility).
+
+    Raises:
+        ReceiptError: The file is not a readable receipt.
+        TrustError: The signer is not trusted, or the receipt claims what its signer's
+            certificate does not allow; the message names the file.
+    """
     try:
         if path.stat().st_size > MAX_RECEIPT_BYTES:
             raise ReceiptError(f"{path} is too large to be a receipt")
@@ -102,20 +122,52 @@ def read_receipt(path: Path, keys: KeyStore) -> Receipt:
     if root is None:
         raise TrustError(f"receipt {path.name} is for facility dataset {receipt.dataset_id}, which this device does not trust")
     try:
-        leaf = verify_chain([Certificate.from_dict(c) for c in receipt.chain], root, dataset_id=receipt.dataset_id)
+        chain = [Certificate.from_dict(c) for c in receipt.chain]
+        leaf = verify_chain(chain, root, dataset_id=receipt.dataset_id, now=now)
     except CertError as exc:
         raise TrustError(f"receipt {path.name} has a malformed certificate chain: {exc}") from exc
-    verify(leaf.subject_key, "receipt", canonical_json(receipt.body()), signature)
+    except TrustError as exc:
+        raise TrustError(f"receipt {path.name}: {exc}") from exc
+    check_not_revoked(chain, keys.revocations(receipt.dataset_id), what=f"receipt {path.name}")
+    try:
+        verify(leaf.subject_key, "receipt", canonical_json(receipt.body()), signature)
+    except TrustError as exc:
+        raise TrustError(
+            f"receipt {path.name} is not signed by the key of its certificate {leaf.cert_id} "
+            "(altered or forged); delete it"
+        ) from exc
+    if leaf.instance_id is None:
+        raise TrustError(
+            f"receipt {path.name} is signed under certificate {leaf.cert_id}, which was issued before "
+            "certificates named their device's instance id, so it cannot be bound to its signer; "
+            "re-issue that device's certificate (`cert request` there, `cert issue` on the authority)"
+        )
+    if leaf.instance_id != receipt.instance_id:
+        raise TrustError(
+            f"receipt {path.name} claims instance {receipt.instance_id}, but its signer's certificate "
+            f"{leaf.cert_id} is for instance {leaf.instance_id}: a device may only speak for itself; delete it"
+        )
+    readable = scope_filters(profile, receipt.dataset_id, leaf.scope).read
+    if not receipt.filter or not covered(receipt.filter, readable):
+        raise TrustError(
+            f"receipt {path.name} claims filter {', '.join(receipt.filter) or '(none)'}, outside the read "
+            f"scope {leaf.scope} of its signer's certificate {leaf.cert_id}; delete it"
+        )
     return receipt
 
 
-def find_receipts(folder: Path, keys: KeyStore, dataset_id: str, me: str) -> tuple[list[Receipt], list[str]]:
-    """Valid receipts of other devices for ``dataset_id`` in ``folder``, and why others were skipped."""
+def find_receipts(
+    folder: Path, keys: KeyStore, profile: Profile, dataset_id: str, me: str, *, now: datetime.datetime | None = None,
+) -> tuple[list[Receipt], list[str]]:
+    """Valid receipts of other devices for ``dataset_id`` in ``folder``, and why others were skipped.
+
+    Of several valid receipts of one device, the newest counts.
+    """
     found: dict[str, Receipt] = {}
     skipped: list[str] = []
     for path in sorted(folder.glob(f"receipt-{dataset_id[:8]}-*.json")):
         try:
-            receipt = read_receipt(path, keys)
+            receipt = read_receipt(path, keys, profile, now=now)
         except BundlesyncError as exc:
             skipped.append(f"{path.name}: {exc}")
             continue
