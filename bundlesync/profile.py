@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from bundlesync.errors import ProfileError
+from bundlesync.fsutil import read_regular
 
 __all__ = ["FacilityLookup", "Profile", "ScopeTemplate", "TableSpec", "bind_profile", "load_profile", "parse_profile"]
 
@@ -45,6 +46,8 @@ _TOP_KEYS = ("name", "version", "facility", "scopes", "tables")
 _FACILITY_KEYS = ("table", "id_column", "dataset_column", "where")
 _SCOPE_KEYS = ("read", "write", "read_write")
 _TABLE_KEYS = ("name", "primary_key", "partition", "dataset_column", "self_reference", "foreign_keys", "exclude")
+MAX_PROFILE_BYTES = 4 << 20
+"""A profile file larger than this is refused unread (a real one is a few KiB)."""
 
 _Split = tuple[tuple[str, ...], tuple[str, ...]]
 
@@ -226,7 +229,7 @@ def load_profile(path: str | Path) -> Profile:
     """
     source = Path(path)
     try:
-        text = source.read_bytes()  # YAML decodes UTF-8/16 itself and reports bad bytes as a YAMLError
+        text = read_regular(source, MAX_PROFILE_BYTES)  # YAML decodes UTF-8/16 itself and reports bad bytes as a YAMLError
     except FileNotFoundError:
         raise ProfileError(f"profile {source} does not exist; check the path "
                            "(fixtures/facility_profile.yaml is an example)") from None

@@ -19,6 +19,7 @@ import zstandard as zstd
 
 from bundlesync.format._frames import AGAIN, CHUNK_SIZE, MAX_RECORD, MAX_WINDOW_LOG, BundleInfo, damaged, read_error
 from bundlesync.errors import FormatError
+from bundlesync.fsutil import open_regular
 
 __all__ = [
     "DEFAULT_LEVEL",
@@ -89,9 +90,9 @@ def compressor(level: int) -> zstd.ZstdCompressor:
 
 
 def open_read(path: Path) -> io.BufferedReader:
-    """Open a bundle for reading (raises BundleError)."""
+    """Open a bundle for reading; only a regular file is opened (raises BundleError)."""
     try:
-        return open(path, "rb")
+        return open_regular(path)
     except OSError as exc:
         raise read_error(path, exc) from exc
 
