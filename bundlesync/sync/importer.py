@@ -26,6 +26,9 @@ recognised after the checks and changes nothing.
 from __future__ import annotations
 
 import datetime
+import os
+import secrets
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +52,9 @@ from bundlesync.replica.store import record_transfer, serialize_changes
 from bundlesync.replica.tracking import suppressed
 
 __all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
+
+STAGING_SUFFIX = ".importing"
+"""Ends the name of a bundle's private copy in the home's ``staging/`` while it is imported."""
 
 APPLY_BATCH_BYTES = 2 << 20
 """Record lines merged and written per batch: bounds memory (decoded rows) whatever the bundle size."""
@@ -139,7 +145,7 @@ class ImportWork(FacilityDataSyncHook):
 
     def __init__(self, device: Device, path: Path, plugins: PluginSet) -> None:
         self.device, self.source, self.plugins = device, path, plugins
-        self.staged = device.staging / f"{path.name}.importing"
+        self.staged = device.staging / _staging_name(path)
         self.verified: VerifiedBundle | None = None
         self.result = ImportResult("", path)
         self.now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -262,6 +268,39 @@ def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
     return write_receipt(folder, receipt, device.keys.device_key())
 
 
+def _already_imported(conn: sqlite3.Connection, bundle_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'",
+                        (bundle_id,)).fetchone() is not None
+
+
+def _staging_name(source: Path) -> str:
+    """A private staging name per run: two runs importing the same bundle never share a copy."""
+    return f"{source.name}.{os.getpid()}-{secrets.token_hex(4)}{STAGING_SUFFIX}"
+
+
+def sweep_staging(staging: Path) -> None:
+    """Remove copies left by import runs that died (``kill -9``, power cut); live runs' copies stay."""
+    for leftover in staging.glob(f"*{STAGING_SUFFIX}*"):
+        # <bundle name>.<pid>-<random>.importing[.partial]
+        stem = leftover.name.split(STAGING_SUFFIX)[0]
+        pid_part = stem.rsplit(".", 1)[-1].split("-", 1)[0]
+        if pid_part.isdigit() and _alive(int(pid_part)):
+            continue
+        leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
                   warn: Warn | None = None, receipt: bool = True) -> ImportResult:
     """Verify, then apply one bundle atomically; a re-import is a no-op."""
@@ -270,20 +309,22 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
     warn = warn or (lambda _: None)
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
+    sweep_staging(device.staging)
     work = ImportWork(device, path, plugins)
     try:
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
         work.stage_and_check()
         work.describe(ctx)
-        already = conn.execute("SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'",
-                               (work.result.bundle_id,)).fetchone()
-        work.result.already = already is not None
+        work.result.already = _already_imported(conn, work.result.bundle_id)
         if not work.result.already:
             plugins.transfer_hooks("pre_transfer", ctx, warn)
             # Every stage, plugin operations included, commits or rolls back with the data.
             with write_transaction(conn):
-                for stage in IMPORT_STAGES:
-                    plugins.run_stage(stage, ctx, work)
+                # Another run may have applied the same bundle while this one waited for the write lock.
+                work.result.already = _already_imported(conn, work.result.bundle_id)
+                if not work.result.already:
+                    for stage in IMPORT_STAGES:
+                        plugins.run_stage(stage, ctx, work)
     finally:
         work.staged.unlink(missing_ok=True)
     if receipt and ctx.dataset_id is not None:
