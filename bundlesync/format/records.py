@@ -16,7 +16,14 @@ significant digits, so serialization is deliberately not done in SQL), and two
 kinds of value get a tag because JSON cannot hold them:
 
 - BLOB -> ``{"$hex": "<hex digits>"}``;
-- a non-finite float -> ``{"$float": "nan" | "inf" | "-inf"}``.
+- a non-finite float -> ``{"$float": "nan" | "inf" | "-inf"}``;
+- TEXT whose bytes are not valid UTF-8 (SQLite stores what it is given) ->
+  ``{"$texthex": "<hex digits of the bytes>"}``, read back as :class:`RawText` and written
+  to the app table as TEXT with the identical bytes, so such a value syncs exactly.
+
+A row's data JSON may be at most :data:`MAX_DATA_BYTES` long, so that its record line stays
+under the container's line limit; serialization holds back a larger row (see
+:mod:`bundlesync.replica.store`).
 
 :func:`decode_data` is the inverse. ``docs/format.md`` ("Record lines")
 documents the encoding for other implementations.
@@ -32,12 +39,41 @@ from typing import Any
 
 from bundlesync.errors import FormatError
 
-__all__ = ["LINE_SQL", "Version", "VersionVector", "decode_data", "encode_data", "parse_record"]
+__all__ = [
+    "LINE_SQL",
+    "MAX_DATA_BYTES",
+    "RawText",
+    "Version",
+    "VersionVector",
+    "decode_data",
+    "encode_data",
+    "lenient_text",
+    "parse_record",
+]
 
-_HEX, _FLOAT = "$hex", "$float"
+_HEX, _FLOAT, _TEXTHEX = "$hex", "$float", "$texthex"
+
+MAX_DATA_BYTES = 15 << 20
+"""Largest data JSON (UTF-8 bytes) of one record: the line limit (16 MiB) less 1 MiB for the head."""
+
+
+class RawText(bytes):
+    """A TEXT value whose bytes are not valid UTF-8: kept as bytes, written back as TEXT."""
+
+    __slots__ = ()
+
+
+def lenient_text(raw: bytes) -> str | RawText:
+    """SQLite ``text_factory`` that keeps undecodable TEXT as :class:`RawText` instead of failing."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return RawText(raw)
 
 
 def _tagged(value: object) -> object:
+    if isinstance(value, RawText):
+        return {_TEXTHEX: value.hex()}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {_HEX: bytes(value).hex()}
     raise TypeError(f"cannot serialize {type(value).__name__}")
@@ -66,6 +102,8 @@ def decode_data(text: str) -> dict[str, Any]:
                 row[key] = bytes.fromhex(value[_HEX])
             elif _FLOAT in value:
                 row[key] = float(value[_FLOAT])
+            elif _TEXTHEX in value:
+                row[key] = RawText(bytes.fromhex(value[_TEXTHEX]))
     return row
 
 

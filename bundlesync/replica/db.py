@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 from sqlite_utils.db import quote_identifier
 from sqlite_utils.migrations import Migrations
 
 from bundlesync.errors import BusyError, ConfigError, SyncError
+from bundlesync.format.records import lenient_text
 
 __all__ = [
     "BUSY_TIMEOUT_S",
     "connect",
+    "fetch_all",
     "migrate",
     "q",
     "read_transaction",
@@ -128,6 +131,40 @@ def m002_indexes_for_streaming(db: Database) -> None:
         DROP INDEX bundlesync_store_version;
         CREATE INDEX bundlesync_store_version ON bundlesync_store (model, inst, ctr);
         """)
+
+
+@migrations()
+def m003_held_rows(db: Database) -> None:
+    """App rows serialization holds back because they cannot travel in a bundle, with the reason."""
+    _run_script(db.conn, """
+        CREATE TABLE bundlesync_held (
+            model TEXT NOT NULL,
+            pk NOT NULL,
+            reason TEXT NOT NULL,
+            at TEXT NOT NULL,
+            PRIMARY KEY (model, pk)
+        )
+        """)
+
+
+def fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[Any]:
+    """``conn.execute(sql, params).fetchall()``, but TEXT that is not valid UTF-8 does not fail it.
+
+    SQLite stores whatever bytes a program gives it as TEXT; Python refuses to decode
+    invalid UTF-8. Only when that happens is the query run again with a text factory that
+    returns such values as :class:`~bundlesync.format.records.RawText` (the fast path keeps
+    the C decoder).
+    """
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "decode" not in str(exc):
+            raise
+    conn.text_factory = lenient_text
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.text_factory = str
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:

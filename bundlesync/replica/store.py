@@ -18,10 +18,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bundlesync.replica.db import q
+from bundlesync.replica.db import fetch_all, q
 from bundlesync.errors import StateError
 from bundlesync.format.records import Version
-from bundlesync.format.records import encode_data
+from bundlesync.format.records import MAX_DATA_BYTES, RawText, encode_data
 from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "SerializeResult",
     "ensure_identity",
     "fetch_versions",
+    "held_rows",
+    "held_warning",
     "instance_id",
     "log_conflicts",
     "loser_json",
@@ -156,6 +158,7 @@ class SerializeResult:
 
     counter: int | None = None
     versions: int = 0
+    held: int = 0
     by_model: dict[str, int] = field(default_factory=dict)
 
 
@@ -171,9 +174,45 @@ def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[A
         f"WHERE c.model = ? AND c.seq > ? ORDER BY c.seq LIMIT {BATCH}"
     )
     last = 0
-    while rows := conn.execute(sql, (table.name, last)).fetchall():
+    while rows := fetch_all(conn, sql, (table.name, last)):
         last = rows[-1][0]
         yield rows
+
+
+def _why_held(table: TableSpec, pk: object, partition: object, data: str | None) -> str | None:
+    """Why a changed row cannot become a record (None: it can)."""
+    if isinstance(pk, RawText):
+        return f"its primary key {table.primary_key} is not valid UTF-8 text (bytes {pk.hex()}); correct it in the app"
+    if isinstance(partition, RawText):
+        return "a column its partition is made of is not valid UTF-8 text; correct it in the app"
+    if data is not None and len(data) > MAX_DATA_BYTES // 4:  # cheap test first: a character is 1-4 bytes
+        size = len(data.encode("utf-8", "surrogatepass"))
+        if size > MAX_DATA_BYTES:
+            return (f"its data is {size} bytes as JSON, over the {MAX_DATA_BYTES} byte limit of a record; "
+                    "make its largest values smaller in the app")
+    return None
+
+
+def _shown_pk(pk: object) -> str:
+    return f"x'{pk.hex()}'" if isinstance(pk, bytes) else str(pk)
+
+
+def held_warning(conn: sqlite3.Connection) -> str | None:
+    """One line naming the rows held back (None if there are none), for export and import to print."""
+    total, first = held_rows(conn, 1)
+    if not total:
+        return None
+    row = first[0]
+    return (f"warning: {total} row(s) held back because they cannot travel in a bundle, e.g. {row['model']} "
+            f"{row['id']}: {row['reason']} (the rest was synced; see `bundlesync status`)")
+
+
+def held_rows(conn: sqlite3.Connection, limit: int | None = None) -> tuple[int, list[dict[str, str]]]:
+    """How many rows are held back, and the first ``limit`` of them (model, pk, reason, since)."""
+    total = int(conn.execute("SELECT count(*) FROM bundlesync_held").fetchone()[0])
+    sql = "SELECT model, pk, reason, at FROM bundlesync_held ORDER BY model, at" + (f" LIMIT {int(limit)}" if limit else "")
+    rows = [{"model": m, "id": _shown_pk(pk), "reason": r, "since": at} for m, pk, r, at in conn.execute(sql)]
+    return total, rows
 
 
 def _keep_unknown_keys(stored: str, fresh: str, columns: Sequence[str]) -> str:
@@ -223,18 +262,30 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
     fresh_vv = _vector_text({me: counter})
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     lost: list[tuple[object, ...]] = []
+    released: list[tuple[object, ...]] = []
     for table in profile.tables:
         name, columns = table.name, table.columns
         written = 0
+        # Rows held back earlier are let go as soon as a later change of theirs serializes.
+        any_held = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_held WHERE model = ?)", (name,)).fetchone()[0]
         for rows in _changed_rows(conn, table):
             writes: list[tuple[object, ...]] = []
             redo: list[tuple[str, str]] = []
+            held: list[tuple[object, ...]] = []
             for row in rows:
                 _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
                 s_dirty, s_inst, s_ctr, s_bundle = row[11:15]
+                data = encode_data(columns, row[15:]) if present else None
+                reason = _why_held(table, pk, partition, data) if present or isinstance(pk, RawText) else None
+                if reason is not None:
+                    # It cannot travel in a bundle: peers keep its last good version; the rest goes on.
+                    held.append((name, pk, reason, now))
+                    continue
+                if any_held:
+                    released.append((name, pk))
                 if s_data is None:  # not in the store yet
                     if present:
-                        data = encode_data(columns, row[15:])
+                        assert data is not None
                         writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None))
                     continue
                 if s_purged:
@@ -243,7 +294,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                         redo.append((name, pk))
                     continue
                 if present:
-                    data = encode_data(columns, row[15:])
+                    assert data is not None
                     if data != s_data:
                         data = _keep_unknown_keys(s_data, data, columns)
                     if not s_deleted and s_data == data and s_part == partition:
@@ -264,6 +315,11 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                 writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None))
             conn.executemany(_UPSERT, writes)
             conn.executemany("UPDATE bundlesync_store SET dirty = 1 WHERE model = ? AND id = ?", redo)
+            conn.executemany("INSERT INTO bundlesync_held (model, pk, reason, at) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (model, pk) DO UPDATE SET reason = excluded.reason, at = excluded.at", held)
+            conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
+            released.clear()
+            result.held += len(held)
             log_conflicts(conn, lost)
             lost.clear()
             written += len(writes)

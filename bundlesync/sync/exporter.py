@@ -43,7 +43,7 @@ from bundlesync.profile import Profile
 from bundlesync.trust.receipts import find_receipts, read_receipt
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
-from bundlesync.replica.store import current_counter, record_transfer, serialize_changes
+from bundlesync.replica.store import current_counter, held_warning, record_transfer, serialize_changes
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -195,8 +195,12 @@ class ExportWork(FacilityDataSyncHook):
         key = self.device.keys.device_key()
         self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
         counts = self.result.counts
-        for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
-            self.writer.write_records(lines)
+        try:
+            for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
+                self.writer.write_records(lines)
+        except ValueError as exc:  # a line over the container's limit: serialization should have held it back
+            raise SyncError(f"a record cannot be written into the bundle ({exc}); nothing was exported: "
+                            "report this with `bundlesync status --json`") from exc
         self.result.records = self.writer.records
         ctx.counts["records"], ctx.counts["by_model"] = self.result.records, counts
 
@@ -278,5 +282,8 @@ def export_bundle(
     work.result.path = work.path
     for line in work.skipped_receipts:
         (warn or (lambda _: None))(f"warning: ignored receipt {line}")
+    held = held_warning(conn)
+    if held is not None:
+        (warn or (lambda _: None))(held)
     plugins.transfer_hooks("post_transfer", ctx, warn or (lambda _: None))
     return work.result

@@ -48,7 +48,7 @@ from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.trust.receipts import make_receipt, write_receipt
 from bundlesync.partitions import covered, within
 from bundlesync.trust.scope import ScopeFilters, scope_filters
-from bundlesync.replica.store import record_transfer, serialize_changes
+from bundlesync.replica.store import held_warning, record_transfer, serialize_changes
 from bundlesync.replica.tracking import suppressed
 
 __all__ = ["ImportResult", "ImportWork", "VerifiedBundle", "import_bundle", "verify_bundle"]
@@ -332,6 +332,9 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
             work.result.receipt = leave_receipt(device, ctx.dataset_id, path.parent)
         except (OSError, BundlesyncError) as exc:
             work.result.warnings.append(f"warning: could not leave a receipt next to {path.name}: {exc}")
+    held = held_warning(conn)
+    if held is not None:
+        work.result.warnings.append(held)
     for line in work.result.warnings:
         warn(line)
     if not work.result.already:

@@ -7,11 +7,13 @@ from typing import Any
 
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.device import Device
-from bundlesync.replica.store import current_counter, pending_changes
+from bundlesync.replica.store import current_counter, held_rows, pending_changes
 
 __all__ = ["device_status", "list_conflicts"]
 
 RECENT_TRANSFERS = 10
+HELD_SHOWN = 20
+"""How many held-back rows ``status`` names (it always gives their number)."""
 
 
 def device_status(device: Device) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def device_status(device: Device) -> dict[str, Any]:
             "fsic": fsic_mod.held(rows, [dataset_id]),
             "gaps": gaps,
         })
+    held_total, held = held_rows(conn, HELD_SHOWN)
     waiting = [
         {"model": model, "count": count, "example": error}
         for model, count, error in conn.execute(
@@ -61,6 +64,7 @@ def device_status(device: Device) -> dict[str, Any]:
         "store_records": int(conn.execute("SELECT count(*) FROM bundlesync_store").fetchone()[0]),
         "waiting_records": waiting,
         "conflicts": int(conn.execute("SELECT count(*) FROM bundlesync_conflicts").fetchone()[0]),
+        "held_back": {"count": held_total, "rows": held},
         "facilities": facilities,
         "last_transfers": transfers,
     }
