@@ -43,6 +43,7 @@ from bundlesync.device import Device
 from bundlesync.errors import BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.manifest import Manifest
+from bundlesync.format.records import parse_record
 from bundlesync.plugins.operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.trust.receipts import make_receipt, write_receipt
@@ -130,13 +131,29 @@ def _require_file(path: Path) -> None:
         raise FormatError(f"{path} is {what}, not a bundle: check the path (a bundle is named bundle-….bsync)")
 
 
+def _check_records(info: container.BundleInfo) -> None:
+    """The payload pass with every record line parsed, exactly as import's DEQUEUING parses it."""
+    for batch in container.iter_record_batches(info):
+        for line in batch:
+            parse_record(line)
+
+
 def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
-    """Everything import checks, without writing anything. Raises a :class:`BundleError`."""
+    """Every check import makes, in the same order, without writing anything.
+
+    Import refuses a bundle for the same reasons: the container (structure, limits,
+    digest), trust (profile, chain, signature) and the payload (frame, counts, and every
+    record line parsed, clocks in range). Per-record refusals (scope, partition) are not
+    refusals of the bundle; ``import`` reports them.
+
+    Raises:
+        BundleError, TrustError: As import would.
+    """
     _require_file(path)
     info = container.read_info(path)
     container.verify_digest(info)  # integrity first: damage must not be reported as a trust problem
     verified = check_trust(device, info)
-    _check_payload(info)
+    _check_records(info)
     return verified
 
 
