@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from conftest import Pair, run_cli
 
 USERS = "kolibriauth_facilityuser"
 
 
-def sql(db: Path, statement: str, *params: object) -> list[tuple[object, ...]]:
+def sql(db: Path, statement: str, *params: object) -> list[tuple[Any, ...]]:
     conn = sqlite3.connect(db)
     conn.text_factory = bytes  # the rows hold bytes Python cannot decode
     try:
@@ -33,7 +34,7 @@ def first_sync(pair: Pair) -> list[str]:
     """Export everything from A into B; return two user ids."""
     bundle = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line
     run_cli(pair.b, "import", "--no-receipt", bundle)
-    return [r[0].decode() for r in sql(pair.a_db, f"SELECT id FROM {USERS} ORDER BY id LIMIT 2")]  # type: ignore[union-attr]
+    return [bytes(r[0]).decode() for r in sql(pair.a_db, f"SELECT id FROM {USERS} ORDER BY id LIMIT 2")]
 
 
 def test_text_that_is_not_utf8_syncs_exactly_both_ways(pair: Pair) -> None:
@@ -58,7 +59,7 @@ def test_text_that_is_not_utf8_syncs_exactly_both_ways(pair: Pair) -> None:
 
 def test_a_primary_key_that_is_not_utf8_is_held_back_and_the_rest_syncs(pair: Pair) -> None:
     _, plain = first_sync(pair)
-    columns = [r[1].decode() for r in sql(pair.a_db, f"PRAGMA table_info({USERS})")]  # type: ignore[union-attr]
+    columns = [str(r[1], "utf-8") for r in sql(pair.a_db, f"PRAGMA table_info({USERS})")]
     select = ", ".join("CAST(X'6964FF' AS TEXT)" if c == "id" else "'odd-user'" if c == "username" else f'"{c}"' for c in columns)
     sql(pair.a_db, f"INSERT INTO {USERS} SELECT {select} FROM {USERS} WHERE id = ?", plain)
     sql(pair.a_db, f"UPDATE {USERS} SET full_name = 'Still synced' WHERE id = ?", plain)
