@@ -285,6 +285,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     ]
     for w in st["waiting_records"]:
         lines.append(f"waiting    {w['count']} {w['model']} row(s), e.g. {w['example']}")
+    if st["clocks_ahead"]["records"]:
+        lines.append(f"clocks     {st['clocks_ahead']['warning']}")
     if st["held_back"]["count"]:
         lines.append(f"held back  {st['held_back']['count']} row(s) that cannot travel in a bundle (the rest syncs):")
         for h in st["held_back"]["rows"]:

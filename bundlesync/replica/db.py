@@ -147,6 +147,12 @@ def m003_held_rows(db: Database) -> None:
         """)
 
 
+@migrations()
+def m004_edit_wall_clock(db: Database) -> None:
+    """The wall-clock time of the edit that made each version (NULL: older versions, ``hlc >> 16``)."""
+    db.conn.execute("ALTER TABLE bundlesync_store ADD COLUMN wall INTEGER")
+
+
 def fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[Any]:
     """``conn.execute(sql, params).fetchall()``, but TEXT that is not valid UTF-8 does not fail it.
 

@@ -21,7 +21,7 @@ from typing import Any
 from bundlesync.replica.db import fetch_all, q
 from bundlesync.errors import StateError
 from bundlesync.format.records import Version
-from bundlesync.format.records import MAX_DATA_BYTES, RawText, encode_data
+from bundlesync.format.records import HLC_MAX, MAX_DATA_BYTES, WALL_MAX_MS, RawText, encode_data
 from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
@@ -84,13 +84,13 @@ def next_counter(conn: sqlite3.Connection) -> int:
 
 # --- reading and writing versions ---------------------------------------------------
 
-_VERSION_COLUMNS = "model, id, partition, data, deleted, purged, hlc, inst, ctr, vv"
+_VERSION_COLUMNS = "model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, wall"
 
 
 def _row_to_version(row: Sequence[Any]) -> Version:
     return Version(
         model=row[0], id=row[1], partition=row[2], data=row[3], deleted=bool(row[4]), purged=bool(row[5]),
-        hlc=row[6], inst=row[7], ctr=row[8], vv=json.loads(row[9]),
+        hlc=row[6], inst=row[7], ctr=row[8], vv=json.loads(row[9]), wall=row[10],
     )
 
 
@@ -117,11 +117,12 @@ def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) ->
 
 
 _UPSERT = (
-    "INSERT INTO bundlesync_store (model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, bundle_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?) "
+    "INSERT INTO bundlesync_store (model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, "
+    "bundle_id, wall) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) "
     "ON CONFLICT (model, id) DO UPDATE SET partition = excluded.partition, data = excluded.data, "
     "deleted = excluded.deleted, purged = excluded.purged, hlc = excluded.hlc, inst = excluded.inst, "
-    "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle_id = excluded.bundle_id"
+    "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle_id = excluded.bundle_id, "
+    "wall = excluded.wall"
 )
 
 
@@ -134,7 +135,7 @@ def upsert_versions(
         (
             (
                 v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr,
-                _vector_text(v.vv), int(dirty), bundle_id,
+                _vector_text(v.vv), int(dirty), bundle_id, v.wall,
             )
             for v, dirty in versions
         ),
@@ -159,6 +160,8 @@ class SerializeResult:
     counter: int | None = None
     versions: int = 0
     held: int = 0
+    clamped: int = 0
+    """Edits whose clock reading was outside 0..WALL_MAX_MS and was brought into range."""
     by_model: dict[str, int] = field(default_factory=dict)
 
 
@@ -283,10 +286,15 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                     continue
                 if any_held:
                     released.append((name, pk))
+                # The edit time is the device clock's reading; one far outside real time is kept in range.
+                if not 0 <= at_ms <= WALL_MAX_MS:
+                    result.clamped += 1
+                    at_ms = min(max(at_ms, 0), WALL_MAX_MS)
                 if s_data is None:  # not in the store yet
                     if present:
                         assert data is not None
-                        writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None))
+                        writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None,
+                                       at_ms))
                     continue
                 if s_purged:
                     # A purge is final: the app row is erased again rather than revived.
@@ -309,15 +317,23 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                     # so this edit did not see it: it loses to the edit, and is kept where operators look.
                     lost.append((name, pk, loser_json(s_inst, s_ctr, s_hlc, bool(s_deleted), s_part, s_data),
                                  me, counter, s_bundle, now))
+                hlc = max(at_ms << 16, s_hlc + 1)
+                if hlc > HLC_MAX:
+                    # Only a record that arrived with a clock at the very limit gets here; no version can follow
+                    # it, so the edit waits where operators look instead of making records peers would refuse.
+                    held.append((name, pk, f"its stored clock {s_hlc} is at the limit ({HLC_MAX}), so no later "
+                                 "version can be stamped; see `bundlesync status` for the device with a wrong clock",
+                                 now))
+                    continue
                 vv = json.loads(s_vv)
                 vv[me] = counter
-                hlc = max(at_ms << 16, s_hlc + 1)
-                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None))
+                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None,
+                               at_ms))
             conn.executemany(_UPSERT, writes)
             conn.executemany("UPDATE bundlesync_store SET dirty = 1 WHERE model = ? AND id = ?", redo)
+            conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
             conn.executemany("INSERT INTO bundlesync_held (model, pk, reason, at) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (model, pk) DO UPDATE SET reason = excluded.reason, at = excluded.at", held)
-            conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
             released.clear()
             result.held += len(held)
             log_conflicts(conn, lost)

@@ -105,6 +105,7 @@ class ExportWork(FacilityDataSyncHook):
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
         self.skipped_receipts: list[str] = []
+        self.clock_warning: str | None = None
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
         self.result = ExportResult(None, uuid.uuid4().hex, "")
@@ -170,7 +171,13 @@ class ExportWork(FacilityDataSyncHook):
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:
-        self.result.serialized = serialize_changes(ctx.connection, ctx.profile).versions
+        serialized = serialize_changes(ctx.connection, ctx.profile)
+        self.result.serialized = serialized.versions
+        if serialized.clamped:
+            self.clock_warning = (
+                f"warning: this device's clock read a time outside 1970..4199 when {serialized.clamped} row(s) "
+                "changed; their versions were stamped at the nearest limit: set the clock right"
+            )
         ctx.counts["serialized"] = self.result.serialized
 
     # QUEUING
@@ -282,8 +289,8 @@ def export_bundle(
     work.result.path = work.path
     for line in work.skipped_receipts:
         (warn or (lambda _: None))(f"warning: ignored receipt {line}")
-    held = held_warning(conn)
-    if held is not None:
-        (warn or (lambda _: None))(held)
+    for notice in (work.clock_warning, held_warning(conn)):
+        if notice is not None:
+            (warn or (lambda _: None))(notice)
     plugins.transfer_hooks("post_transfer", ctx, warn or (lambda _: None))
     return work.result

@@ -36,6 +36,7 @@ from bundlesync.format import container as container
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.crypto import verify
+from bundlesync.replica.clock import SKEW_TOLERANCE_MS, iso_ms, now_ms, parse_iso_ms, skew_warning
 from bundlesync.replica.db import write_transaction
 from bundlesync.sync.dequeue import DequeueResult, dequeue
 from bundlesync.sync.deserialize import DeserializeResult, deserialize
@@ -285,6 +286,20 @@ def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
     return write_receipt(folder, receipt, device.keys.device_key())
 
 
+def _clock_warnings(manifest: Manifest, dq: DequeueResult) -> list[str]:
+    """Say so when the bundle or its records come from far in this device's future (a wrong clock)."""
+    lines = []
+    created = parse_iso_ms(manifest.created_at)
+    now = now_ms()
+    if created is not None and created > now + SKEW_TOLERANCE_MS:
+        lines.append(f"warning: this bundle was created at {iso_ms(created)} UTC by the sender's clock, "
+                     f"{(created - now) // 86_400_000} day(s) ahead of this device's: the sender's clock (or this "
+                     "one) is wrong; set it right on that device")
+    if dq.ahead:
+        lines.append(skew_warning(dq.ahead, dq.ahead_max_hlc, "in this bundle"))
+    return lines
+
+
 def _already_imported(conn: sqlite3.Connection, bundle_id: str) -> bool:
     return conn.execute("SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'",
                         (bundle_id,)).fetchone() is not None
@@ -349,6 +364,8 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
             work.result.receipt = leave_receipt(device, ctx.dataset_id, path.parent)
         except (OSError, BundlesyncError) as exc:
             work.result.warnings.append(f"warning: could not leave a receipt next to {path.name}: {exc}")
+    if not work.result.already and work.verified is not None:
+        work.result.warnings.extend(_clock_warnings(work.verified.manifest, work.result.dequeue))
     held = held_warning(conn)
     if held is not None:
         work.result.warnings.append(held)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.device import Device
+from bundlesync.replica.clock import ahead_hlc, iso_ms, skew_warning
 from bundlesync.replica.store import current_counter, held_rows, pending_changes
 
 __all__ = ["device_status", "list_conflicts"]
@@ -65,9 +67,19 @@ def device_status(device: Device) -> dict[str, Any]:
         "waiting_records": waiting,
         "conflicts": int(conn.execute("SELECT count(*) FROM bundlesync_conflicts").fetchone()[0]),
         "held_back": {"count": held_total, "rows": held},
+        "clocks_ahead": _clocks_ahead(conn),
         "facilities": facilities,
         "last_transfers": transfers,
     }
+
+
+def _clocks_ahead(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Versions in the store stamped far ahead of this device's clock (a device's clock is or was wrong)."""
+    count, top = conn.execute("SELECT count(*), max(hlc) FROM bundlesync_store WHERE hlc > ?", (ahead_hlc(),)).fetchone()
+    found: dict[str, Any] = {"records": int(count), "latest": iso_ms(int(top) >> 16) if top is not None else None}
+    if count:
+        found["warning"] = skew_warning(int(count), int(top), "in the store").removeprefix("warning: ")
+    return found
 
 
 def list_conflicts(device: Device, *, model: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
