@@ -50,6 +50,7 @@ def main() -> int:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
+        (tmp / "pair").mkdir()
         pair = build_pair(tmp / "pair", users=3, logs=40)
         bundle = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line)
         run_cli(pair.b, "import", str(bundle))
