@@ -134,7 +134,21 @@ def m002_indexes_for_streaming(db: Database) -> None:
 
 
 @migrations()
-def m003_held_rows(db: Database) -> None:
+def m003_repairs(db: Database) -> None:
+    """What bundlesync found wrong with this database and repaired (shown by ``status``)."""
+    _run_script(db.conn, """
+        CREATE TABLE bundlesync_repairs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            what TEXT NOT NULL,
+            changes INTEGER NOT NULL
+        )
+        """)
+
+
+@migrations()
+def m004_held_rows(db: Database) -> None:
     """App rows serialization holds back because they cannot travel in a bundle, with the reason."""
     _run_script(db.conn, """
         CREATE TABLE bundlesync_held (
@@ -148,7 +162,7 @@ def m003_held_rows(db: Database) -> None:
 
 
 @migrations()
-def m004_edit_wall_clock(db: Database) -> None:
+def m005_edit_wall_clock(db: Database) -> None:
     """The wall-clock time of the edit that made each version (NULL: older versions, ``hlc >> 16``)."""
     db.conn.execute("ALTER TABLE bundlesync_store ADD COLUMN wall INTEGER")
 

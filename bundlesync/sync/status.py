@@ -9,6 +9,7 @@ from typing import Any
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.device import Device
 from bundlesync.replica.clock import ahead_hlc, iso_ms, skew_warning
+from bundlesync.replica.health import describe, recent_repairs
 from bundlesync.replica.store import current_counter, held_rows, pending_changes
 
 __all__ = ["device_status", "list_conflicts"]
@@ -70,6 +71,8 @@ def device_status(device: Device) -> dict[str, Any]:
         "clocks_ahead": _clocks_ahead(conn),
         "facilities": facilities,
         "last_transfers": transfers,
+        "repairs": [{"at": r.at, "table": r.table, "what": r.what, "changes": r.changes, "sentence": describe(r)}
+                    for r in recent_repairs(conn)],
     }
 
 
