@@ -389,7 +389,8 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
     log = (f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, {_NOW_MS}) "
            "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms")
     logged = 0
-    rows = conn.execute(select + f"WHERE t.{pk} IS NOT NULL ORDER BY t.{pk} LIMIT {BATCH}", (name,)).fetchall()
+    # fetch_all: a value that is not valid UTF-8 must not stop the comparison (it comes back as RawText).
+    rows = fetch_all(conn, select + f"WHERE t.{pk} IS NOT NULL ORDER BY t.{pk} LIMIT {BATCH}", (name,))
     while rows:
         changed = []
         for row in rows:
@@ -406,8 +407,9 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
             changed.append((name, record_id))
         conn.executemany(log, changed)
         logged += len(changed)
-        rows = conn.execute(select + f"WHERE t.{pk} > ? ORDER BY t.{pk} LIMIT {BATCH}",
-                            (name, rows[-1][0])).fetchall()
+        # CAST: a RawText key is bound as a BLOB, which would compare above every TEXT key.
+        rows = fetch_all(conn, select + f"WHERE t.{pk} > CAST(? AS TEXT) ORDER BY t.{pk} LIMIT {BATCH}",
+                         (name, rows[-1][0]))
     gone = conn.execute(
         f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT s.model, s.id, {_NOW_MS} FROM bundlesync_store s "
         "WHERE s.model = ? AND NOT s.deleted AND NOT s.purged AND NOT s.dirty "
