@@ -526,6 +526,12 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     ]
     for w in st["waiting_records"]:
         lines.append(f"waiting    {w['count']} {w['model']} row(s), e.g. {w['example']}")
+    if st["clocks_ahead"]["records"]:
+        lines.append(f"clocks     {st['clocks_ahead']['warning']}")
+    if st["held_back"]["count"]:
+        lines.append(f"held back  {st['held_back']['count']} row(s) that cannot travel in a bundle (the rest syncs):")
+        for h in st["held_back"]["rows"]:
+            lines.append(f"  held     {h['model']} {h['id']} since {h['since']}: {h['reason']}")
     for f in st["facilities"]:
         role = "authority" if f["authority"] else (f["scope"] or "trusted, no certificate")
         lines.append(f"facility   {f['facility_id']} dataset {f['dataset_id']} ({role})")

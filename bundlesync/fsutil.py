@@ -1,4 +1,14 @@
-"""Atomic file writes: a file appears complete at its final path, or not at all.
+"""Safe file reads and atomic file writes.
+
+Reading: a path given by a user or found on a drive may be a FIFO (an ``open`` that never
+returns), a device such as ``/dev/zero`` (a read that never ends) or a symlink to one.
+:func:`open_regular` and :func:`read_regular` only ever read a regular file: they ``stat``
+first, open with ``O_NONBLOCK`` (so opening a FIFO cannot block), check again with
+``fstat`` on the open descriptor (the path may have been swapped in between), and
+:func:`read_regular` reads at most a given number of bytes. Every read of a user-given or
+drive path goes through them.
+
+Writing: a file appears complete at its final path, or not at all.
 
 Every file bundlesync writes (bundles, certificate files, keys, ``config.yaml``) is
 written as ``<name>.partial`` in the same directory, flushed and fsynced, renamed over
@@ -11,17 +21,23 @@ one-line error.
 from __future__ import annotations
 
 import errno
+import io
 import os
+import stat
 from pathlib import Path
 from typing import BinaryIO
 
 __all__ = [
     "PARTIAL_SUFFIX",
     "AtomicFile",
+    "FileTooLargeError",
+    "NotRegularFileError",
     "TargetExistsError",
     "atomic_write_bytes",
     "fsync_dir",
+    "open_regular",
     "partial_path",
+    "read_regular",
 ]
 
 PARTIAL_SUFFIX = ".partial"
@@ -29,6 +45,77 @@ PARTIAL_SUFFIX = ".partial"
 
 # Filesystems that cannot fsync a directory say so with one of these; nothing to do there.
 _NO_DIR_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EBADF})
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class NotRegularFileError(OSError):
+    """The path is not a regular file (a directory, FIFO, device or socket): it is not read."""
+
+
+class FileTooLargeError(OSError):
+    """The file is larger than the caller's bound: it is not read."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder (directory)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _not_regular(path: Path, mode: int) -> NotRegularFileError:
+    return NotRegularFileError(errno.EINVAL, f"{_kind(mode)}, not a regular file", str(path))
+
+
+def open_regular(path: Path) -> io.BufferedReader:
+    """Open ``path`` for binary reading if, and only if, it is a regular file.
+
+    Symlinks are followed, but the file they lead to must be regular too.
+
+    Raises:
+        NotRegularFileError: A folder, FIFO, device or socket (nothing was read).
+        OSError: The file does not exist or cannot be opened.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags)
+    try:
+        mode = os.fstat(fd).st_mode  # the path may have been replaced since the stat above
+        if not stat.S_ISREG(mode):
+            raise _not_regular(path, mode)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The whole content of the regular file ``path``, which must be at most ``limit`` bytes.
+
+    Raises:
+        NotRegularFileError: ``path`` is not a regular file.
+        FileTooLargeError: ``path`` holds more than ``limit`` bytes (at most ``limit + 1`` are read).
+        OSError: The file does not exist or cannot be read.
+    """
+    with open_regular(path) as file:
+        if os.fstat(file.fileno()).st_size > limit:
+            raise FileTooLargeError(errno.EFBIG, f"larger than the {limit} byte limit", str(path))
+        data = file.read(limit + 1)  # the file may grow after the fstat
+    if len(data) > limit:
+        raise FileTooLargeError(errno.EFBIG, f"larger than the {limit} byte limit", str(path))
+    return data
+
+
+# --------------------------------------------------------------------------- writing
 
 
 def partial_path(path: Path) -> Path:

@@ -54,6 +54,7 @@ from typing import Any
 import yaml
 
 from bundlesync.errors import ProfileError
+from bundlesync.fsutil import read_regular
 
 __all__ = ["FacilityLookup", "Lookup", "Profile", "Received", "ScopeTemplate", "TableSpec", "bind_profile",
            "builtin_profiles", "is_builtin_name", "load_profile", "parse_profile", "resolve_profile"]
@@ -72,6 +73,8 @@ NEW = "bundlesync_new"
 """Alias of the incoming row in the statements that write it (receive values, lookup checks)."""
 PARTITION_COLUMN = "bundlesync_partition"
 """The incoming row's partition, next to its columns, in those statements."""
+MAX_PROFILE_BYTES = 4 << 20
+"""A profile file larger than this is refused unread (a real one is a few KiB)."""
 
 _Split = tuple[tuple[str, ...], tuple[str, ...]]
 
@@ -371,7 +374,7 @@ def load_profile(path: str | Path) -> Profile:
     """
     source = resolve_profile(path)
     try:
-        text = source.read_bytes()  # YAML decodes UTF-8/16 itself and reports bad bytes as a YAMLError
+        text = read_regular(source, MAX_PROFILE_BYTES)  # YAML decodes UTF-8/16 itself and reports bad bytes as a YAMLError
     except FileNotFoundError:
         names = ", ".join(builtin_profiles()) or "none"
         raise ProfileError(f"profile {source} does not exist; check the path, or name a built-in profile "

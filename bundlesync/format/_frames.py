@@ -31,7 +31,11 @@ __all__ = [
     "FORMAT_VERSION",
     "MAGIC",
     "MAX_MANIFEST",
+    "EXPANSION_ALLOWANCE",
+    "MAX_BATCH_LINES",
+    "MAX_EXPANSION",
     "MAX_RECORD",
+    "MAX_RECORDS",
     "MAX_SUMMARY",
     "MAX_WINDOW_LOG",
     "PREAMBLE",
@@ -84,6 +88,20 @@ MAX_SUMMARY: Final = 16 << 20
 
 MAX_RECORD: Final = 16 << 20
 """Largest record line, newline included; bounds a reader's line buffer."""
+
+MAX_RECORDS: Final = 50_000_000
+"""Most records a reader accepts in one bundle (a whole large facility is a few million)."""
+
+MAX_EXPANSION: Final = 1000
+"""Most decompressed bytes per compressed payload byte a reader accepts (record lines compress
+5-20x; a decompression bomb expands thousands of times)."""
+
+EXPANSION_ALLOWANCE: Final = 1 << 20
+"""Decompressed bytes always allowed on top of MAX_EXPANSION, for tiny payloads."""
+
+MAX_BATCH_LINES: Final = 16384
+"""Most lines a reader holds split at once: with the byte bound, it bounds a reader's memory
+even for a payload of very short lines."""
 
 MAX_WINDOW_LOG: Final = 27
 """Largest zstd window (128 MiB) a reader accepts; bounds decompression memory."""

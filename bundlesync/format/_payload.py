@@ -20,8 +20,12 @@ import zstandard as zstd
 from bundlesync.format._frames import (
     AGAIN,
     CHUNK_SIZE,
+    EXPANSION_ALLOWANCE,
     FLAG_ENCRYPTED,
+    MAX_BATCH_LINES,
+    MAX_EXPANSION,
     MAX_RECORD,
+    MAX_RECORDS,
     MAX_WINDOW_LOG,
     BundleInfo,
     damaged,
@@ -33,6 +37,7 @@ from bundlesync.format.volumes import open_joined
 __all__ = [
     "DEFAULT_LEVEL",
     "DestinationError",
+    "check_declared",
     "check_unchanged",
     "compressor",
     "hash_copy",
@@ -204,21 +209,48 @@ def _check_frame_header(chunk: bytes, path: Path) -> None:
         )
 
 
-def iter_line_blocks(info: BundleInfo, block_bytes: int) -> Iterator[list[bytes]]:
-    """Yield the payload's lines in lists of ~``block_bytes``, as :func:`iter_payload` reads.
+def check_declared(info: BundleInfo) -> None:
+    """Refuse, before decompressing anything, a summary that announces more than a reader does.
 
     Raises:
-        FormatError: As for :func:`iter_payload`, or a line over :data:`MAX_RECORD`, a
-            partial last line, or a number of lines other than the summary's.
+        FormatError: Over :data:`MAX_RECORDS` records, or a decompressed size over
+            :data:`MAX_EXPANSION` times the compressed payload (plus a small allowance).
+    """
+    if info.records > MAX_RECORDS:
+        raise FormatError(
+            f"bundle {info.path} announces {info.records} records, over the {MAX_RECORDS} a bundle may hold: "
+            "refusing it unread; ask the sender to export in smaller parts"
+        )
+    allowed = MAX_EXPANSION * info.payload_len + EXPANSION_ALLOWANCE
+    if info.payload_raw_bytes > allowed:
+        raise FormatError(
+            f"bundle {info.path} announces {info.payload_raw_bytes} bytes of records from a {info.payload_len} byte "
+            f"payload, over the {MAX_EXPANSION}x expansion a bundle may have (a decompression bomb?): refusing it unread"
+        )
+
+
+def iter_line_blocks(info: BundleInfo, block_bytes: int, max_lines: int = MAX_BATCH_LINES) -> Iterator[list[bytes]]:
+    """Yield the payload's lines in lists of at most ~``block_bytes`` bytes and ``max_lines`` lines.
+
+    Memory stays bounded whatever the bundle declares: the announced sizes are checked first
+    (:func:`check_declared`), the decompressed output may never exceed the announced size,
+    lines are split at most ``max_lines`` at a time, and the count of lines may never exceed
+    the announced number of records.
+
+    Raises:
+        FormatError: As for :func:`iter_payload` and :func:`check_declared`, or a line over
+            :data:`MAX_RECORD`, a partial last line, or a number of lines other than the summary's.
         BundleError: The file cannot be read.
     """
+    check_declared(info)
     path = info.path
     records = 0
     tail = b""
     pending: list[bytes] = []
     pending_len = 0
     newline_pending = False  # split only when it yields lines: no quadratic re-joins
-    held: list[bytes] | None = None  # last block, released only after the final checks
+    held: list[bytes] | None = None  # last batch, released only after the final checks
+    splitter = _Splitter(block_bytes, max_lines, path)
     for piece in iter_payload(info):
         pending.append(piece)
         pending_len += len(piece)
@@ -229,19 +261,26 @@ def iter_line_blocks(info: BundleInfo, block_bytes: int) -> Iterator[list[bytes]
             continue
         if pending_len < block_bytes:
             continue
-        lines, tail = _split_lines(tail, pending, path)
+        data = b"".join([tail, *pending]) if tail else b"".join(pending)
         pending, pending_len, newline_pending = [], 0, False
-        records += len(lines)
-        if held is not None:
-            yield held
-        held = lines
-    if pending:
-        lines, tail = _split_lines(tail, pending, path)
-        records += len(lines)
-        if lines:
+        for lines in splitter.batches(data):
+            records += len(lines)
+            if records > info.records:
+                raise damaged(path, f"holds more records than the {info.records} its summary says")
             if held is not None:
                 yield held
             held = lines
+        tail = splitter.rest
+    if pending or tail:
+        data = b"".join([tail, *pending]) if tail else b"".join(pending)
+        for lines in splitter.batches(data):
+            records += len(lines)
+            if records > info.records:
+                raise damaged(path, f"holds more records than the {info.records} its summary says")
+            if held is not None:
+                yield held
+            held = lines
+        tail = splitter.rest
     if tail:
         raise damaged(path, "payload ends in the middle of a record")
     if records != info.records:
@@ -250,18 +289,43 @@ def iter_line_blocks(info: BundleInfo, block_bytes: int) -> Iterator[list[bytes]
         yield held
 
 
-def _split_lines(tail: bytes, pieces: list[bytes], path: Path) -> tuple[list[bytes], bytes]:
-    """Join ``tail`` and ``pieces``; return the complete lines and the new tail."""
-    data = b"".join([tail, *pieces]) if tail else b"".join(pieces)
-    lines = io.BytesIO(data).readlines()  # splits on b"\n" only, unlike splitlines()
-    rest = b""
-    if lines and not lines[-1].endswith(_NL):
-        rest = lines.pop()
-    if len(data) > MAX_RECORD and (
-        len(rest) > MAX_RECORD or (lines and max(map(len, lines)) > MAX_RECORD)
-    ):
-        raise damaged(path, f"has a record over the {MAX_RECORD} byte limit")
-    return lines, rest
+class _Splitter:
+    """Splits decompressed data into batches of whole lines, bounded by bytes and by lines.
+
+    ``io.BytesIO.readlines(hint)`` splits in C; the hint is chosen so that a batch holds at
+    most ``max_lines`` lines (``bytes.count``, also in C, tells how many a hint would take),
+    and adapts from batch to batch so that short lines cost no repeated counting.
+    """
+
+    def __init__(self, max_bytes: int, max_lines: int, path: Path) -> None:
+        self.max_bytes, self.max_lines, self.path = max_bytes, max_lines, path
+        self.hint = max_bytes
+        self.rest = b""
+
+    def batches(self, data: bytes) -> Iterator[list[bytes]]:
+        """Yield the complete lines of ``data``; afterwards :attr:`rest` holds the partial last line."""
+        end = data.rfind(_NL) + 1  # complete lines end here
+        rest_len = len(data) - end
+        if rest_len > MAX_RECORD:
+            raise damaged(self.path, f"has a record over the {MAX_RECORD} byte limit")
+        reader = io.BytesIO(data)
+        pos = 0
+        while pos < end:
+            window = min(self.hint, end - pos)
+            count = data.count(_NL, pos, pos + window)
+            while count > self.max_lines:
+                window = max(1, window * self.max_lines // count)
+                count = data.count(_NL, pos, pos + window)
+            # readlines stops after the line that reaches ``window`` bytes: at most count + 1 lines,
+            # all complete, since ``window`` never reaches past ``end``.
+            lines = reader.readlines(window)
+            size = reader.tell() - pos
+            pos += size
+            if size > MAX_RECORD and max(map(len, lines)) > MAX_RECORD:
+                raise damaged(self.path, f"has a record over the {MAX_RECORD} byte limit")
+            self.hint = min(self.max_bytes, max(window * 2, 1 << 12))
+            yield lines
+        self.rest = data[end:] if rest_len else b""
 
 
 class DestinationError(Exception):

@@ -16,7 +16,14 @@ significant digits, so serialization is deliberately not done in SQL), and two
 kinds of value get a tag because JSON cannot hold them:
 
 - BLOB -> ``{"$hex": "<hex digits>"}``;
-- a non-finite float -> ``{"$float": "nan" | "inf" | "-inf"}``.
+- a non-finite float -> ``{"$float": "nan" | "inf" | "-inf"}``;
+- TEXT whose bytes are not valid UTF-8 (SQLite stores what it is given) ->
+  ``{"$texthex": "<hex digits of the bytes>"}``, read back as :class:`RawText` and written
+  to the app table as TEXT with the identical bytes, so such a value syncs exactly.
+
+A row's data JSON may be at most :data:`MAX_DATA_BYTES` long, so that its record line stays
+under the container's line limit; serialization holds back a larger row (see
+:mod:`bundlesync.replica.store`).
 
 :func:`decode_data` is the inverse. ``docs/format.md`` ("Record lines")
 documents the encoding for other implementations.
@@ -28,16 +35,48 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from bundlesync.errors import FormatError
 
-__all__ = ["LINE_SQL", "Version", "VersionVector", "decode_data", "encode_data", "parse_record"]
+__all__ = [
+    "COUNTER_MAX",
+    "HLC_MAX",
+    "LINE_SQL",
+    "MAX_DATA_BYTES",
+    "RawText",
+    "Version",
+    "VersionVector",
+    "WALL_MAX_MS",
+    "decode_data",
+    "encode_data",
+    "lenient_text",
+    "parse_record",
+]
 
-_HEX, _FLOAT = "$hex", "$float"
+_HEX, _FLOAT, _TEXTHEX = "$hex", "$float", "$texthex"
+
+MAX_DATA_BYTES = 15 << 20
+"""Largest data JSON (UTF-8 bytes) of one record: the line limit (16 MiB) less 1 MiB for the head."""
+
+
+class RawText(bytes):
+    """A TEXT value whose bytes are not valid UTF-8: kept as bytes, written back as TEXT."""
+
+    __slots__ = ()
+
+
+def lenient_text(raw: bytes) -> str | RawText:
+    """SQLite ``text_factory`` that keeps undecodable TEXT as :class:`RawText` instead of failing."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return RawText(raw)
 
 
 def _tagged(value: object) -> object:
+    if isinstance(value, RawText):
+        return {_TEXTHEX: value.hex()}
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {_HEX: bytes(value).hex()}
     raise TypeError(f"cannot serialize {type(value).__name__}")
@@ -66,6 +105,8 @@ def decode_data(text: str) -> dict[str, Any]:
                 row[key] = bytes.fromhex(value[_HEX])
             elif _FLOAT in value:
                 row[key] = float(value[_FLOAT])
+            elif _TEXTHEX in value:
+                row[key] = RawText(bytes.fromhex(value[_TEXTHEX]))
     return row
 
 
@@ -86,19 +127,35 @@ class Version:
     inst: str
     ctr: int
     vv: VersionVector
+    wall: int | None = None
+    """The edit's own wall-clock time in ms (None: a version from before it was kept, ``hlc >> 16``)."""
 
-    def key(self) -> tuple[bool, int, str, int]:
-        """Total order used to pick a winner deterministically."""
-        return (self.purged, self.hlc, self.inst, self.ctr)
+    @property
+    def edit_ms(self) -> int:
+        """The edit's wall-clock time in ms."""
+        return self.hlc >> 16 if self.wall is None else self.wall
+
+    def key(self) -> tuple[bool, int, int, str, int]:
+        """Total order used to pick a winner deterministically (see :mod:`bundlesync.replica.merge`)."""
+        return (self.purged, self.hlc, self.edit_ms, self.inst, self.ctr)
 
     def covers(self, inst: str, ctr: int) -> bool:
         """True if this record's history includes write ``(inst, ctr)``."""
         return self.vv.get(inst, 0) >= ctr
 
 
+WALL_MAX_MS: Final = (1 << 46) - 1
+"""Latest edit time a clock may carry, in ms since 1970 (year 4199): clocks beyond are not real."""
+
+HLC_MAX: Final = (1 << 62) - 1
+"""Largest hybrid logical clock a record may carry (``WALL_MAX_MS << 16`` plus its logical part)."""
+
+COUNTER_MAX: Final = (1 << 62) - 1
+"""Largest counter (``c`` and version-vector values) a record may carry."""
+
 LINE_SQL = (
-    "CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'i', inst, 'c', ctr, "
-    "'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB)"
+    "CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'w', coalesce(wall, hlc >> 16), "
+    "'i', inst, 'c', ctr, 'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB)"
 )
 """SQL over a ``bundlesync_store`` row that yields its record line (the store's data is already JSON)."""
 
@@ -109,13 +166,31 @@ def parse_record(line: bytes) -> Version:
     try:
         h = json.loads(head)
         flags = int(h["f"])
+        wall = h.get("w")
         version = Version(
             model=str(h["m"]), id=str(h["id"]), partition=str(h["p"]), data=data.decode("utf-8"),
             deleted=bool(flags & 1), purged=bool(flags & 2), hlc=int(h["h"]), inst=str(h["i"]),
             ctr=int(h["c"]), vv={str(k): int(v) for k, v in h["v"].items()},
+            wall=None if wall is None else int(wall),
         )
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        raise FormatError(f"malformed record in bundle ({exc!r}); the signer wrote a bad bundle: report it") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, OverflowError, RecursionError) as exc:
+        detail = " ".join(repr(exc).split())[:200]
+        raise FormatError(f"malformed record in bundle ({detail}); the signer wrote a bad bundle: report it") from exc
     if not tab:
         raise FormatError("malformed record in bundle (no data part); the signer wrote a bad bundle: report it")
+    _check_clocks(version)
     return version
+
+
+def _check_clocks(version: Version) -> None:
+    """Refuse clocks and counters no real device makes: they would overflow SQLite's integers later."""
+    problem = None
+    if not 0 <= version.hlc <= HLC_MAX:
+        problem = f"clock {version.hlc} outside 0..{HLC_MAX}"
+    elif version.wall is not None and not 0 <= version.wall <= WALL_MAX_MS:
+        problem = f"edit time {version.wall} outside 0..{WALL_MAX_MS}"
+    elif not 0 <= version.ctr <= COUNTER_MAX or any(not 0 <= c <= COUNTER_MAX for c in version.vv.values()):
+        problem = f"counter outside 0..{COUNTER_MAX}"
+    if problem is not None:
+        raise FormatError(f"malformed record in bundle ({version.model} {version.id[:40]}: {problem}); "
+                          "the signer wrote a bad bundle: report it")

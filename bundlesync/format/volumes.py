@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from bundlesync.errors import FormatError
-from bundlesync.fsutil import AtomicFile, partial_path
+from bundlesync.fsutil import AtomicFile, open_regular, partial_path
 
 __all__ = [
     "JoinedFile",
@@ -96,7 +96,7 @@ class JoinedFile(io.RawIOBase):
         self._files = []
         try:
             for p in paths:
-                self._files.append(open(p, "rb", buffering=0))  # noqa: SIM115 - closed in close()
+                self._files.append(open_regular(p))  # closed in close(); only regular files are read
         except BaseException:
             self.close()
             raise
@@ -151,7 +151,7 @@ def open_joined(path: Path) -> io.BufferedReader:
         OSError: A file cannot be opened.
     """
     if not is_volume(path):
-        return open(path, "rb")
+        return open_regular(path)
     return io.BufferedReader(JoinedFile(volume_paths(path)), buffer_size=1 << 20)
 
 

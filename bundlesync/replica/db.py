@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from sqlite_utils import Database
 from sqlite_utils.db import quote_identifier
 from sqlite_utils.migrations import Migrations
 
 from bundlesync.errors import BusyError, ConfigError, SyncError
+from bundlesync.format.records import lenient_text
 
 __all__ = [
     "BUSY_TIMEOUT_S",
     "connect",
+    "fetch_all",
     "is_busy",
     "migrate",
     "q",
@@ -200,6 +203,46 @@ def m004_knowledge_of_peers_and_pending(db: Database) -> None:
             PRIMARY KEY (partition, inst, ctr, needs)
         );
         """)
+
+
+@migrations()
+def m005_held_rows(db: Database) -> None:
+    """App rows serialization holds back because they cannot travel in a bundle, with the reason."""
+    _run_script(db.conn, """
+        CREATE TABLE bundlesync_held (
+            model TEXT NOT NULL,
+            pk NOT NULL,
+            reason TEXT NOT NULL,
+            at TEXT NOT NULL,
+            PRIMARY KEY (model, pk)
+        )
+        """)
+
+
+@migrations()
+def m006_edit_wall_clock(db: Database) -> None:
+    """The wall-clock time of the edit that made each version (NULL: older versions, ``hlc >> 16``)."""
+    db.conn.execute("ALTER TABLE bundlesync_store ADD COLUMN wall INTEGER")
+
+
+def fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[Any]:
+    """``conn.execute(sql, params).fetchall()``, but TEXT that is not valid UTF-8 does not fail it.
+
+    SQLite stores whatever bytes a program gives it as TEXT; Python refuses to decode
+    invalid UTF-8. Only when that happens is the query run again with a text factory that
+    returns such values as :class:`~bundlesync.format.records.RawText` (the fast path keeps
+    the C decoder).
+    """
+    try:
+        return conn.execute(sql, params).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "decode" not in str(exc):
+            raise
+    conn.text_factory = lenient_text
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.text_factory = str
 
 
 def _run_script(conn: sqlite3.Connection, script: str) -> None:

@@ -6,7 +6,13 @@ deletion or a purge — plus a version vector ``vv`` (per instance, the highest
 counter whose writes this record has seen).
 
 The rule is a join: the result keeps the version with the greatest
-``(purged, hlc, inst, ctr)`` and the pointwise maximum of both vectors. A join
+``(purged, hlc, wall, inst, ctr)`` and the pointwise maximum of both vectors.
+``wall`` is the edit's own wall-clock time (``hlc >> 16`` for versions that predate
+it): when two concurrent edits tie on ``hlc`` — which happens to every edit made
+on top of a version stamped by a clock that ran ahead, since each is stamped
+``previous + 1`` — the later edit wins, not the larger instance id. The key is
+still a total order that every causal successor exceeds (its ``hlc`` is higher),
+so the merge is still a join. A join
 is commutative, associative and idempotent, so any set of versions delivered in
 any order, any number of times, through any relays, ends in the same state
 (idempotent and order-free). Version vectors only *classify* the meeting, so that a

@@ -18,10 +18,10 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bundlesync.replica.db import q
+from bundlesync.replica.db import fetch_all, q
 from bundlesync.errors import ProfileError, StateError
 from bundlesync.format.records import Version
-from bundlesync.format.records import encode_data
+from bundlesync.format.records import HLC_MAX, MAX_DATA_BYTES, WALL_MAX_MS, RawText, encode_data
 from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
@@ -29,6 +29,8 @@ __all__ = [
     "SerializeResult",
     "ensure_identity",
     "fetch_versions",
+    "held_rows",
+    "held_warning",
     "instance_id",
     "new_identity",
     "log_conflicts",
@@ -105,13 +107,13 @@ def next_counter(conn: sqlite3.Connection) -> int:
 
 # --- reading and writing versions ---------------------------------------------------
 
-_VERSION_COLUMNS = "model, id, partition, data, deleted, purged, hlc, inst, ctr, vv"
+_VERSION_COLUMNS = "model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, wall"
 
 
 def _row_to_version(row: Sequence[Any]) -> Version:
     return Version(
         model=row[0], id=row[1], partition=row[2], data=row[3], deleted=bool(row[4]), purged=bool(row[5]),
-        hlc=row[6], inst=row[7], ctr=row[8], vv=json.loads(row[9]),
+        hlc=row[6], inst=row[7], ctr=row[8], vv=json.loads(row[9]), wall=row[10],
     )
 
 
@@ -138,11 +140,12 @@ def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) ->
 
 
 _UPSERT = (
-    "INSERT INTO bundlesync_store (model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, bundle_id) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?) "
+    "INSERT INTO bundlesync_store (model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, "
+    "bundle_id, wall) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) "
     "ON CONFLICT (model, id) DO UPDATE SET partition = excluded.partition, data = excluded.data, "
     "deleted = excluded.deleted, purged = excluded.purged, hlc = excluded.hlc, inst = excluded.inst, "
-    "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle_id = excluded.bundle_id"
+    "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle_id = excluded.bundle_id, "
+    "wall = excluded.wall"
 )
 
 
@@ -155,7 +158,7 @@ def upsert_versions(
         (
             (
                 v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr,
-                _vector_text(v.vv), int(dirty), bundle_id,
+                _vector_text(v.vv), int(dirty), bundle_id, v.wall,
             )
             for v, dirty in versions
         ),
@@ -179,6 +182,9 @@ class SerializeResult:
 
     counter: int | None = None
     versions: int = 0
+    held: int = 0
+    clamped: int = 0
+    """Edits whose clock reading was outside 0..WALL_MAX_MS and was brought into range."""
     by_model: dict[str, int] = field(default_factory=dict)
 
 
@@ -194,9 +200,45 @@ def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[A
         f"WHERE c.model = ? AND c.seq > ? ORDER BY c.seq LIMIT {BATCH}"
     )
     last = 0
-    while rows := conn.execute(sql, (table.name, last)).fetchall():
+    while rows := fetch_all(conn, sql, (table.name, last)):
         last = rows[-1][0]
         yield rows
+
+
+def _why_held(table: TableSpec, pk: object, partition: object, data: str | None) -> str | None:
+    """Why a changed row cannot become a record (None: it can)."""
+    if isinstance(pk, RawText):
+        return f"its primary key {table.primary_key} is not valid UTF-8 text (bytes {pk.hex()}); correct it in the app"
+    if isinstance(partition, RawText):
+        return "a column its partition is made of is not valid UTF-8 text; correct it in the app"
+    if data is not None and len(data) > MAX_DATA_BYTES // 4:  # cheap test first: a character is 1-4 bytes
+        size = len(data.encode("utf-8", "surrogatepass"))
+        if size > MAX_DATA_BYTES:
+            return (f"its data is {size} bytes as JSON, over the {MAX_DATA_BYTES} byte limit of a record; "
+                    "make its largest values smaller in the app")
+    return None
+
+
+def _shown_pk(pk: object) -> str:
+    return f"x'{pk.hex()}'" if isinstance(pk, bytes) else str(pk)
+
+
+def held_warning(conn: sqlite3.Connection) -> str | None:
+    """One line naming the rows held back (None if there are none), for export and import to print."""
+    total, first = held_rows(conn, 1)
+    if not total:
+        return None
+    row = first[0]
+    return (f"warning: {total} row(s) held back because they cannot travel in a bundle, e.g. {row['model']} "
+            f"{row['id']}: {row['reason']} (the rest was synced; see `bundlesync status`)")
+
+
+def held_rows(conn: sqlite3.Connection, limit: int | None = None) -> tuple[int, list[dict[str, str]]]:
+    """How many rows are held back, and the first ``limit`` of them (model, pk, reason, since)."""
+    total = int(conn.execute("SELECT count(*) FROM bundlesync_held").fetchone()[0])
+    sql = "SELECT model, pk, reason, at FROM bundlesync_held ORDER BY model, at" + (f" LIMIT {int(limit)}" if limit else "")
+    rows = [{"model": m, "id": _shown_pk(pk), "reason": r, "since": at} for m, pk, r, at in conn.execute(sql)]
+    return total, rows
 
 
 def _keep_unknown_keys(stored: str, fresh: str, columns: Sequence[str]) -> str:
@@ -253,21 +295,38 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
     fresh_vv = _vector_text({me: counter})
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     lost: list[tuple[object, ...]] = []
+    released: list[tuple[object, ...]] = []
     for table in profile.tables:
         name, columns = table.name, table.columns
         written = 0
+        # Rows held back earlier are let go as soon as a later change of theirs serializes.
+        any_held = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_held WHERE model = ?)", (name,)).fetchone()[0]
         for rows in _changed_rows(conn, table):
             writes: list[tuple[object, ...]] = []
             redo: list[tuple[str, str]] = []
+            held: list[tuple[object, ...]] = []
             for row in rows:
                 _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
                 s_dirty, s_inst, s_ctr, s_bundle = row[11:15]
                 if present and partition is None:
                     raise ProfileError(_no_partition(table, pk))
+                data = encode_data(columns, row[15:]) if present else None
+                reason = _why_held(table, pk, partition, data) if present or isinstance(pk, RawText) else None
+                if reason is not None:
+                    # It cannot travel in a bundle: peers keep its last good version; the rest goes on.
+                    held.append((name, pk, reason, now))
+                    continue
+                if any_held:
+                    released.append((name, pk))
+                # The edit time is the device clock's reading; one far outside real time is kept in range.
+                if not 0 <= at_ms <= WALL_MAX_MS:
+                    result.clamped += 1
+                    at_ms = min(max(at_ms, 0), WALL_MAX_MS)
                 if s_data is None:  # not in the store yet
                     if present:
-                        data = encode_data(columns, row[15:])
-                        writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None))
+                        assert data is not None
+                        writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None,
+                                       at_ms))
                     continue
                 if s_purged:
                     # A purge is final: the app row is erased again rather than revived.
@@ -275,7 +334,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                         redo.append((name, pk))
                     continue
                 if present:
-                    data = encode_data(columns, row[15:])
+                    assert data is not None
                     if data != s_data:
                         data = _keep_unknown_keys(s_data, data, columns)
                     if not s_deleted and s_data == data and s_part == partition:
@@ -290,12 +349,25 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                     # so this edit did not see it: it loses to the edit, and is kept where operators look.
                     lost.append((name, pk, loser_json(s_inst, s_ctr, s_hlc, bool(s_deleted), s_part, s_data),
                                  me, counter, s_bundle, now))
+                hlc = max(at_ms << 16, s_hlc + 1)
+                if hlc > HLC_MAX:
+                    # Only a record that arrived with a clock at the very limit gets here; no version can follow
+                    # it, so the edit waits where operators look instead of making records peers would refuse.
+                    held.append((name, pk, f"its stored clock {s_hlc} is at the limit ({HLC_MAX}), so no later "
+                                 "version can be stamped; see `bundlesync status` for the device with a wrong clock",
+                                 now))
+                    continue
                 vv = json.loads(s_vv)
                 vv[me] = counter
-                hlc = max(at_ms << 16, s_hlc + 1)
-                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None))
+                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None,
+                               at_ms))
             conn.executemany(_UPSERT, writes)
             conn.executemany("UPDATE bundlesync_store SET dirty = 1 WHERE model = ? AND id = ?", redo)
+            conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
+            conn.executemany("INSERT INTO bundlesync_held (model, pk, reason, at) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (model, pk) DO UPDATE SET reason = excluded.reason, at = excluded.at", held)
+            released.clear()
+            result.held += len(held)
             log_conflicts(conn, lost)
             lost.clear()
             written += len(writes)
@@ -326,7 +398,8 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
     log = (f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, {_NOW_MS}) "
            "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms")
     logged = 0
-    rows = conn.execute(select + f"WHERE t.{pk} IS NOT NULL ORDER BY t.{pk} LIMIT {BATCH}", (name,)).fetchall()
+    # fetch_all: a value that is not valid UTF-8 must not stop the comparison (it comes back as RawText).
+    rows = fetch_all(conn, select + f"WHERE t.{pk} IS NOT NULL ORDER BY t.{pk} LIMIT {BATCH}", (name,))
     while rows:
         changed = []
         for row in rows:
@@ -343,8 +416,9 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
             changed.append((name, record_id))
         conn.executemany(log, changed)
         logged += len(changed)
-        rows = conn.execute(select + f"WHERE t.{pk} > ? ORDER BY t.{pk} LIMIT {BATCH}",
-                            (name, rows[-1][0])).fetchall()
+        # CAST: a RawText key is bound as a BLOB, which would compare above every TEXT key.
+        rows = fetch_all(conn, select + f"WHERE t.{pk} > CAST(? AS TEXT) ORDER BY t.{pk} LIMIT {BATCH}",
+                         (name, rows[-1][0]))
     gone = conn.execute(
         f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT s.model, s.id, {_NOW_MS} FROM bundlesync_store s "
         "WHERE s.model = ? AND NOT s.deleted AND NOT s.purged AND NOT s.dirty "

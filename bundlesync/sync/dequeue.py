@@ -26,6 +26,7 @@ from bundlesync.format.records import Version
 from bundlesync.replica.merge import MergeResult, Outcome, merge
 from bundlesync.profile import Profile
 from bundlesync.partitions import within
+from bundlesync.replica.clock import ahead_hlc
 from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, update_vectors, upsert_versions
 
 __all__ = ["DequeueResult", "dequeue"]
@@ -44,6 +45,9 @@ class DequeueResult:
     not_for_us: int = 0
     bad_partition: int = 0
     refused_sample: list[str] = field(default_factory=list)
+    ahead: int = 0
+    """Records whose clock is far ahead of this device's (a wrong clock somewhere)."""
+    ahead_max_hlc: int = 0
 
     def refuse(self, kind: str, version: Version, why: str) -> None:
         """Count a refused record and keep a few for the report."""
@@ -150,11 +154,15 @@ def dequeue(
     # Partitions repeat (one per user or facility), so scope answers are cached per partition.
     writable = _Cached(lambda p: within(p, signer_write))
     readable = _Cached(lambda p: within(p, local_read))
+    future = ahead_hlc()
     for lines in batches:
         incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
         for line in lines:
             version = parse_record(line)
             result.received += 1
+            if version.hlc > future:
+                result.ahead += 1
+                result.ahead_max_hlc = max(result.ahead_max_hlc, version.hlc)
             if not writable(version.partition):
                 result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
                 continue

@@ -24,7 +24,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from bundlesync.format.records import decode_data
+from bundlesync.format.records import RawText, decode_data
 from bundlesync.replica.db import q
 from bundlesync.profile import NEW, Profile, TableSpec, incoming_row_sql
 from bundlesync.replica.store import BATCH
@@ -153,7 +153,20 @@ class TableWriter:
                     self.conn.execute(self.upsert, row_values)
                 except sqlite3.DatabaseError as exc:
                     errors[key] = f"refused by the database: {exc}"
+        self._restore_raw_text(ready, errors)
         return errors
+
+    def _restore_raw_text(self, ready: Sequence[tuple[K, tuple[Any, ...]]], errors: dict[K, str]) -> None:
+        """Give TEXT that is not valid UTF-8 back its storage class: the upsert bound it as a BLOB."""
+        cols, pk = self.table.columns, self.table.primary_key
+        at_pk = cols.index(pk)
+        for key, row_values in ready:
+            if RawText not in map(type, row_values) or key in errors:
+                continue
+            for col, value in zip(cols, row_values):
+                if type(value) is RawText:
+                    self.conn.execute(f"UPDATE {q(self.table.name)} SET {q(col)} = CAST(? AS TEXT) "
+                                      f"WHERE {q(pk)} = ?", (bytes(value), row_values[at_pk]))
 
 
 def _dirty_batches(conn: sqlite3.Connection, model: str) -> Iterator[list[tuple[int, str, str, int, int, str]]]:

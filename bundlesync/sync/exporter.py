@@ -50,7 +50,7 @@ from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.profile import Profile
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
-from bundlesync.replica.store import current_counter, record_transfer, serialize_changes
+from bundlesync.replica.store import current_counter, held_warning, record_transfer, serialize_changes
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -207,6 +207,7 @@ class ExportWork(FacilityDataSyncHook):
         self.skipped_receipts: list[str] = []
         self.scope_prefixes: tuple[str, ...] = ()
         self.on_drive: list[drive.DriveBundle] = []
+        self.clock_warning: str | None = None
         self.key = key
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
@@ -272,7 +273,13 @@ class ExportWork(FacilityDataSyncHook):
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:
-        self.result.serialized = serialize_changes(ctx.connection, ctx.profile).versions
+        serialized = serialize_changes(ctx.connection, ctx.profile)
+        self.result.serialized = serialized.versions
+        if serialized.clamped:
+            self.clock_warning = (
+                f"warning: this device's clock read a time outside 1970..4199 when {serialized.clamped} row(s) "
+                "changed; their versions were stamped at the nearest limit: set the clock right"
+            )
         ctx.counts["serialized"] = self.result.serialized
 
     # QUEUING
@@ -323,10 +330,14 @@ class ExportWork(FacilityDataSyncHook):
             self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d), max_volume=self.max_size,
             encrypt_to=manifest.recipients or (), scratch_dir=self.device.staging)
         counts = self.result.counts
-        for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
-            self.writer.write_records(lines)
-            if self.progress is not None:
-                self.progress(self.writer.records, max(total, self.writer.records))
+        try:
+            for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
+                self.writer.write_records(lines)
+                if self.progress is not None:
+                    self.progress(self.writer.records, max(total, self.writer.records))
+        except ValueError as exc:  # a line over the container's limit: serialization should have held it back
+            raise SyncError(f"a record cannot be written into the bundle ({exc}); nothing was exported: "
+                            "report this with `bundlesync status --json`") from exc
         self.result.records = self.writer.records
         ctx.counts["records"], ctx.counts["by_model"] = self.result.records, counts
 
@@ -499,5 +510,8 @@ def export_bundle(
         work.replace_superseded()  # only now: the new bundle is verified and its transfer recorded
     for line in work.skipped_receipts:
         (warn or (lambda _: None))(f"warning: ignored receipt {line}")
+    for notice in (work.clock_warning, held_warning(conn)):
+        if notice is not None:
+            (warn or (lambda _: None))(notice)
     plugins.transfer_hooks("post_transfer", ctx, warn or (lambda _: None))
     return work.result

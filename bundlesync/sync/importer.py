@@ -28,6 +28,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
+import secrets
+import sqlite3
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +42,7 @@ from bundlesync.replica import knowledge as kn
 from bundlesync.replica.peers import learn
 from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.crypto import verify
+from bundlesync.replica.clock import SKEW_TOLERANCE_MS, iso_ms, now_ms, parse_iso_ms, skew_warning
 from bundlesync.replica.db import write_transaction
 from bundlesync.sync.dequeue import DequeueResult, dequeue
 from bundlesync.sync.deserialize import DeserializeResult, deserialize
@@ -46,13 +50,14 @@ from bundlesync.device import Device
 from bundlesync.errors import EXIT_PARTIAL, BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.manifest import Manifest
+from bundlesync.format.records import parse_record
 from bundlesync.plugins.operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.trust.receipts import make_receipt, write_receipt
 from bundlesync.trust.revocation import Revocation, check_not_revoked, parse_revocations
 from bundlesync.partitions import covered, within
 from bundlesync.trust.scope import ScopeFilters, scope_filters
-from bundlesync.replica.store import record_transfer, serialize_changes
+from bundlesync.replica.store import held_warning, record_transfer, serialize_changes
 from bundlesync.replica.tracking import suppressed
 
 __all__ = [
@@ -69,6 +74,9 @@ __all__ = [
 
 Progress = Callable[[int, int], None]
 """Told (records applied, records in the bundle) as the import goes; the CLI draws a progress bar."""
+
+STAGING_SUFFIX = ".importing"
+"""Ends the name of a bundle's private copy in the home's ``staging/`` while it is imported."""
 
 APPLY_BATCH_BYTES = 2 << 20
 """Record lines merged and written per batch: bounds memory (decoded rows) whatever the bundle size."""
@@ -207,11 +215,22 @@ def _require_file(path: Path) -> None:
         raise FormatError(f"{path} is {what}{hint}, not a bundle: check the path (a bundle is named bundle-….bsync)")
 
 
+def _check_records(info: container.BundleInfo) -> None:
+    """The payload pass with every record line parsed, exactly as import's DEQUEUING parses it."""
+    for batch in container.iter_record_batches(info):
+        for line in batch:
+            parse_record(line)
+
+
 @contextlib.contextmanager
 def opened_bundle(device: Device, path: Path) -> Iterator[VerifiedBundle]:
-    """Every check import makes, without writing to the database; yields the readable bundle.
+    """Every check import makes, in the same order, without writing to the database.
 
-    An encrypted payload is decrypted into the home's staging folder for the duration.
+    Import refuses a bundle for the same reasons: the container (structure, limits,
+    digest), trust (profile, chain, signature, revocation) and the payload (frame, counts,
+    and every record line parsed, clocks in range). Per-record refusals (scope, partition)
+    are not refusals of the bundle; ``import`` reports them. Yields the readable bundle: an
+    encrypted payload is decrypted into the home's staging folder for the duration.
     """
     _require_file(path)
     info = container.read_info(path)
@@ -220,14 +239,14 @@ def opened_bundle(device: Device, path: Path) -> Iterator[VerifiedBundle]:
     plain = device.staging / f"{path.name}.{uuid.uuid4().hex[:8]}.plain"
     try:
         readable = open_payload(device, verified, plain, shown_as=path.name)
-        _check_payload(readable.info)
+        _check_records(readable.info)
         yield readable
     finally:
         plain.unlink(missing_ok=True)
 
 
 def verify_bundle(device: Device, path: Path) -> VerifiedBundle:
-    """Everything import checks, without writing anything. Raises a :class:`BundleError`."""
+    """Everything import checks, without writing anything. Raises a :class:`BundleError` or :class:`TrustError`."""
     with opened_bundle(device, path) as verified:
         return dataclasses.replace(verified, info=container.read_info(path))
 
@@ -243,8 +262,8 @@ class ImportWork(FacilityDataSyncHook):
 
     def __init__(self, device: Device, path: Path, plugins: PluginSet, progress: Progress | None = None) -> None:
         self.device, self.source, self.plugins, self.progress = device, path, plugins, progress
-        self.staged = device.staging / f"{path.name}.importing"
-        self.plain = device.staging / f"{path.name}.plain"  # the decrypted payload: never on the drive
+        self.staged = device.staging / _staging_name(path)
+        self.plain = self.staged.with_name(self.staged.name + ".plain")  # the decrypted payload: never on the drive
         self.verified: VerifiedBundle | None = None
         self.result = ImportResult("", path)
         self.now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -430,6 +449,53 @@ def bundles_to_import(names: Sequence[str]) -> list[Path]:
     return out
 
 
+def _clock_warnings(manifest: Manifest, dq: DequeueResult) -> list[str]:
+    """Say so when the bundle or its records come from far in this device's future (a wrong clock)."""
+    lines = []
+    created = parse_iso_ms(manifest.created_at)
+    now = now_ms()
+    if created is not None and created > now + SKEW_TOLERANCE_MS:
+        lines.append(f"warning: this bundle was created at {iso_ms(created)} UTC by the sender's clock, "
+                     f"{(created - now) // 86_400_000} day(s) ahead of this device's: the sender's clock (or this "
+                     "one) is wrong; set it right on that device")
+    if dq.ahead:
+        lines.append(skew_warning(dq.ahead, dq.ahead_max_hlc, "in this bundle"))
+    return lines
+
+
+def _already_imported(conn: sqlite3.Connection, bundle_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'",
+                        (bundle_id,)).fetchone() is not None
+
+
+def _staging_name(source: Path) -> str:
+    """A private staging name per run: two runs importing the same bundle never share a copy."""
+    return f"{source.name}.{os.getpid()}-{secrets.token_hex(4)}{STAGING_SUFFIX}"
+
+
+def sweep_staging(staging: Path) -> None:
+    """Remove copies left by import runs that died (``kill -9``, power cut); live runs' copies stay."""
+    for leftover in staging.glob(f"*{STAGING_SUFFIX}*"):
+        # <bundle name>.<pid>-<random>.importing[.partial]
+        stem = leftover.name.split(STAGING_SUFFIX)[0]
+        pid_part = stem.rsplit(".", 1)[-1].split("-", 1)[0]
+        if pid_part.isdigit() and _alive(int(pid_part)):
+            continue
+        leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but belongs to someone else
+        return True
+    return True
+
+
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
                   warn: Warn | None = None, receipt: bool = True, progress: Progress | None = None) -> ImportResult:
     """Verify, then apply one bundle atomically; a re-import is a no-op."""
@@ -438,6 +504,7 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
     warn = warn or (lambda _: None)
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
+    sweep_staging(device.staging)
     work = ImportWork(device, path, plugins, progress)
     try:
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
@@ -446,15 +513,16 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
         work.result.own = work._verified().manifest.sender_instance == device.instance_id
         if work.result.own:
             return work.result  # its records are this device's own: nothing to apply, no receipt for itself
-        already = conn.execute("SELECT 1 FROM bundlesync_transfers WHERE bundle_id = ? AND direction = 'import'",
-                               (work.result.bundle_id,)).fetchone()
-        work.result.already = already is not None
+        work.result.already = _already_imported(conn, work.result.bundle_id)
         if not work.result.already:
             plugins.transfer_hooks("pre_transfer", ctx, warn)
             # Every stage, plugin operations included, commits or rolls back with the data.
             with write_transaction(conn):
-                for stage in IMPORT_STAGES:
-                    plugins.run_stage(stage, ctx, work)
+                # Another run may have applied the same bundle while this one waited for the write lock.
+                work.result.already = _already_imported(conn, work.result.bundle_id)
+                if not work.result.already:
+                    for stage in IMPORT_STAGES:
+                        plugins.run_stage(stage, ctx, work)
     finally:
         work.staged.unlink(missing_ok=True)
         work.plain.unlink(missing_ok=True)
@@ -462,13 +530,22 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
     verified = work._verified()
     for rev in verified.revocations:
         device.keys.save_revocation(rev)
-    if verified.signer.subject_key != device.keys.device_key().public_key:
+    try:
+        mine: bytes | None = device.keys.device_key().public_key
+    except BundlesyncError:  # a missing or damaged key is reported by the receipt below; the data is in
+        mine = None
+    if verified.signer.subject_key != mine:
         device.keys.save_peer(verified.signer)
     if receipt and ctx.dataset_id is not None:
         try:
             work.result.receipt = leave_receipt(device, ctx.dataset_id, path.parent)
         except (OSError, BundlesyncError) as exc:
             work.result.warnings.append(f"warning: could not leave a receipt next to {path.name}: {exc}")
+    if not work.result.already and work.verified is not None:
+        work.result.warnings.extend(_clock_warnings(work.verified.manifest, work.result.dequeue))
+    held = held_warning(conn)
+    if held is not None:
+        work.result.warnings.append(held)
     for line in work.result.warnings:
         warn(line)
     if not work.result.already:

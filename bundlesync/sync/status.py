@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from bundlesync.replica import fsic as fsic_mod
@@ -10,14 +11,17 @@ from bundlesync.replica import knowledge as kn
 from bundlesync.replica.peers import known_peers
 from bundlesync.trust.scope import scope_filters
 from bundlesync.device import Device
+from bundlesync.replica.clock import ahead_hlc, iso_ms, skew_warning
 from bundlesync.replica.health import describe, recent_repairs
-from bundlesync.replica.store import current_counter, pending_changes
+from bundlesync.replica.store import current_counter, held_rows, pending_changes
 from bundlesync.sync.exporter import expiry_warning
 from bundlesync.trust.certs import Certificate
 
 __all__ = ["certificate_listing", "device_status", "list_conflicts"]
 
 RECENT_TRANSFERS = 10
+HELD_SHOWN = 20
+"""How many held-back rows ``status`` names (it always gives their number)."""
 
 
 def device_status(device: Device) -> dict[str, Any]:
@@ -51,6 +55,7 @@ def device_status(device: Device) -> dict[str, Any]:
                       for p in known_peers(conn, dataset_id)],
             "gaps": gaps,
         })
+    held_total, held = held_rows(conn, HELD_SHOWN)
     waiting = [
         {"model": model, "count": count, "example": error}
         for model, count, error in conn.execute(
@@ -75,11 +80,22 @@ def device_status(device: Device) -> dict[str, Any]:
         "store_records": int(conn.execute("SELECT count(*) FROM bundlesync_store").fetchone()[0]),
         "waiting_records": waiting,
         "conflicts": int(conn.execute("SELECT count(*) FROM bundlesync_conflicts").fetchone()[0]),
+        "held_back": {"count": held_total, "rows": held},
+        "clocks_ahead": _clocks_ahead(conn),
         "facilities": facilities,
         "last_transfers": transfers,
         "repairs": [{"at": r.at, "table": r.table, "what": r.what, "changes": r.changes, "sentence": describe(r)}
                     for r in recent_repairs(conn)],
     }
+
+
+def _clocks_ahead(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Versions in the store stamped far ahead of this device's clock (a device's clock is or was wrong)."""
+    count, top = conn.execute("SELECT count(*), max(hlc) FROM bundlesync_store WHERE hlc > ?", (ahead_hlc(),)).fetchone()
+    found: dict[str, Any] = {"records": int(count), "latest": iso_ms(int(top) >> 16) if top is not None else None}
+    if count:
+        found["warning"] = skew_warning(int(count), int(top), "in the store").removeprefix("warning: ")
+    return found
 
 
 def list_conflicts(device: Device, *, model: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:

@@ -49,7 +49,7 @@ from bundlesync.trust.certs import (
 )
 from bundlesync.trust.crypto import SIGNATURE_SIZE, SigningKey, key_fingerprint, verify
 from bundlesync.errors import CertError, TrustError
-from bundlesync.fsutil import atomic_write_bytes
+from bundlesync.fsutil import FileTooLargeError, atomic_write_bytes, read_regular
 
 __all__ = [
     "CHAIN_TYPE",
@@ -432,8 +432,9 @@ def _read(path: Path, file_type: str, parse: Callable[[dict[str, object]], _T]) 
     """Read a bundlesync JSON file of ``file_type``; every failure is a CertError naming it."""
     what, hint = _KINDS[file_type]
     try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_FILE_SIZE + 1)
+        raw = read_regular(path, _MAX_FILE_SIZE)
+    except FileTooLargeError as exc:
+        raise CertError(f"{path} is too large to be a {what}; {hint}") from exc
     except FileNotFoundError as exc:
         raise CertError(f"{what} {path} does not exist; check the file name") from exc
     except IsADirectoryError as exc:
@@ -442,8 +443,6 @@ def _read(path: Path, file_type: str, parse: Callable[[dict[str, object]], _T]) 
         raise CertError(
             f"cannot read {what} {path}: {exc.strerror or exc}; check the drive and permissions"
         ) from exc
-    if len(raw) > _MAX_FILE_SIZE:
-        raise CertError(f"{path} is too large to be a {what}; {hint}")
     try:
         obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except Malformed as exc:

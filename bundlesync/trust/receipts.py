@@ -28,7 +28,7 @@ from bundlesync.format.container import canonical_json
 from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.errors import BundlesyncError, CertError, FormatError, ReceiptError, TrustError
-from bundlesync.fsutil import atomic_write_bytes
+from bundlesync.fsutil import atomic_write_bytes, read_regular
 from bundlesync.trust.keystore import KeyStore
 from bundlesync.format.manifest import fsic_from_json, knowledge_from_json
 from bundlesync.partitions import covered
@@ -103,9 +103,12 @@ def read_receipt(path: Path, keys: KeyStore, profile: Profile, *, now: datetime.
             certificate does not allow; the message names the file.
     """
     try:
-        if path.stat().st_size > MAX_RECEIPT_BYTES:
-            raise ReceiptError(f"{path} is too large to be a receipt")
-        doc = json.loads(path.read_bytes())
+        raw = read_regular(path, MAX_RECEIPT_BYTES)
+    except OSError as exc:
+        raise ReceiptError(f"cannot read receipt {path}: {exc.strerror or exc}; delete it or copy it again, "
+                           "or export with --full") from exc
+    try:
+        doc = json.loads(raw)
         body, signature = doc["receipt"], bytes.fromhex(doc["signature"])
         if body.get("kind") != RECEIPT_KIND or body.get("format") != RECEIPT_FORMAT:
             raise ReceiptError(f"{path} is not a bundlesync receipt (format {RECEIPT_FORMAT})")
@@ -116,8 +119,9 @@ def read_receipt(path: Path, keys: KeyStore, profile: Profile, *, now: datetime.
             knowledge=(knowledge_from_json(body["knowledge"], "knowledge", str(body["dataset_id"]))
                        if "knowledge" in body else None),
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, FormatError) as exc:
-        raise ReceiptError(f"cannot read receipt {path}: {exc}; copy it again or export with --full") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError, FormatError) as exc:
+        detail = " ".join(str(exc).split())[:200]  # one line, whatever the file holds
+        raise ReceiptError(f"cannot read receipt {path}: {detail}; copy it again or export with --full") from exc
     root = keys.trusted_root(receipt.dataset_id)
     if root is None:
         raise TrustError(f"receipt {path.name} is for facility dataset {receipt.dataset_id}, which this device does not trust")
