@@ -413,6 +413,27 @@ def test_frame_without_checksum_is_rejected(tmp_path: Path) -> None:
     assert "content checksum" in str(format_error(path))
 
 
+def test_frame_needing_an_oversized_window_is_rejected(tmp_path: Path) -> None:
+    """A frame that asks for a window over the reader's limit is refused before decompression."""
+    params = zstd.ZstdCompressionParameters(window_log=28, write_checksum=1, write_content_size=0)
+    stream = zstd.ZstdCompressor(compression_params=params).compressobj()
+    payload = stream.compress(b"a\n") + stream.flush()
+    assert zstd.get_frame_parameters(payload).window_size == 1 << 28
+    path = craft(tmp_path / "p.bsb", payload, summary_for([b"a\n"]))
+    message = str(format_error(path))
+    assert f"needs a {1 << 28} byte window, over the {1 << 27} limit" in message
+
+
+def test_frame_needing_a_dictionary_is_rejected(tmp_path: Path) -> None:
+    """A frame compressed against a dictionary cannot be read by anyone without it: refused."""
+    samples = [f'{{"id":"{i:032x}","v":{i * 7 % 13},"name":"learner {i % 17}"}}\n'.encode() for i in range(2000)]
+    dictionary = zstd.train_dictionary(2048, samples)
+    payload = zstd.ZstdCompressor(dict_data=dictionary, write_checksum=True).compress(samples[0])
+    assert zstd.get_frame_parameters(payload).dict_id == dictionary.dict_id() != 0
+    path = craft(tmp_path / "p.bsb", payload, summary_for([samples[0]]))
+    assert "needs a dictionary" in str(format_error(path))
+
+
 @pytest.mark.parametrize(
     ("records", "raw", "expected"),
     [
