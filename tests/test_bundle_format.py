@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -363,7 +364,7 @@ def test_unknown_version_or_flags(
         b"",
         b"0123456789",
         b"hello, this is a text file\n" * 20,
-        os.urandom(4096),
+        random.Random(4096).randbytes(4096),
         MAGIC,
         frame(b"x" * 500),
     ],
