@@ -428,10 +428,10 @@ def test_frame_needing_an_oversized_window_is_rejected(tmp_path: Path) -> None:
 def test_frame_needing_a_dictionary_is_rejected(tmp_path: Path) -> None:
     """A frame compressed against a dictionary cannot be read by anyone without it: refused."""
     samples = [f'{{"id":"{i:032x}","v":{i * 7 % 13},"name":"learner {i % 17}"}}\n'.encode() for i in range(2000)]
-    dictionary = zstd.train_dictionary(2048, samples)
+    dictionary = zstd.train_dictionary(2048, list[bytes | bytearray | memoryview](samples))
     payload = zstd.ZstdCompressor(dict_data=dictionary, write_checksum=True).compress(samples[0])
     assert zstd.get_frame_parameters(payload).dict_id == dictionary.dict_id() != 0
-    path = craft(tmp_path / "p.bsb", payload, summary_for([samples[0]]))
+    path = craft(tmp_path / "p.bsb", payload, summary_for(samples[:1]))
     assert "needs a dictionary" in str(format_error(path))
 
 

@@ -8,6 +8,7 @@ import stat
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -195,7 +196,8 @@ class TestVerifyChainRefuses:
         ids=["scope", "dataset_id", "facility_id", "profile", "subject_key", "issued_at", "expires_at"],
     )
     def test_tampered_field(self, field: str, value: object) -> None:
-        leaf = replace(self.leaf, **{field: value})
+        changes: dict[str, Any] = {field: value}
+        leaf = replace(self.leaf, **changes)
         # As sent: the id no longer matches the content.
         with pytest.raises(TrustError, match="altered"):
             verify_chain([leaf, self.mid, self.root], self.root, now=NOW)
@@ -318,7 +320,7 @@ def test_from_dict_refuses_malformed() -> None:
     cases += [
         {**good, "extra": 1},
         {**good, "subject_key": "zz" * 32},
-        {**good, "subject_key": good["subject_key"].upper()},  # type: ignore[union-attr]
+        {**good, "subject_key": str(good["subject_key"]).upper()},
         {**good, "signature": "00"},
         {**good, "scope": 7},
         {**good, "issued_at": "yesterday"},
@@ -329,9 +331,9 @@ def test_from_dict_refuses_malformed() -> None:
         [],
         "text",
     ]
-    for d in cases:
+    for case in cases:
         with pytest.raises(CertError) as info:
-            Certificate.from_dict(d)  # type: ignore[arg-type]
+            Certificate.from_dict(case)  # type: ignore[arg-type]
         assert one_line(info.value).startswith("certificate is malformed")
 
 
@@ -432,7 +434,8 @@ def test_hypothesis_any_single_field_change_breaks_verification(
     leaf, root = pair
     when = valid_moment(leaf)
     assert verify_chain([leaf, root], root, now=when) == leaf  # so a refusal below is due to the change
-    changed = replace(leaf, **{field: data.draw(mutation(leaf, field))})  # well-formed by construction
+    changes: dict[str, Any] = {field: data.draw(mutation(leaf, field))}
+    changed = replace(leaf, **changes)  # well-formed by construction
     # Through the JSON form: refused by from_dict (altered) or by the chain check.
     with pytest.raises((CertError, TrustError)):
         parsed = Certificate.from_dict(json.loads(json.dumps(changed.to_dict())))

@@ -209,7 +209,8 @@ def test_child_before_parent_waits_then_applies(pair: Pair) -> None:
                  "dataset_id, extra_fields FROM kolibriauth_facilityuser LIMIT 1")
     conn.commit()
     parent_dir, child_dir = pair.tmp / "p", pair.tmp / "c"
-    parent_dir.mkdir(), child_dir.mkdir()
+    parent_dir.mkdir()
+    child_dir.mkdir()
     parent = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(parent_dir)).last_line
     conn.execute("INSERT INTO logger_contentsessionlog SELECT 'feedfeedfeedfeedfeedfeedfeedfeed', "
                  "'abcdabcdabcdabcdabcdabcdabcdabcd', content_id, channel_id, start_timestamp, end_timestamp, "
