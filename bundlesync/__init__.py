@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from bundlesync._version import __version__
 
 if TYPE_CHECKING:  # the names below are imported on first use, so `bundlesync --version` starts fast
     from bundlesync.device import Device
@@ -31,15 +31,15 @@ if TYPE_CHECKING:  # the names below are imported on first use, so `bundlesync -
     from bundlesync.sync.importer import ImportResult, VerifiedBundle, import_bundle, verify_bundle
 
 __all__ = [
+    "__version__",
     "BundlesyncError",
     "Device",
-    "ExportResult",
-    "ImportResult",
-    "VerifiedBundle",
-    "__version__",
     "export_bundle",
+    "ExportResult",
     "import_bundle",
+    "ImportResult",
     "open_device",
+    "VerifiedBundle",
     "verify_bundle",
 ]
 

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from bundlesync import __version__
+from bundlesync._version import __version__
 from bundlesync.format import container as container
 from bundlesync.device import Device, init_device, resolve_home
 from bundlesync.errors import BundlesyncError

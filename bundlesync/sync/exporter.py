@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bundlesync import __version__
+from bundlesync._version import __version__
 from bundlesync.format import container as container
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.trust.crypto import verify
