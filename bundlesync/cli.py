@@ -20,12 +20,13 @@ import click
 
 from bundlesync._version import __version__
 from bundlesync.format import container as container
-from bundlesync.device import Device, init_device, resolve_home
+from bundlesync.device import Device, init_device, reidentify, resolve_home
 from bundlesync.errors import BundlesyncError
 from bundlesync.sync.exporter import export_bundle
 from bundlesync.sync.importer import import_bundle, verify_bundle
 from bundlesync.plugins.loader import PluginSet
-from bundlesync.sync.purge import purge_user
+from bundlesync.replica.health import describe as describe_repair
+from bundlesync.sync.purge import plan_purge, purge_user
 from bundlesync.sync.status import device_status, list_conflicts
 from bundlesync.trust.authority import issue_grant, provision_facility
 from bundlesync.trust.enrolment import install_grant, request_certificate
@@ -43,6 +44,8 @@ def _say(message: str, *, quiet: bool = False) -> None:
 @contextmanager
 def _device(ctx: click.Context) -> Iterator[Device]:
     device = Device.open(resolve_home(ctx.obj["home"]))
+    for repair in device.repairs:
+        _warn(f"warning: {describe_repair(repair)}")
     try:
         yield device
     finally:
@@ -279,6 +282,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         return
     lines = [
         f"device     instance {st['instance_id']} counter {st['counter']}",
+        *(f"repaired   {r['sentence']}" for r in st["repairs"]),
         f"database   {st['db']} (profile {st['profile']['name']} v{st['profile']['version']})",
         f"pending    {st['pending_changes']} changed row(s) not yet exported; {st['store_records']} records in store",
         f"conflicts  {st['conflicts']}",
@@ -322,14 +326,34 @@ def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bo
 @cli.command("purge")
 @click.option("--facility", "facility_id", required=True)
 @click.option("--user", "user_id", required=True, help="The user whose personal data is erased for good.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation (needed when not on a terminal).")
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
-def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, quiet: bool) -> None:
+def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, yes: bool, quiet: bool) -> None:
     """Erase a user's personal data everywhere (propagates through bundles; cannot be undone)."""
     with _device(ctx) as device:
-        r = purge_user(device, facility_id, user_id)
+        plan = plan_purge(device, facility_id, user_id)
+        if not yes:
+            if not sys.stdin.isatty():
+                raise click.UsageError(f"purge erases user {user_id}'s data for good on every device it reaches and "
+                                       "asks for confirmation, but stdin is not a terminal: re-run with --yes")
+            if not click.confirm(f"Purge every record of user {user_id} in facility {plan.facility_id} "
+                                 f"({', '.join(plan.partitions)}) for good, on every device the purge reaches?",
+                                 err=True):
+                raise BundlesyncError("purge not confirmed; nothing was changed (answer y, or pass --yes)")
+        r = purge_user(device, facility_id, user_id, plan)
     _say(f"purged {r.records} record(s) of user {user_id} in {', '.join(r.partitions)}; "
          f"{r.app_rows_deleted} app row(s) deleted; the next export carries the purge", quiet=quiet)
+
+
+@cli.command("reidentify")
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def reidentify_cmd(ctx: click.Context, quiet: bool) -> None:
+    """Give this device's database a new identity (after it was copied or restored from a backup)."""
+    old, new, pending = reidentify(resolve_home(ctx.obj["home"]))
+    _say(f"the database now has identity {new} (was {old}); counters restart from 0, versions written under "
+         f"{old[:8]} keep it, and {pending} pending change(s) will be exported under the new identity", quiet=quiet)
 
 
 @cli.command("plugins")

@@ -671,7 +671,7 @@ def test_install_grant_for_another_device_is_refused(tmp_path: Path, authority: 
                   instance_id="aaaa", out_dir=usb, now=NOW),
         usb, now=NOW,
     )
-    b.device_key()
+    b.ensure_device_key()
     with pytest.raises(CertError, match="not this device's key") as info:
         install_grant(b, grant, now=NOW)
     one_line(info.value)
@@ -728,7 +728,7 @@ def test_keyring_refuses_world_readable_device_key(tmp_path: Path) -> None:
     if os.name != "posix":
         pytest.skip("POSIX file modes")
     ring = KeyStore(tmp_path / "home")
-    ring.device_key()
+    ring.ensure_device_key()
     (tmp_path / "home" / "keys" / "device.key").chmod(0o644)
     with pytest.raises(CertError, match="chmod 600"):
         ring.device_key()

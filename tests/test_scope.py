@@ -75,7 +75,7 @@ def test_out_of_scope_records_are_refused_and_the_rest_applies(tmp_path: Path) -
                 "FROM bundlesync_store WHERE model = 'kolibriauth_collection' AND inst = ?", (dev.instance_id,))
         ]
     assert forged_lines
-    key = KeyStore(t).device_key()
+    key = KeyStore(t).ensure_device_key()
     manifest = dict(info.manifest)
     manifest["bundle_id"] = "f" * 32
     out = tmp_path / "forged"

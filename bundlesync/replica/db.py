@@ -130,6 +130,20 @@ def m002_indexes_for_streaming(db: Database) -> None:
         """)
 
 
+@migrations()
+def m003_repairs(db: Database) -> None:
+    """What bundlesync found wrong with this database and repaired (shown by ``status``)."""
+    _run_script(db.conn, """
+        CREATE TABLE bundlesync_repairs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            at TEXT NOT NULL,
+            model TEXT NOT NULL,
+            what TEXT NOT NULL,
+            changes INTEGER NOT NULL
+        )
+        """)
+
+
 def _run_script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``;``-separated DDL inside the caller's transaction (``executescript`` would commit)."""
     for statement in script.split(";"):

@@ -30,9 +30,11 @@ __all__ = [
     "ensure_identity",
     "fetch_versions",
     "instance_id",
+    "new_identity",
     "log_conflicts",
     "loser_json",
     "next_counter",
+    "reconcile_table",
     "record_transfer",
     "serialize_changes",
     "upsert_versions",
@@ -40,6 +42,9 @@ __all__ = [
 
 BATCH = 5000
 """Rows per read/write batch: bounds memory and keeps statements short."""
+
+_NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+"""Unix time in milliseconds, computed by SQLite (the time a change is logged)."""
 
 # --- identity -------------------------------------------------------------------------
 
@@ -52,6 +57,24 @@ def ensure_identity(conn: sqlite3.Connection) -> str:
     )
     conn.execute("INSERT INTO bundlesync_meta (key, value) VALUES ('counter', '0') ON CONFLICT (key) DO NOTHING")
     return instance_id(conn)
+
+
+def new_identity(conn: sqlite3.Connection) -> tuple[str, str]:
+    """Give this database a new instance id whose counter starts from 0; return ``(old, new)``.
+
+    For a database copied from another device or restored from an older backup: its
+    next versions must not reuse a counter the old identity already used elsewhere.
+    Stored versions keep their writer ids (the old identity did write them), pending
+    changes serialize under the new id, and the export history is forgotten so the
+    first export under the new id does not assume receivers hold what the old one sent.
+    Must run inside a write transaction.
+    """
+    old = instance_id(conn)
+    new = uuid.uuid4().hex
+    conn.execute("UPDATE bundlesync_meta SET value = ? WHERE key = 'instance_id'", (new,))
+    conn.execute("UPDATE bundlesync_meta SET value = '0' WHERE key = 'counter'")
+    conn.execute("DELETE FROM bundlesync_transfers WHERE direction = 'export'")
+    return old, new
 
 
 def instance_id(conn: sqlite3.Connection) -> str:
@@ -272,6 +295,55 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
             result.by_model[name] = written
             result.versions += written
     return result
+
+
+def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
+    """Log, as changes, every difference between an app table and the store; return how many.
+
+    For a table whose tracking triggers were missing for a while (the app rebuilt it),
+    this finds every edit made meanwhile: app rows the store lacks or holds with other
+    data or partition (inserts, updates), and live store records whose app row is gone
+    (deletes). Store records that wait to be written (``dirty``) are left alone on both
+    sides: the app never saw them. Rows are read in primary-key batches, so memory stays
+    flat whatever the table's size; the deletions are found by one set-based statement.
+    Must run inside a write transaction.
+    """
+    name, columns, pk = table.name, table.columns, q(table.primary_key)
+    select = (
+        f"SELECT t.{pk}, {table.partition_sql('t')}, s.data, s.partition, s.deleted, s.purged, s.dirty, "
+        + ", ".join(f"t.{q(c)}" for c in columns)
+        + f" FROM {q(name)} t LEFT JOIN bundlesync_store s ON s.model = ? AND s.id = t.{pk} "
+    )
+    log = (f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, {_NOW_MS}) "
+           "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms")
+    logged = 0
+    rows = conn.execute(select + f"WHERE t.{pk} IS NOT NULL ORDER BY t.{pk} LIMIT {BATCH}", (name,)).fetchall()
+    while rows:
+        changed = []
+        for row in rows:
+            record_id, partition, s_data, s_part, s_deleted, s_purged, s_dirty = row[:7]
+            if s_data is not None:
+                if s_dirty:
+                    continue
+                if not s_deleted and not s_purged:
+                    data = encode_data(columns, row[7:])
+                    if data != s_data:
+                        data = _keep_unknown_keys(s_data, data, columns)
+                    if data == s_data and partition == s_part:
+                        continue
+            changed.append((name, record_id))
+        conn.executemany(log, changed)
+        logged += len(changed)
+        rows = conn.execute(select + f"WHERE t.{pk} > ? ORDER BY t.{pk} LIMIT {BATCH}",
+                            (name, rows[-1][0])).fetchall()
+    gone = conn.execute(
+        f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT s.model, s.id, {_NOW_MS} FROM bundlesync_store s "
+        "WHERE s.model = ? AND NOT s.deleted AND NOT s.purged AND NOT s.dirty "
+        f"AND NOT EXISTS (SELECT 1 FROM {q(name)} t WHERE t.{pk} = s.id) "
+        "ON CONFLICT (model, pk) DO NOTHING",
+        (name,),
+    )
+    return logged + max(gone.rowcount, 0)
 
 
 def record_transfer(conn: sqlite3.Connection, *, bundle_id: str, direction: str, dataset_id: str,

@@ -8,6 +8,10 @@ versions. While an import applies incoming rows it puts a row into
 skips the logging, so imported rows are not mistaken for local edits. Other
 connections never see that row: it is inserted and deleted inside one
 transaction that holds the write lock.
+
+Triggers can vanish (an app migration that rebuilds a table drops them) or fall out
+of date; :mod:`bundlesync.replica.health` compares :func:`expected_triggers` with
+:func:`installed_triggers` on every open and repairs the difference.
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
     "NOW_MS_SQL",
-    "install_triggers",
-    "is_tracked",
+    "expected_triggers",
+    "install_table_triggers",
+    "installed_triggers",
     "suppressed",
     "trigger_names",
 ]
@@ -52,20 +57,20 @@ def _log(model: str, pk_ref: str) -> str:
     )
 
 
-def _trigger_sql(table: TableSpec) -> Iterator[str]:
+def _trigger_sql(table: TableSpec) -> Iterator[tuple[str, str]]:
     ins, upd, dele = trigger_names(table)
     t, pk = q(table.name), q(table.primary_key)
-    yield (
-        f"CREATE TRIGGER IF NOT EXISTS {q(ins)} AFTER INSERT ON {t} WHEN {_QUIET} "
+    yield ins, (
+        f"CREATE TRIGGER {q(ins)} AFTER INSERT ON {t} WHEN {_QUIET} "
         f"BEGIN {_log(table.name, f'NEW.{pk}')} END"
     )
     # An update that changes the primary key is a delete of the old row plus an insert.
-    yield (
-        f"CREATE TRIGGER IF NOT EXISTS {q(upd)} AFTER UPDATE ON {t} WHEN {_QUIET} "
+    yield upd, (
+        f"CREATE TRIGGER {q(upd)} AFTER UPDATE ON {t} WHEN {_QUIET} "
         f"BEGIN {_log(table.name, f'NEW.{pk}')} {_log(table.name, f'OLD.{pk}')} END"
     )
-    yield (
-        f"CREATE TRIGGER IF NOT EXISTS {q(dele)} AFTER DELETE ON {t} WHEN {_QUIET} "
+    yield dele, (
+        f"CREATE TRIGGER {q(dele)} AFTER DELETE ON {t} WHEN {_QUIET} "
         f"BEGIN {_log(table.name, f'OLD.{pk}')} END"
     )
 
@@ -82,7 +87,7 @@ def _unique_keys(conn: sqlite3.Connection, table: TableSpec) -> list[tuple[str, 
     return found
 
 
-def _displacement_triggers(conn: sqlite3.Connection, table: TableSpec) -> Iterator[str]:
+def _displacement_triggers(conn: sqlite3.Connection, table: TableSpec) -> Iterator[tuple[str, str]]:
     """BEFORE triggers that log the rows an ``OR REPLACE`` is about to remove.
 
     SQLite deletes a row that collides on a UNIQUE index without firing DELETE
@@ -91,51 +96,42 @@ def _displacement_triggers(conn: sqlite3.Connection, table: TableSpec) -> Iterat
     serialization finds that row unchanged and makes no version.
     """
     t, pk = q(table.name), q(table.primary_key)
-    for index, columns in _unique_keys(conn, table):
+    for index, columns in sorted(_unique_keys(conn, table)):
         for event in ("INSERT", "UPDATE"):
-            name = q(f"bundlesync_{table.name}_{event[:3].lower()}_{index}")
+            name = f"bundlesync_{table.name}_{event[:3].lower()}_{index}"
             match = " AND ".join(f"{q(c)} = NEW.{q(c)}" for c in columns)
-            yield (
-                f"CREATE TRIGGER IF NOT EXISTS {name} BEFORE {event} ON {t} WHEN {_QUIET} BEGIN "
+            yield name, (
+                f"CREATE TRIGGER {q(name)} BEFORE {event} ON {t} WHEN {_QUIET} BEGIN "
                 f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT {_literal(table.name)}, {pk}, {NOW_MS_SQL} "
                 f"FROM {t} WHERE {match} AND {pk} IS NOT NEW.{pk} "
                 "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms; END"
             )
 
 
-def is_tracked(conn: sqlite3.Connection, table: TableSpec) -> bool:
-    """True when all three tracking triggers of ``table`` exist."""
-    names = trigger_names(table)
-    found = conn.execute(
-        f"SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ({', '.join('?' * len(names))})",
-        names,
-    ).fetchone()[0]
-    return bool(found == len(names))
+def expected_triggers(conn: sqlite3.Connection, table: TableSpec) -> dict[str, str]:
+    """Every tracking trigger ``table`` must carry now: name -> its SQL as ``sqlite_master`` keeps it.
 
-
-def install_triggers(conn: sqlite3.Connection, profile: Profile) -> list[str]:
-    """Install the triggers of every profile table; log existing rows of newly tracked tables.
-
-    Idempotent. Must run inside a write transaction. Returns the names of the
-    tables that became tracked now (their existing rows are queued as changes, so
-    the first export carries them).
+    The displacement triggers follow the table's current UNIQUE indexes, so an index the
+    app adds in an upgrade gets its trigger at the next check.
     """
-    newly: list[str] = []
-    for table in profile.tables:
-        for statement in _displacement_triggers(conn, table):
-            conn.execute(statement)
-        if is_tracked(conn, table):
-            continue
-        for statement in _trigger_sql(table):
-            conn.execute(statement)
-        conn.execute(
-            f"INSERT INTO bundlesync_changes (model, pk, at_ms) "
-            f"SELECT ?, {q(table.primary_key)}, {NOW_MS_SQL} FROM {q(table.name)} WHERE true "
-            "ON CONFLICT (model, pk) DO NOTHING",
-            (table.name,),
+    return dict([*_displacement_triggers(conn, table), *_trigger_sql(table)])
+
+
+def installed_triggers(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
+    """bundlesync's triggers in the database: name -> (table it is on, SQL)."""
+    return {
+        name: (tbl, sql)
+        for name, tbl, sql in conn.execute(
+            "SELECT name, tbl_name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'bundlesync\\_%' ESCAPE '\\'"
         )
-        newly.append(table.name)
-    return newly
+    }
+
+
+def install_table_triggers(conn: sqlite3.Connection, table: TableSpec) -> None:
+    """(Re)create every tracking trigger of ``table`` as :func:`expected_triggers` says (in a write transaction)."""
+    for name, sql in expected_triggers(conn, table).items():
+        conn.execute(f"DROP TRIGGER IF EXISTS {q(name)}")
+        conn.execute(sql)
 
 
 class suppressed:

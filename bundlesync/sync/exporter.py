@@ -29,7 +29,7 @@ from pathlib import Path
 from bundlesync._version import __version__
 from bundlesync.format import container as container
 from bundlesync.replica import fsic as fsic_mod
-from bundlesync.trust.crypto import verify
+from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import read_transaction, write_transaction
 from bundlesync.trust.certs import Certificate
 from bundlesync.device import Device
@@ -100,11 +100,13 @@ class ExportWork(FacilityDataSyncHook):
     """bundlesync's own export work, one operation per stage."""
 
     def __init__(self, device: Device, chain: Sequence[Certificate], out_dir: Path, *, full: bool, user: str | None,
-                 since: Path | None, plugins: PluginSet, now: datetime.datetime | None) -> None:
+                 since: Path | None, plugins: PluginSet, now: datetime.datetime | None,
+                 key: SigningKey | None = None) -> None:
         self.device, self.chain, self.out_dir = device, tuple(chain), out_dir
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
         self.skipped_receipts: list[str] = []
+        self.key = key
         self.writer: container.BundleWriter | None = None
         self.path: Path | None = None
         self.result = ExportResult(None, uuid.uuid4().hex, "")
@@ -192,7 +194,7 @@ class ExportWork(FacilityDataSyncHook):
         ctx.manifest = manifest
         self.result.result = held
         name = f"bundle-{ctx.dataset_id[:8]}-{me[:8]}-{counter:06d}-{self.result.bundle_id[:8]}.bsync"
-        key = self.device.keys.device_key()
+        key = self.key or self.device.keys.signing_key(self.chain)
         self.writer = container.BundleWriter(self.out_dir, name, manifest.to_dict(), lambda d: key.sign("bundle", d))
         counts = self.result.counts
         for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
@@ -254,10 +256,12 @@ def export_bundle(
             f"this device holds no certificate for facility {facility}: run `bundlesync facility provision` "
             "on the facility's authority, or `bundlesync cert request` here and `cert install` the grant"
         )
+    # Before anything is written: a lost or replaced key would only make a bundle nobody accepts.
+    key = device.keys.signing_key(chain)
     ctx = SyncContext("export", device.home, device.profile, conn, device.instance_id, dataset_id=dataset_id,
                       facility_id=facility_id, local_scope=chain[0].scope,
                       remote_scope=f"user:{user}" if user else None)
-    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now)
+    work = ExportWork(device, chain, out_dir, full=full, user=user, since=since, plugins=plugins, now=now, key=key)
     plugins.transfer_hooks("pre_transfer", ctx, warn or (lambda _: None))
     try:
         with write_transaction(conn):

@@ -259,7 +259,7 @@ def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
     prefixes = scope_filters(device.profile, dataset_id, chain[0].scope).read
     held = fsic_mod.held(fsic_mod.read_rows(device.conn), prefixes)
     receipt = make_receipt(dataset_id, device.instance_id, prefixes, held, chain)
-    return write_receipt(folder, receipt, device.keys.device_key())
+    return write_receipt(folder, receipt, device.keys.signing_key(chain))
 
 
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,

@@ -7,6 +7,7 @@ from typing import Any
 
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.device import Device
+from bundlesync.replica.health import describe, recent_repairs
 from bundlesync.replica.store import current_counter, pending_changes
 
 __all__ = ["device_status", "list_conflicts"]
@@ -63,6 +64,8 @@ def device_status(device: Device) -> dict[str, Any]:
         "conflicts": int(conn.execute("SELECT count(*) FROM bundlesync_conflicts").fetchone()[0]),
         "facilities": facilities,
         "last_transfers": transfers,
+        "repairs": [{"at": r.at, "table": r.table, "what": r.what, "changes": r.changes, "sentence": describe(r)}
+                    for r in recent_repairs(conn)],
     }
 
 

@@ -48,7 +48,7 @@ def provision_facility(
     """
     validate_id(dataset_id, "dataset id")
     validate_id(facility_id, "facility id")
-    device = store.device_key()
+    device = store.ensure_device_key()
     root = store.trusted_root(dataset_id)
     root_key = store.root_key(dataset_id)
     if root is not None:

@@ -50,7 +50,7 @@ def request_certificate(
         CertError: An argument is not valid, or a file cannot be read or written.
     """
     request = make_request(
-        store.device_key(),
+        store.ensure_device_key(),
         dataset_id=dataset_id,
         facility_id=facility_id,
         profile=profile,

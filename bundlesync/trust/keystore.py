@@ -48,6 +48,11 @@ _CERTS_DIR = "certs"
 _DEVICE_KEY = "device.key"
 _TRUSTED_ROOT = "trusted-root.json"
 _DEVICE_CHAIN = "device-chain.json"
+_NEW_CERT = (
+    "get a new certificate: run `bundlesync cert request --facility FACILITY --scope SCOPE --out DRIVE` here, "
+    "`bundlesync cert issue REQUEST --out DRIVE` on the facility's authority, then `bundlesync cert install GRANT` "
+    "here (on the authority itself: `bundlesync facility provision --facility FACILITY`)"
+)
 
 
 class KeyStore:
@@ -91,17 +96,59 @@ class KeyStore:
             raise
         return key
 
-    def device_key(self) -> SigningKey:
-        """This device's signing key, created on first use.
+    def ensure_device_key(self) -> SigningKey:
+        """This device's signing key, created if the home has none yet.
 
-        Returns:
-            The key.
+        Only the commands that set a device up (``init``, ``cert request``, ``facility
+        provision``) may create it: a new key is useless until a certificate names it.
 
         Raises:
             CertError: The key file exists but cannot be used (permissions, damage), or
                 cannot be written.
         """
         return self.create_key(self._device_key_path())
+
+    def device_key(self) -> SigningKey:
+        """This device's existing signing key (never created here).
+
+        Raises:
+            StateError: There is no key file: the home lost it.
+            CertError: The key file exists but cannot be used (permissions, damage).
+        """
+        path = self._device_key_path()
+        if not path.exists():
+            raise StateError(f"this device's signing key {path} is missing and a new one is never made silently: "
+                             f"restore it from a backup, or {_NEW_CERT}")
+        return load_private_key(path)
+
+    def signing_key(self, chain: tuple[Certificate, ...]) -> SigningKey:
+        """The device key, checked against the certificate it will sign for (``chain[0]``).
+
+        Called before an export or a receipt writes anything, so a lost, damaged or
+        replaced key is reported up front with the way to recover, instead of a bundle
+        whose signature no device would accept.
+
+        Raises:
+            StateError: The key is missing, damaged or not the key the certificate names.
+            CertError: The key file is readable by other users (the fix is ``chmod``).
+        """
+        path = self._device_key_path()
+        leaf = chain[0]
+        hint = _NEW_CERT.replace("FACILITY", leaf.facility_id).replace("SCOPE", leaf.scope)
+        if not path.exists():
+            raise StateError(f"this device's signing key {path} is missing and a new one is never made silently "
+                             f"(no certificate would name it): restore it from a backup, or {hint}")
+        try:
+            key = load_private_key(path)
+        except CertError as exc:
+            if "chmod" in str(exc):
+                raise
+            raise StateError(f"this device's signing key {path} is damaged: restore it from a backup, or delete "
+                             f"it and {hint}") from exc
+        if key.public_key != leaf.subject_key:
+            raise StateError(f"this device's signing key {path} is not the key its certificate {leaf.cert_id} "
+                             f"names (replaced?): restore the original from a backup, or {hint}")
+        return key
 
     def existing_device_key(self) -> SigningKey | None:
         path = self._device_key_path()
