@@ -190,7 +190,7 @@ def test_a_purge_drops_the_conflict_log_and_undoes_later_local_edits(trio: Trio)
     assert f"{USERS} {t.other}: lost" in text.out
     saved = _row_of(t, t.b_db, LOGS, t.other)
     # A purges V through the CLI: V's rows and conflict-log entries go.
-    res = run_cli(t.a, "purge", "--facility", t.facility, "--user", t.other)
+    res = run_cli(t.a, "purge", "--facility", t.facility, "--user", t.other, "--yes")
     assert "purged" in res.err and f"user {t.other}" in res.err
     assert json.loads(run_cli(t.a, "conflicts", "--json").out) == []
     assert "no conflicts" in run_cli(t.a, "conflicts").err
