@@ -67,6 +67,8 @@ try:
     from bundlesync.sync.exporter import export_bundle
     from bundlesync.sync.importer import import_bundle
     from bundlesync.replica.store import pending_changes, serialize_changes
+    from bundlesync.trust.authority import issue_grant, provision_facility
+    from bundlesync.trust.enrolment import install_grant, request_certificate
 except ImportError as _exc:  # pragma: no cover - set-up problem, not a bench result
     if isinstance(_exc, ModuleNotFoundError) and (_exc.name or "").split(".")[0] == "bundlesync":
         print("error: bundlesync is not installed in this Python; run with the project's venv: "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,14 +55,47 @@ class CliResult:
         return lines[-1] if lines else ""
 
 
+# Mutation testing (scripts/mutation.sh) first maps each test to the library functions it runs.
+# A CLI test runs them in a child process, so the child reports what it ran and the test is
+# credited with it; otherwise mutants reached only through the CLI would count as untested.
+_STATS_CHILD = """
+import atexit, json, runpy, sys
+from mutmut.state import state
+out = sys.argv[1]
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(state()._stats))))
+sys.argv = ["bundlesync", *sys.argv[2:]]
+runpy.run_module("bundlesync", run_name="__main__", alter_sys=True)
+"""
+
+
+def _mutation_stats_file() -> Path:
+    fd, name = tempfile.mkstemp(prefix="mutmut-stats-", suffix=".json")
+    os.close(fd)
+    return Path(name)
+
+
+def _credit_mutation_stats(path: Path) -> None:
+    from mutmut.state import state  # only installed where mutation testing runs
+
+    try:
+        state()._stats.update(json.loads(path.read_text() or "[]"))
+    finally:
+        path.unlink(missing_ok=True)
+
+
 def run_cli(home: Path | None, *args: str, check: bool = True, env: dict[str, str] | None = None) -> CliResult:
     """Run ``python -m bundlesync`` as a real subprocess."""
     full_env = {k: v for k, v in os.environ.items() if k != "BUNDLESYNC_HOME"}
     if home is not None:
         full_env["BUNDLESYNC_HOME"] = str(home)
     full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "bundlesync", *args], capture_output=True, text=True,
-                          env=full_env, cwd=ROOT, timeout=300)
+    command = [sys.executable, "-m", "bundlesync", *args]
+    stats = _mutation_stats_file() if os.environ.get("MUTANT_UNDER_TEST") == "stats" else None
+    if stats is not None:
+        command = [sys.executable, "-c", _STATS_CHILD, str(stats), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=300)
+    if stats is not None:
+        _credit_mutation_stats(stats)
     result = CliResult(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"bundlesync {' '.join(args)} failed ({proc.returncode}): {proc.stderr}")

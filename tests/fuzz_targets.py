@@ -17,11 +17,23 @@ from pathlib import Path
 from bundlesync.errors import BundlesyncError
 from bundlesync.format import container
 from bundlesync.format.records import parse_record
+from bundlesync.profile import Profile, load_profile
 from bundlesync.trust.crypto import SigningKey
 from bundlesync.trust.keystore import KeyStore
 from bundlesync.trust.receipts import read_receipt
 
 __all__ = ["Mutation", "Seeds", "mutate", "read_bundle", "read_receipt_file"]
+
+_PROFILE_PATH = Path(__file__).resolve().parent.parent / "fixtures" / "facility_profile.yaml"
+_profile: Profile | None = None
+
+
+def _fixture_profile() -> Profile:
+    """The reference profile (receipts are checked against its scopes); loaded once."""
+    global _profile
+    if _profile is None:
+        _profile = load_profile(_PROFILE_PATH)
+    return _profile
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,6 @@ def read_receipt_file(seeds: Seeds, mutations: list[Mutation], field: str | None
     path = tmp / "receipt-fuzz.json"
     path.write_bytes(data)
     try:
-        read_receipt(path, KeyStore(seeds.home))
+        read_receipt(path, KeyStore(seeds.home), _fixture_profile())
     except BundlesyncError as exc:
         assert "\n" not in str(exc), str(exc)

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -403,7 +404,7 @@ def test_unknown_version_or_flags(
         b"",
         b"0123456789",
         b"hello, this is a text file\n" * 20,
-        os.urandom(4096),
+        random.Random(4096).randbytes(4096),
         MAGIC,
         frame(b"x" * 500),
     ],
@@ -451,6 +452,27 @@ def test_frame_without_checksum_is_rejected(tmp_path: Path) -> None:
     payload = zstd.ZstdCompressor(write_checksum=False).compress(b"a\n")
     path = craft(tmp_path / "p.bsb", payload, summary_for([b"a\n"]))
     assert "content checksum" in str(format_error(path))
+
+
+def test_frame_needing_an_oversized_window_is_rejected(tmp_path: Path) -> None:
+    """A frame that asks for a window over the reader's limit is refused before decompression."""
+    params = zstd.ZstdCompressionParameters(window_log=28, write_checksum=1, write_content_size=0)
+    stream = zstd.ZstdCompressor(compression_params=params).compressobj()
+    payload = stream.compress(b"a\n") + stream.flush()
+    assert zstd.get_frame_parameters(payload).window_size == 1 << 28
+    path = craft(tmp_path / "p.bsb", payload, summary_for([b"a\n"]))
+    message = str(format_error(path))
+    assert f"needs a {1 << 28} byte window, over the {1 << 27} limit" in message
+
+
+def test_frame_needing_a_dictionary_is_rejected(tmp_path: Path) -> None:
+    """A frame compressed against a dictionary cannot be read by anyone without it: refused."""
+    samples = [f'{{"id":"{i:032x}","v":{i * 7 % 13},"name":"learner {i % 17}"}}\n'.encode() for i in range(2000)]
+    dictionary = zstd.train_dictionary(2048, list[bytes | bytearray | memoryview](samples))
+    payload = zstd.ZstdCompressor(dict_data=dictionary, write_checksum=True).compress(samples[0])
+    assert zstd.get_frame_parameters(payload).dict_id == dictionary.dict_id() != 0
+    path = craft(tmp_path / "p.bsb", payload, summary_for(samples[:1]))
+    assert "needs a dictionary" in str(format_error(path))
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,11 @@ import stat
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +38,7 @@ from bundlesync.trust.certs import (
     scope_covers,
     verify_chain,
 )
-from bundlesync.trust.crypto import SigningKey
+from bundlesync.trust.crypto import SigningKey, key_fingerprint
 from bundlesync.errors import CertError, StateError, TrustError
 from bundlesync.trust.keystore import KeyStore
 from bundlesync.trust.authority import issue_grant, provision_facility
@@ -47,10 +50,18 @@ FACILITY = "f" * 32
 PROFILE = "facilitydata"
 USER = "0123456789abcdef0123456789abcdef"
 
-# Keys are slow-ish to make and not what hypothesis should explore: make them once.
-ROOT_KEY = SigningKey.generate()
-DEVICE_KEY = SigningKey.generate()
-OTHER_KEY = SigningKey.generate()
+
+
+def key_from_seed(seed_hex: str) -> SigningKey:
+    """A fixed Ed25519 key: runs are reproducible, and known answers can be checked."""
+    private = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(seed_hex))
+    return SigningKey.from_pem(private.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+
+
+# The secret keys of RFC 8032's Ed25519 test vectors 1, 2 and 3 (section 7.1).
+ROOT_KEY = key_from_seed("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+DEVICE_KEY = key_from_seed("4ccd089b28ff96da9db6c346ec114e0f5b8a319f35aba624da8cf6ed4fb8a6fb")
+OTHER_KEY = key_from_seed("c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7")
 
 
 def make_root(key: SigningKey = ROOT_KEY, dataset: str = DATASET) -> Certificate:
@@ -97,6 +108,27 @@ def test_root_and_leaf_verify() -> None:
     assert (leaf.dataset_id, leaf.facility_id, leaf.profile) == (DATASET, FACILITY, PROFILE)
     assert verify_chain([leaf, root], root, dataset_id=DATASET, now=NOW) == leaf
     assert verify_chain([root], root, now=NOW) == root
+
+
+def test_known_answers() -> None:
+    """Fixed keys and times give fixed bytes: fingerprints, signatures and certificate ids never drift."""
+    assert ROOT_KEY.public_key.hex() == "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"  # RFC 8032
+    assert DEVICE_KEY.public_key.hex() == "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
+    assert OTHER_KEY.public_key.hex() == "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025"
+    assert key_fingerprint(ROOT_KEY.public_key) == "21fe31dfa154a261"
+    assert key_fingerprint(DEVICE_KEY.public_key) == "39f713d0a644253f"
+    assert key_fingerprint(bytes(32)) == "66687aadf862bd77"
+    # A signature in the "bundle" context (Ed25519 is deterministic).
+    assert ROOT_KEY.sign("bundle", b"").hex() == (
+        "fedc05d8aec5248c772cbbb0abb5009ea30a2dba0139e98fce232ef15d461118"
+        "813d862de075e686bd740ba2eae13fb12d1e4214dc9938086d9efbfd63c8d50a")
+    root = make_root()
+    assert (root.cert_id, root.fingerprint) == ("acb5f8741859d3b934bd7bb2426e66e7", "21fe31dfa154a261")
+    assert root.signature.hex() == (
+        "96a9e4d659cf6c900f3977e2d80f810c3fbb429788081c5630400fcc11bbb7c4"
+        "d580a7510a5e37977af3707c4fb72ccf7fe9de725e050ed21d813eb1794c7a06")
+    leaf = issue_certificate(root, ROOT_KEY, DEVICE_KEY.public_key, f"user:{USER}", now=NOW)
+    assert (leaf.cert_id, leaf.fingerprint) == ("ea61bac42d7041bb041c89712377caab", "39f713d0a644253f")
 
 
 def test_cert_id_is_hash_of_canonical_unsigned_body() -> None:
@@ -164,7 +196,8 @@ class TestVerifyChainRefuses:
         ids=["scope", "dataset_id", "facility_id", "profile", "subject_key", "issued_at", "expires_at"],
     )
     def test_tampered_field(self, field: str, value: object) -> None:
-        leaf = replace(self.leaf, **{field: value})
+        changes: dict[str, Any] = {field: value}
+        leaf = replace(self.leaf, **changes)
         # As sent: the id no longer matches the content.
         with pytest.raises(TrustError, match="altered"):
             verify_chain([leaf, self.mid, self.root], self.root, now=NOW)
@@ -287,7 +320,7 @@ def test_from_dict_refuses_malformed() -> None:
     cases += [
         {**good, "extra": 1},
         {**good, "subject_key": "zz" * 32},
-        {**good, "subject_key": good["subject_key"].upper()},  # type: ignore[union-attr]
+        {**good, "subject_key": str(good["subject_key"]).upper()},
         {**good, "signature": "00"},
         {**good, "scope": 7},
         {**good, "issued_at": "yesterday"},
@@ -298,9 +331,9 @@ def test_from_dict_refuses_malformed() -> None:
         [],
         "text",
     ]
-    for d in cases:
+    for case in cases:
         with pytest.raises(CertError) as info:
-            Certificate.from_dict(d)  # type: ignore[arg-type]
+            Certificate.from_dict(case)  # type: ignore[arg-type]
         assert one_line(info.value).startswith("certificate is malformed")
 
 
@@ -347,10 +380,35 @@ MUTATIONS: dict[str, st.SearchStrategy[object]] = {
     "scope": scopes,
     "subject_key": st.binary(min_size=32, max_size=32),
     "issuer_id": st.from_regex(r"\A[0-9a-f]{32}\Z"),
-    "issued_at": moments.map(format_time),
-    "expires_at": st.one_of(st.none(), st.just("2099-12-31T23:59:59Z")),
     "signature": st.binary(min_size=64, max_size=64),
 }
+"""Well-formed replacement values per field (the times depend on the certificate: see ``mutation``)."""
+
+
+def moment(text: str) -> datetime:
+    """A certificate time (``2025-03-01T12:00:00Z``) as an aware datetime."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def mutation(cert: Certificate, field: str) -> st.SearchStrategy[object]:
+    """Values for ``field`` that differ from ``cert``'s and keep the certificate well-formed."""
+    issued = moment(cert.issued_at)
+    if field == "issued_at":  # still before the expiry, if any
+        latest = datetime(2090, 1, 1) if cert.expires_at is None else \
+            moment(cert.expires_at).replace(tzinfo=None) - timedelta(seconds=1)
+        strategy: st.SearchStrategy[object] = st.datetimes(
+            min_value=datetime(2000, 1, 1), max_value=latest, timezones=st.just(timezone.utc)).map(format_time)
+    elif field == "expires_at":  # none, or after the issue time
+        strategy = st.one_of(st.none(), st.integers(1, 10**9).map(
+            lambda s: format_time(issued + timedelta(seconds=s))))
+    else:
+        strategy = MUTATIONS[field]
+    return strategy.filter(lambda v: v != getattr(cert, field))
+
+
+def valid_moment(leaf: Certificate) -> datetime:
+    """A moment at which ``leaf`` is valid: its issue time (its expiry, if any, is later)."""
+    return moment(leaf.issued_at)
 
 
 @settings(max_examples=150, deadline=None)
@@ -360,29 +418,33 @@ def test_hypothesis_round_trip(pair: tuple[Certificate, Certificate]) -> None:
     for cert in (leaf, root):
         d = json.loads(json.dumps(cert.to_dict()))
         assert Certificate.from_dict(d) == cert
-    assert verify_chain([leaf, root], root, now=NOW.replace(year=1999)) == leaf
+    assert verify_chain([leaf, root], root, now=valid_moment(leaf)) == leaf
+    if leaf.expires_at is not None:
+        expiry = moment(leaf.expires_at)
+        assert verify_chain([leaf, root], root, now=expiry - timedelta(seconds=1)) == leaf
+        with pytest.raises(TrustError, match="expired"):
+            verify_chain([leaf, root], root, now=expiry)
 
 
 @settings(max_examples=300, deadline=None)
-@given(chains(), st.sampled_from(sorted(MUTATIONS)), st.data())
+@given(chains(), st.sampled_from([*sorted(MUTATIONS), "issued_at", "expires_at"]), st.data())
 def test_hypothesis_any_single_field_change_breaks_verification(
     pair: tuple[Certificate, Certificate], field: str, data: st.DataObject
 ) -> None:
     leaf, root = pair
-    new = data.draw(MUTATIONS[field].filter(lambda v: v != getattr(leaf, field)))
-    try:
-        changed = replace(leaf, **{field: new})
-    except ValueError:
-        return  # the change makes the certificate ill-formed: refused on construction
+    when = valid_moment(leaf)
+    assert verify_chain([leaf, root], root, now=when) == leaf  # so a refusal below is due to the change
+    changes: dict[str, Any] = {field: data.draw(mutation(leaf, field))}
+    changed = replace(leaf, **changes)  # well-formed by construction
     # Through the JSON form: refused by from_dict (altered) or by the chain check.
     with pytest.raises((CertError, TrustError)):
         parsed = Certificate.from_dict(json.loads(json.dumps(changed.to_dict())))
-        verify_chain([parsed, root], root, now=datetime(1999, 1, 1, tzinfo=timezone.utc))
+        verify_chain([parsed, root], root, now=when)
     # Even with the id recomputed, the issuer's signature no longer matches.
     if field != "cert_id":
         fixed = replace(changed, cert_id=changed.computed_id())
-        with pytest.raises(TrustError):
-            verify_chain([fixed, root], root, now=datetime(1999, 1, 1, tzinfo=timezone.utc))
+        with pytest.raises(TrustError, match="not signed by its issuer|names issuer|dataset|profile"):
+            verify_chain([fixed, root], root, now=when)
 
 
 # --------------------------------------------------------------------------- request files

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Mutation testing of the modules that hold the sync invariants (pyproject [tool.mutmut]).
+# Not part of CI: it is slow. It changes the library one small edit at a time (a mutant) and
+# runs the tests that reach the edited function; a mutant no test notices "survives" and
+# points at a promise no test defends.
+#
+#   scripts/mutation.sh [--budget SECONDS] [MUTANT_GLOB...]
+#
+#   --budget  stop after this many seconds (default 3600); results so far are kept in
+#             ./mutants/ and the next run carries on from them
+#   MUTANT_GLOB  only these mutants, e.g. 'bundlesync.sync.dequeue*' (default: all)
+#
+# Runs under `nice -n 10` with one test process (MUTMUT_CHILDREN=N for more), then prints
+# the counts per status and every survivor (`python -m mutmut show NAME` shows its diff).
+source "$(dirname "$0")/_venv.sh"
+cd "$ROOT"
+budget=3600
+if [ "${1:-}" = "--budget" ]; then
+    budget="$2"
+    shift 2
+fi
+status=0
+timeout --signal=INT --kill-after=30 "$budget" \
+    nice -n 10 python -m mutmut run --max-children "${MUTMUT_CHILDREN:-1}" "$@" >mutants-run.log 2>&1 || status=$?
+if [ "$status" = 124 ]; then
+    echo "mutation: stopped after the ${budget}s budget; run again to continue" >&2
+elif [ "$status" != 0 ]; then
+    echo "mutation: mutmut exited $status; see mutants-run.log" >&2
+fi
+python -m mutmut results --all true >mutants-results.txt 2>&1 || true
+echo "mutants by status:"
+sed -n 's/.*: \([a-z ]*\)$/\1/p' mutants-results.txt | sort | uniq -c
+echo "survivors:"
+grep -E ': survived$' mutants-results.txt || echo "  (none)"
