@@ -407,7 +407,7 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
             except (BundlesyncError, OSError) as exc:
                 failed = failure_json(path, exc)
                 reports.append(failed)
-                log(f"{path}: failed (exit {failed['exit_code']}): {failed['error']}")
+                log(f"failed (exit {failed['exit_code']}): {failed['error']}")
                 click.echo(str(failed["error"]), err=True)
                 worst = max(worst, int(str(failed["exit_code"])), key=exit_rank)
                 continue
@@ -420,6 +420,8 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
                 f"{ds.deleted} deleted, {dq.refused} refused, {ds.waiting} waiting, {len(r.gaps)} gap(s)")
             if not as_json:
                 _report_import(r, quiet)
+        if worst == EXIT_PARTIAL and not _still_incomplete(device, done):
+            worst = 0  # a later bundle of this run filled what an earlier one lacked
     if as_json:
         click.echo(json.dumps(reports, indent=2, sort_keys=True))
     if worst == EXIT_PARTIAL and done:
@@ -430,6 +432,16 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
               f"refused by the database, {gaps} gap(s) in a writer's history; import the missing bundles (or ask the "
               "sender for `bundlesync export --full`), then check `bundlesync status`")
     ctx.exit(worst)
+
+
+def _still_incomplete(device: Device, done: list[ImportResult]) -> bool:
+    """After every bundle of the run: records refused, rows still waiting, or gaps still open."""
+    if any(r.dequeue.refused for r in done):
+        return True
+    conn = device.conn
+    waiting = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE dirty = 1)").fetchone()[0]
+    gaps = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_gaps)").fetchone()[0]
+    return bool(waiting or gaps)
 
 
 def _report_import(r: ImportResult, quiet: bool) -> None:

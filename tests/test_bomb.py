@@ -43,7 +43,7 @@ class Learner:
 @pytest.fixture
 def learner(pair: Pair) -> Learner:
     """A single-user device enrolled with the facility's authority, and a manifest it may sign."""
-    bundle = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line)
+    bundle = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb), "--no-encrypt").last_line)
     manifest = dict(container.read_info(bundle).manifest)
     bundle.unlink()
     dataset_id = str(manifest["dataset_id"])

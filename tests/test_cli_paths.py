@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import os
+import resource
+import signal
+import subprocess
+import sys
+
 import json
 import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from conftest import Pair, dump_tables, run_cli, state
+from conftest import ROOT, Pair, dump_tables, run_cli, state
 
 
 def _edit(db: Path, name: str) -> None:
@@ -22,7 +28,7 @@ def _edit(db: Path, name: str) -> None:
 
 def _export(pair: Pair, out: Path) -> Path:
     out.mkdir(exist_ok=True)
-    path = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(out)).last_line)
+    path = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(out), "--no-encrypt").last_line)
     assert path.is_file()
     return path
 
@@ -94,9 +100,19 @@ def test_exit_1_when_the_home_is_unusable_for_an_unforeseen_reason(pair: Pair) -
     assert "staging" in line and "check" in line
 
 
-def test_exit_7_when_the_import_cannot_stage_its_copy(pair: Pair) -> None:
-    """Something in the way of the private copy: the import cannot complete -> exit 7, nothing written."""
+def test_exit_8_when_the_import_cannot_stage_its_copy(pair: Pair) -> None:
+    """The private copy cannot be written (a file-size limit here): an environment problem -> exit 8."""
     bundle = _export(pair, pair.tmp / "d1")
-    (pair.b / "staging" / f"{bundle.name}.importing.partial").mkdir(parents=True)
-    line = _refused(pair, bundle, 7)
-    assert "cannot write" in line
+    before_state, before_tables = state(pair.b_db), dump_tables(pair.b_db)
+
+    def small_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    env = {k: v for k, v in os.environ.items() if k != "BUNDLESYNC_HOME"}
+    proc = subprocess.run([sys.executable, "-m", "bundlesync", "--home", str(pair.b), "import", str(bundle)],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 8, (proc.returncode, proc.stderr)
+    [line] = proc.stderr.splitlines()
+    assert line.startswith("error: ") and "cannot write" in line and "Traceback" not in proc.stderr
+    assert state(pair.b_db) == before_state and dump_tables(pair.b_db) == before_tables

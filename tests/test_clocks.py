@@ -45,7 +45,7 @@ def execute(db: Path, statement: str, *params: object) -> list[tuple[object, ...
 
 def sync(src: Path, dst: Path, pair: Pair) -> str:
     """Export from ``src`` (full), import into ``dst``; return the import's stderr."""
-    bundle = run_cli(src, "export", "--facility", pair.facility, "--out", str(pair.usb), "--full").last_line
+    bundle = run_cli(src, "export", "--facility", pair.facility, "--out", str(pair.usb), "--full", "--no-encrypt").last_line
     return run_cli(dst, "import", "--no-receipt", bundle).err
 
 
@@ -54,7 +54,7 @@ def instance(db: Path) -> str:
 
 
 def test_a_record_with_an_extreme_clock_is_refused_and_the_device_goes_on(pair: Pair) -> None:
-    bundle = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line)
+    bundle = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb), "--no-encrypt").last_line)
     info = container.read_info(bundle)
     lines = []
     for line in container.iter_records(info):
@@ -86,7 +86,7 @@ def test_a_device_clock_at_year_9999_is_brought_into_range(pair: Pair) -> None:
     # The triggers stamp each change with the device clock; this is what a clock at year 9999 leaves.
     year_9999 = int(datetime.datetime(9999, 12, 31, tzinfo=datetime.timezone.utc).timestamp() * 1000)
     execute(pair.a_db, "UPDATE bundlesync_changes SET at_ms = ?", year_9999)
-    export = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb))
+    export = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb), "--no-encrypt")
     assert "Traceback" not in export.err and "clock" in export.err, export.err
     imported = run_cli(pair.b, "import", "--no-receipt", export.last_line)
     assert "ahead of this device's clock" in imported.err, imported.err

@@ -60,7 +60,7 @@ def record_lines(draw: st.DrawFn) -> bytes:
 
 @pytest.fixture
 def signed(pair: Pair) -> tuple[Pair, dict[str, object]]:
-    bundle = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line
+    bundle = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb), "--no-encrypt").last_line
     return pair, dict(container.read_info(Path(bundle)).manifest)
 
 
@@ -115,7 +115,7 @@ def scene(trio_template: Trio) -> Scene:
                  (t.user,))
     conn.commit()
     conn.close()
-    template = Path(run_cli(t.l, "export", "--facility", t.facility, "--out", str(work)).last_line)
+    template = Path(run_cli(t.l, "export", "--facility", t.facility, "--out", str(work), "--no-encrypt").last_line)
     learner = versions_of(template)[0].inst
     conn = sqlite3.connect(t.a_db)
     columns = "model, id, partition, data, deleted, purged, hlc, inst, ctr, vv"

@@ -160,7 +160,7 @@ def test_a_receipt_with_a_broken_signature_is_not_used(trio: Trio) -> None:
     receipt.write_text(json.dumps(doc))
     t.sql(t.a_db, f"UPDATE {USERS} SET full_name = 'after the receipt' WHERE id = ?", (t.other,))
     res = run_cli(t.a, "export", "--facility", t.facility, "--out", str(drive))
-    assert receipt.name in res.err and "signature" in res.err
+    assert receipt.name in res.err and ("signature" in res.err or "not signed by" in res.err)
     bundle = Path(res.last_line)
     assert bundle.is_file(), "the forged receipt must not make A think B holds everything"
     # Named with --since, the same receipt is a trust failure, not a basis.

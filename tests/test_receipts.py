@@ -195,6 +195,12 @@ def test_the_next_bundle_plus_what_each_honest_reader_holds_covers_everything(
 ) -> None:
     d, w = drive_world, drive_world.world
     inst = {i: w.devices[i].instance_id for i in range(4)}
+    # The world is shared by the examples, but each example is a new story: what A learned from an
+    # earlier example's receipts (a device may claim anything about itself, and then starves only
+    # itself) must not carry into this one, where that device is honest.
+    with w.devices[AUTH].conn as conn:
+        conn.execute("DELETE FROM bundlesync_peer_fsic")
+        conn.execute("DELETE FROM bundlesync_peers")
     drive = d.tmp / f"drive-{uuid.uuid4().hex[:8]}"
     drive.mkdir()
     scope = scope_filters(w.devices[AUTH].profile, d.dataset_id, f"user:{d.user}")

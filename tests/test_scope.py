@@ -35,7 +35,7 @@ def _tablet(tmp_path: Path) -> tuple[str, Path, Path, Path, Path, Path, str]:
 
 def test_single_user_device_gets_its_scope_and_sends_back_its_own(tmp_path: Path) -> None:
     facility, a_db, t_db, a, t, usb, user = _tablet(tmp_path)
-    bundle = run_cli(a, "export", "--facility", facility, "--out", str(usb), "--user", user).last_line
+    bundle = run_cli(a, "export", "--facility", facility, "--out", str(usb), "--user", user, "--no-encrypt").last_line
     run_cli(t, "import", bundle)
     tc = sqlite3.connect(t_db)
     assert tc.execute("SELECT count(DISTINCT user_id) FROM logger_contentsessionlog").fetchone()[0] == 1
@@ -45,7 +45,7 @@ def test_single_user_device_gets_its_scope_and_sends_back_its_own(tmp_path: Path
     tc.execute("UPDATE logger_contentsessionlog SET progress = 1.0 WHERE user_id = ?", (user,))
     tc.execute("UPDATE kolibriauth_collection SET name = 'renamed on tablet'")  # read-only for the tablet
     tc.commit()
-    back = run_cli(t, "export", "--facility", facility, "--out", str(usb), "--json")
+    back = run_cli(t, "export", "--facility", facility, "--out", str(usb), "--json", "--no-encrypt")
     summary = json.loads(back.out)
     assert summary["counts"] and all(m.startswith("logger_") for m in summary["counts"])  # only what it may write
     run_cli(a, "import", summary["path"])
@@ -56,14 +56,14 @@ def test_single_user_device_gets_its_scope_and_sends_back_its_own(tmp_path: Path
 
 def test_out_of_scope_records_are_refused_and_the_rest_applies(tmp_path: Path) -> None:
     facility, a_db, t_db, a, t, usb, user = _tablet(tmp_path)
-    run_cli(t, "import", run_cli(a, "export", "--facility", facility, "--out", str(usb), "--user", user).last_line)
+    run_cli(t, "import", run_cli(a, "export", "--facility", facility, "--out", str(usb), "--user", user, "--no-encrypt").last_line)
     tc = sqlite3.connect(t_db)
     tc.execute("UPDATE logger_contentsessionlog SET progress = 0.5 WHERE user_id = ?", (user,))
     tc.execute("UPDATE kolibriauth_collection SET name = 'forged by tablet'")
     tc.commit()
     tc.close()
     # A tampered tablet build signs a bundle that also carries the read-only collection rows.
-    honest = json.loads(run_cli(t, "export", "--facility", facility, "--out", str(usb), "--json").out)["path"]
+    honest = json.loads(run_cli(t, "export", "--facility", facility, "--out", str(usb), "--json", "--no-encrypt").out)["path"]
     info = container.read_info(Path(honest))
     with Device.open(t) as dev:
         with dev.conn:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bundlesync.errors import StateError
-from bundlesync.partitions import covered
+from bundlesync.partitions import within, covered
 from bundlesync.replica import knowledge as kn
 from bundlesync.replica.knowledge import Knowledge
 from bundlesync.replica.peers import Peer, known_peers, learn
@@ -117,6 +117,25 @@ def choose_basis(
             skipped.append(f"receipt of {receipt.instance_id[:8]}: it covers {', '.join(receipt.filter)}, "
                            "not this export's filter")
     known = _known(conn, dataset_id)
+    others = [r for r in receipts if r not in readers]
+    basis = _basis_without_receipts(conn, dataset_id, me, prefixes, user, known, readers, skipped)
+    # A valid receipt of a device this export is not meant for still names a reader the drive may
+    # reach: wherever its filter reaches, the bundle must not assume more than that device holds.
+    for r in others:
+        reached = [p for p in prefixes if within(p, r.filter)]
+        if reached:
+            mine = kn.meet([kn.clip(basis.knowledge, reached), kn.clip(known.get(r.instance_id, r.held()), reached)])
+            rest = kn.clip(basis.knowledge, [p for p in prefixes if p not in reached])
+            basis = Basis(kn.join([mine, rest]), f"{basis.source}, lowered by the receipt of {r.instance_id[:8]}",
+                          basis.skipped)
+    return basis
+
+
+def _basis_without_receipts(
+    conn: sqlite3.Connection, dataset_id: str, me: str, prefixes: Sequence[str], user: str | None,
+    known: dict[str, Knowledge], readers: list[Receipt], skipped: list[str],
+) -> Basis:
+    """The basis from the receipts of this export's readers, else from known peers and the last export."""
     if readers:
         names = ", ".join(sorted(r.instance_id[:8] for r in readers))
         held = kn.meet(kn.clip(known.get(r.instance_id, r.held()), prefixes) for r in readers)

@@ -481,7 +481,10 @@ def sweep_staging(staging: Path) -> None:
         pid_part = stem.rsplit(".", 1)[-1].split("-", 1)[0]
         if pid_part.isdigit() and _alive(int(pid_part)):
             continue
-        leftover.unlink(missing_ok=True)
+        try:
+            leftover.unlink(missing_ok=True)
+        except OSError:  # not a file of ours (a folder someone made): leave it, it is in nobody's way
+            continue
 
 
 def _alive(pid: int) -> bool:
