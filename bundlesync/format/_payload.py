@@ -244,25 +244,10 @@ def iter_line_blocks(info: BundleInfo, block_bytes: int, max_lines: int = MAX_BA
     """
     check_declared(info)
     path = info.path
-    records = 0
-    tail = b""
-    pending: list[bytes] = []
-    pending_len = 0
-    newline_pending = False  # split only when it yields lines: no quadratic re-joins
-    held: list[bytes] | None = None  # last batch, released only after the final checks
     splitter = _Splitter(block_bytes, max_lines, path)
-    for piece in iter_payload(info):
-        pending.append(piece)
-        pending_len += len(piece)
-        newline_pending = newline_pending or _NL in piece
-        if not newline_pending:
-            if len(tail) + pending_len > MAX_RECORD:
-                raise damaged(path, f"has a record over the {MAX_RECORD} byte limit")
-            continue
-        if pending_len < block_bytes:
-            continue
-        data = b"".join([tail, *pending]) if tail else b"".join(pending)
-        pending, pending_len, newline_pending = [], 0, False
+    records = 0
+    held: list[bytes] | None = None  # last batch, released only after the final checks
+    for data in _blocks(info, block_bytes, splitter):
         for lines in splitter.batches(data):
             records += len(lines)
             if records > info.records:
@@ -270,23 +255,37 @@ def iter_line_blocks(info: BundleInfo, block_bytes: int, max_lines: int = MAX_BA
             if held is not None:
                 yield held
             held = lines
-        tail = splitter.rest
-    if pending or tail:
-        data = b"".join([tail, *pending]) if tail else b"".join(pending)
-        for lines in splitter.batches(data):
-            records += len(lines)
-            if records > info.records:
-                raise damaged(path, f"holds more records than the {info.records} its summary says")
-            if held is not None:
-                yield held
-            held = lines
-        tail = splitter.rest
-    if tail:
+    if splitter.rest:
         raise damaged(path, "payload ends in the middle of a record")
     if records != info.records:
         raise damaged(path, f"holds {records} records but its summary says {info.records}")
     if held is not None:
         yield held
+
+
+def _blocks(info: BundleInfo, block_bytes: int, splitter: _Splitter) -> Iterator[bytes]:
+    """The decompressed payload in blocks of about ``block_bytes``, each led by the partial line before it.
+
+    A block is cut only once it holds a newline (split only when it yields lines: no quadratic
+    re-joins); the partial line the splitter kept from the previous block leads the next one.
+    """
+    pending: list[bytes] = []
+    pending_len = 0
+    newline_pending = False
+    for piece in iter_payload(info):
+        pending.append(piece)
+        pending_len += len(piece)
+        newline_pending = newline_pending or _NL in piece
+        if not newline_pending:
+            if len(splitter.rest) + pending_len > MAX_RECORD:
+                raise damaged(info.path, f"has a record over the {MAX_RECORD} byte limit")
+            continue
+        if pending_len < block_bytes:
+            continue
+        yield b"".join([splitter.rest, *pending])
+        pending, pending_len, newline_pending = [], 0, False
+    if pending or splitter.rest:
+        yield b"".join([splitter.rest, *pending])
 
 
 class _Splitter:
