@@ -520,12 +520,12 @@ def read_info(path: Path) -> BundleInfo:
     for key in (SUMMARY_RECORDS, SUMMARY_RAW_BYTES):
         value = summary.get(key)
         if type(value) is not int or value < 0:
-            raise damaged(path, f"summary lacks a valid {key!r} count")
+            raise damaged(path, f"is damaged: its summary lacks a valid {key!r} count")
     plain = summary.get(SUMMARY_PLAIN_SHA256)
     if preamble.flags & FLAG_ENCRYPTED and not (
         isinstance(plain, str) and len(plain) == 64 and all(c in "0123456789abcdef" for c in plain)
     ):
-        raise damaged(path, f"is encrypted but its summary lacks a valid {SUMMARY_PLAIN_SHA256!r}")
+        raise damaged(path, f"is damaged: it is encrypted but its summary lacks a valid {SUMMARY_PLAIN_SHA256!r}")
     return BundleInfo(
         path=path,
         version=preamble.version,
