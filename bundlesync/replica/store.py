@@ -21,7 +21,7 @@ from typing import Any
 from bundlesync.replica.db import fetch_all, q
 from bundlesync.errors import ProfileError, StateError
 from bundlesync.format.records import Version
-from bundlesync.format.records import HLC_MAX, MAX_DATA_BYTES, WALL_MAX_MS, RawText, encode_data
+from bundlesync.format.records import HLC_MAX, LINE_SQL, MAX_DATA_BYTES, WALL_MAX_MS, RawText, encode_data
 from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "reconcile_table",
     "record_transfer",
     "serialize_changes",
+    "stored_lines",
     "upsert_versions",
 ]
 
@@ -136,6 +137,27 @@ def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) ->
             ):
                 version = _row_to_version(row)
                 found[(version.model, version.id)] = version
+    return found
+
+
+def stored_lines(conn: sqlite3.Connection, versions: Iterable[Version]) -> dict[tuple[str, str], bytes]:
+    """The record lines this store would export for the given versions' records, where it holds them.
+
+    A line received byte for byte as this store would write it carries nothing new (same
+    version, vector, flags and data), so import can pass it by without decoding it.
+    """
+    by_model: dict[str, list[str]] = {}
+    for version in versions:
+        by_model.setdefault(version.model, []).append(version.id)
+    found: dict[tuple[str, str], bytes] = {}
+    for model, ids in by_model.items():
+        for start in range(0, len(ids), 900):
+            chunk = ids[start : start + 900]
+            marks = ", ".join("?" * len(chunk))
+            for record_id, line in conn.execute(
+                f"SELECT id, {LINE_SQL} FROM bundlesync_store WHERE model = ? AND id IN ({marks})", [model, *chunk]
+            ):
+                found[(model, record_id)] = line
     return found
 
 

@@ -27,7 +27,7 @@ from bundlesync.replica.merge import MergeResult, Outcome, merge
 from bundlesync.profile import Profile
 from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
-from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, update_vectors, upsert_versions
+from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, stored_lines, update_vectors, upsert_versions
 
 __all__ = ["DequeueResult", "dequeue"]
 
@@ -155,16 +155,24 @@ def dequeue(
     writable = _Cached(lambda p: within(p, signer_write))
     readable = _Cached(lambda p: within(p, local_read))
     future = ahead_hlc()
+    already = Outcome.ALREADY.value
     for lines in batches:
         incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
-        for line in lines:
-            version = parse_record(line)
+        parsed = [parse_record(line) for line in lines]
+        # A record held exactly as it comes (same version, vector, flags and data) changes nothing: it
+        # skips decoding and the merge. A purge still goes the long way (who may purge is checked there).
+        held = stored_lines(conn, parsed)
+        for line, version in zip(lines, parsed):
             result.received += 1
             if version.hlc > future:
                 result.ahead += 1
                 result.ahead_max_hlc = max(result.ahead_max_hlc, version.hlc)
             if not writable(version.partition):
                 result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
+                continue
+            if held and held.get((version.model, version.id)) == line and not version.purged \
+                    and readable(version.partition):
+                result.outcomes[already] += 1
                 continue
             row = _decode_checked(profile, version)
             if row is None:
