@@ -15,34 +15,22 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from bundlesync._version import __version__
-from bundlesync.format import container as container
-from bundlesync.device import Device, init_device, reidentify, resolve_home
 from bundlesync import runlog, schedule
 from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import EXIT_PARTIAL, BundlesyncError
-from bundlesync.profile import builtin_profiles, load_profile
-from bundlesync.sync import drive
-from bundlesync.trust.keystore import KeyStore
-from bundlesync.sync.exporter import DEFAULT_MAX_SIZE, export_bundle
-from bundlesync.sync.importer import (
-    ImportResult,
-    bundles_to_import,
-    exit_rank,
-    failure_json,
-    import_bundle,
-    verify_bundle,
-)
-from bundlesync.plugins.loader import PluginSet
-from bundlesync.replica.health import describe as describe_repair
-from bundlesync.sync.purge import plan_purge, purge_user
-from bundlesync.sync.status import certificate_listing, device_status, list_conflicts
-from bundlesync.trust.authority import issue_grant, provision_facility, revoke_certificate
-from bundlesync.trust.enrolment import install_grant, request_certificate
+from bundlesync.format.volumes import DEFAULT_MAX_SIZE
+
+# The machinery is imported by the commands that use it, so that `bundlesync --version` and
+# `--help` start in a fraction of the time (measured in docs/performance.md).
+if TYPE_CHECKING:
+    from bundlesync.device import Device
+    from bundlesync.plugins.loader import PluginSet
+    from bundlesync.sync.importer import ImportResult
 
 __all__ = ["cli", "main"]
 
@@ -92,6 +80,9 @@ def _wait_option(f: F) -> F:
 @contextmanager
 def _device(ctx: click.Context) -> Iterator[Device]:
     """Open the home's device; commands with ``--wait`` hold the home's run lock meanwhile."""
+    from bundlesync.device import Device, resolve_home
+    from bundlesync.replica.health import describe as describe_repair
+
     home = resolve_home(ctx.obj["home"])
     wait: float | None = ctx.obj.get("wait")
     with home_lock(home, wait=wait, what=ctx.command_path) if wait is not None else nullcontext():
@@ -120,6 +111,8 @@ def cli(ctx: click.Context, home: str | None, no_plugins: bool) -> None:
 
 
 def _plugins(ctx: click.Context, device: Device) -> PluginSet:
+    from bundlesync.plugins.loader import PluginSet
+
     # The profile's plugins (e.g. the Kolibri profile's single-user lessons) come after the home's own.
     paths = tuple(dict.fromkeys((*device.config.plugins, *device.profile.plugins)))
     return PluginSet.load(paths, enabled=ctx.obj["plugins"])
@@ -158,6 +151,8 @@ def _progress(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | 
 
 
 def _home_or_none(ctx: click.Context) -> Path | None:
+    from bundlesync.device import resolve_home
+
     try:
         return resolve_home(ctx.obj["home"])
     except BundlesyncError:
@@ -207,6 +202,8 @@ def _logged(ctx: click.Context, command: str) -> Iterator[Callable[[str], None]]
 @click.pass_context
 def init(ctx: click.Context, db_path: str, profile_path: str, quiet: bool) -> None:
     """Set up this device: tracking triggers, identity, config (idempotent)."""
+    from bundlesync.device import init_device, resolve_home
+
     home = resolve_home(ctx.obj["home"])
     me, newly, created = init_device(home, Path(db_path), profile_path)
     verb = "initialised" if created else "already initialised; refreshed"
@@ -225,6 +222,8 @@ def facility() -> None:
 @click.pass_context
 def facility_provision(ctx: click.Context, facility_id: str, quiet: bool) -> None:
     """Make this device the facility's authority (root key and certificate)."""
+    from bundlesync.trust.authority import provision_facility
+
     with _device(ctx) as device:
         dataset_id, fac = device.resolve_facility(facility_id)
         cert = provision_facility(device.keys, dataset_id=dataset_id, facility_id=fac, profile=device.profile.name,
@@ -247,6 +246,8 @@ def cert() -> None:
 @click.pass_context
 def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str, valid_days: int | None) -> None:
     """Write a certificate request for the facility's authority; prints its path."""
+    from bundlesync.trust.enrolment import request_certificate
+
     with _device(ctx) as device:
         try:
             dataset_id, fac = device.resolve_facility(facility_id)
@@ -267,6 +268,8 @@ def cert_request(ctx: click.Context, facility_id: str, scope: str, out_dir: str,
 @click.pass_context
 def cert_issue(ctx: click.Context, request: str, out_dir: str, valid_days: int | None) -> None:
     """On the authority: sign a request; prints the grant's path."""
+    from bundlesync.trust.authority import issue_grant
+
     with _device(ctx) as device:
         click.echo(str(issue_grant(device.keys, Path(request), Path(out_dir), valid_days=valid_days)))
 
@@ -277,6 +280,8 @@ def cert_issue(ctx: click.Context, request: str, out_dir: str, valid_days: int |
 @click.pass_context
 def cert_revoke(ctx: click.Context, cert_id: str, quiet: bool) -> None:
     """On the authority: revoke a certificate (and all issued under it); later bundles carry it."""
+    from bundlesync.trust.authority import revoke_certificate
+
     with _device(ctx) as device:
         rev = revoke_certificate(device.keys, cert_id.strip().lower())
     _say(f"revoked certificate {rev.cert_id} at {rev.revoked_at}; every bundle this device exports from now on "
@@ -288,6 +293,8 @@ def cert_revoke(ctx: click.Context, cert_id: str, quiet: bool) -> None:
 @click.pass_context
 def cert_list(ctx: click.Context, as_json: bool) -> None:
     """This device's certificates: chain, scopes, expiry, fingerprints, recipients, revocations."""
+    from bundlesync.sync.status import certificate_listing
+
     with _device(ctx) as device:
         listing = certificate_listing(device)
     if as_json:
@@ -320,6 +327,8 @@ def cert_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def cert_install(ctx: click.Context, grant: str, quiet: bool) -> None:
     """Install a grant: this device's certificate and the facility's root."""
+    from bundlesync.trust.enrolment import install_grant
+
     with _device(ctx) as device:
         leaf = install_grant(device.keys, Path(grant))
         _say(f"installed certificate {leaf.cert_id} ({leaf.scope}) for facility {leaf.facility_id}", quiet=quiet)
@@ -348,6 +357,8 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
                since: str | None, require_mount: bool, max_size: int, no_encrypt: bool, encrypt_to: tuple[str, ...],
                quiet: bool, as_json: bool) -> None:
     """Write what changed as one signed bundle; prints its path (last line)."""
+    from bundlesync.sync.exporter import export_bundle
+
     with _logged(ctx, "export") as log, _device(ctx) as device, _progress("exporting", quiet or as_json) as bar:
         if full and since:
             raise click.UsageError("--full and --since exclude each other")
@@ -394,6 +405,8 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
     Goes on past a bundle that fails; exits with the most serious code: a failure's,
     else 9 if any import left records refused, rows waiting or gaps, else 0.
     """
+    from bundlesync.sync.importer import bundles_to_import, exit_rank, failure_json, import_bundle
+
     reports: list[dict[str, object]] = []
     worst = 0
     done: list[ImportResult] = []
@@ -475,6 +488,8 @@ def _report_import(r: ImportResult, quiet: bool) -> None:
 @click.pass_context
 def verify_cmd(ctx: click.Context, bundle: str, quiet: bool) -> None:
     """Run every check import runs, without applying anything."""
+    from bundlesync.sync.importer import verify_bundle
+
     with _device(ctx) as device:
         v = verify_bundle(device, Path(bundle))
     _say(f"{bundle}: OK: {v.info.summary.get('records')} records signed by {v.signer.cert_id} "
@@ -486,6 +501,8 @@ def verify_cmd(ctx: click.Context, bundle: str, quiet: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(bundle: str, as_json: bool) -> None:
     """Show a bundle's manifest and summary (structure is checked, trust is not)."""
+    from bundlesync.format import container
+
     info = container.read_info(Path(bundle))
     encryption: Any = info.manifest.get("encryption")
     recipients = list(encryption.get("recipients", [])) if isinstance(encryption, dict) else []
@@ -524,6 +541,8 @@ def inspect_cmd(bundle: str, as_json: bool) -> None:
 @click.pass_context
 def status_cmd(ctx: click.Context, as_json: bool) -> None:
     """Device identity, facilities, knowledge, pending work and recent transfers."""
+    from bundlesync.sync.status import device_status
+
     with _device(ctx) as device:
         st = device_status(device)
     if as_json:
@@ -570,6 +589,8 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bool) -> None:
     """List the losing versions of concurrent edits (the winners are in the app tables)."""
+    from bundlesync.sync.status import list_conflicts
+
     with _device(ctx) as device:
         found = list_conflicts(device, model=model, limit=limit or None)
     if as_json:
@@ -594,6 +615,8 @@ def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bo
 @click.pass_context
 def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, yes: bool, quiet: bool) -> None:
     """Erase a user's personal data everywhere (propagates through bundles; cannot be undone)."""
+    from bundlesync.sync.purge import plan_purge, purge_user
+
     with _device(ctx) as device:
         plan = plan_purge(device, facility_id, user_id)
         if not yes:
@@ -613,6 +636,8 @@ def purge_cmd(ctx: click.Context, facility_id: str, user_id: str, yes: bool, qui
 @click.option("--json", "as_json", is_flag=True)
 def profiles_cmd(as_json: bool) -> None:
     """List the profiles built into bundlesync (use one with `init --profile NAME`)."""
+    from bundlesync.profile import builtin_profiles, load_profile
+
     found: list[dict[str, Any]] = []
     for name, path in builtin_profiles().items():
         profile = load_profile(name)
@@ -635,6 +660,9 @@ def profiles_cmd(as_json: bool) -> None:
 @click.pass_context
 def drive_cmd(ctx: click.Context, folder: str, clean: bool, as_json: bool) -> None:
     """What a drive holds: bundles, receipts, and which bundles every known reader already has."""
+    from bundlesync.device import resolve_home
+    from bundlesync.sync import drive
+
     home = resolve_home(ctx.obj["home"])
     removed: list[str] = []
     with _device(ctx) as device:  # receipts are checked against this device's profile and trusted roots
@@ -701,6 +729,8 @@ def _fsic_text(fsic: Any) -> str:
 def schedule_cmd(ctx: click.Context, facility_id: str, out_dir: str, at: str | None, every: str | None,
                  do_install: bool) -> None:
     """Print (or install) the crontab line for unattended exports onto a drive."""
+    from bundlesync.device import resolve_home
+
     home = resolve_home(ctx.obj["home"])
     out = Path(out_dir).expanduser().absolute()
     line = schedule.cron_line(home, facility_id, out, at=at, every=every)
@@ -717,6 +747,8 @@ def schedule_cmd(ctx: click.Context, facility_id: str, out_dir: str, at: str | N
 @click.pass_context
 def log_cmd(ctx: click.Context, count: int) -> None:
     """Show the home's run log: one timestamped line per export and import."""
+    from bundlesync.device import resolve_home
+
     home = resolve_home(ctx.obj["home"])
     lines = runlog.read(home)
     if not lines:
@@ -730,6 +762,8 @@ def log_cmd(ctx: click.Context, count: int) -> None:
 @click.pass_context
 def reidentify_cmd(ctx: click.Context, quiet: bool) -> None:
     """Give this device's database a new identity (after it was copied or restored from a backup)."""
+    from bundlesync.device import reidentify, resolve_home
+
     old, new, pending = reidentify(resolve_home(ctx.obj["home"]))
     _say(f"the database now has identity {new} (was {old}); counters restart from 0, versions written under "
          f"{old[:8]} keep it, and {pending} pending change(s) will be exported under the new identity", quiet=quiet)

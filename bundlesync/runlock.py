@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from bundlesync.device import CONFIG_NAME
 from bundlesync.errors import BusyError
 
 try:
@@ -55,6 +54,8 @@ def home_lock(home: Path, *, wait: float = DEFAULT_WAIT_S, what: str = "bundlesy
     Raises:
         BusyError: Another run held the lock for more than ``wait`` seconds.
     """
+    from bundlesync.device import CONFIG_NAME  # here: `bundlesync --version` must not load the device machinery
+
     if fcntl is None or not (home / CONFIG_NAME).is_file():
         yield
         return

@@ -14,7 +14,6 @@ import logging.handlers
 import time
 from pathlib import Path
 
-from bundlesync.device import CONFIG_NAME
 
 __all__ = ["BACKUPS", "LOG_NAME", "MAX_BYTES", "append", "read"]
 
@@ -44,6 +43,8 @@ def append(home: Path, message: str, *, max_bytes: int = MAX_BYTES, backups: int
     A log that cannot be written (read-only home, full disk) never fails the run it records;
     nothing is written into a folder that is not an initialised home.
     """
+    from bundlesync.device import CONFIG_NAME  # here: `bundlesync --version` must not load the device machinery
+
     if not (home / CONFIG_NAME).is_file():
         return False
     record = logging.LogRecord("bundlesync", logging.INFO, __file__, 0, " ".join(message.split()), None, None)

@@ -67,7 +67,7 @@ def test_an_existing_home_moves_its_migration_rows_and_drops_the_old_table(tmp_p
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     assert "_sqlite_migrations" not in names and "idx__sqlite_migrations_migration_set_name" not in names
     moved = [r[0] for r in conn.execute("SELECT name FROM bundlesync_migrations ORDER BY id")]
-    assert moved == [m.name for m in db.migrations._migrations]  # nothing re-applied, nothing lost
+    assert moved == [step.__name__ for step in db._STEPS]  # nothing re-applied, nothing lost
     conn.close()
 
 

@@ -22,6 +22,7 @@ from bundlesync.errors import FormatError
 from bundlesync.fsutil import AtomicFile, open_regular, partial_path
 
 __all__ = [
+    "DEFAULT_MAX_SIZE",
     "JoinedFile",
     "VolumeSetWriter",
     "all_volume_paths",
@@ -32,6 +33,9 @@ __all__ = [
     "volume_name",
     "volume_paths",
 ]
+
+DEFAULT_MAX_SIZE = 4000 << 20
+"""Largest bundle file written by default: below FAT32's 4 GiB file limit, with room to spare."""
 
 _VOLUME = re.compile(r"^(?P<base>.+)\.(?P<index>\d{3})-of-(?P<total>\d{3})$")
 MAX_VOLUMES = 999

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-from sqlite_utils import Database
-from sqlite_utils.db import quote_identifier
-from sqlite_utils.migrations import Migrations
+from typing import TYPE_CHECKING, Any
 
 from bundlesync.errors import BusyError, ConfigError, SyncError
 from bundlesync.format.records import lenient_text
+
+if TYPE_CHECKING:
+    from sqlite_utils import Database
+    from sqlite_utils.migrations import Migrations
 
 __all__ = [
     "BUSY_TIMEOUT_S",
@@ -42,29 +42,45 @@ __all__ = [
 BUSY_TIMEOUT_S = 30.0
 """How long a sync waits for another program's write lock before giving up."""
 
-q = quote_identifier
+def q(identifier: str) -> str:
+    """An SQL identifier in double quotes, inner quotes doubled (as sqlite-utils quotes them)."""
+    return '"{}"'.format(identifier.replace('"', '""'))
+
 
 MIGRATIONS_TABLE = "bundlesync_migrations"
 _LEGACY_TABLE = "_sqlite_migrations"
+MIGRATION_SET = "bundlesync"
+
+_STEPS: list[Callable[[Database], None]] = []
+"""bundlesync's migrations, in order (applied by sqlite-utils, loaded only when one is pending)."""
 
 
-class _Migrations(Migrations):
-    """sqlite-utils migrations, noted in a table (and index) of bundlesync's own name space."""
-
-    migrations_table = MIGRATIONS_TABLE
-
-    def ensure_migrations_table(self, db: Database) -> None:
-        """Create the table with the layout sqlite-utils expects, and its unique index under our prefix."""
-        db.conn.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (id INTEGER PRIMARY KEY, "
-                        "migration_set TEXT, name TEXT, applied_at TEXT)")
-        db.conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {MIGRATIONS_TABLE}_set_name "
-                        f"ON {MIGRATIONS_TABLE} (migration_set, name)")
+def _migration(step: Callable[[Database], None]) -> Callable[[Database], None]:
+    _STEPS.append(step)
+    return step
 
 
-migrations = _Migrations("bundlesync")
+def _migration_set() -> Migrations:
+    """The sqlite-utils migration set of :data:`_STEPS`, noted in a table (and index) of our own name space."""
+    from sqlite_utils.migrations import Migrations
+
+    class _Migrations(Migrations):
+        migrations_table = MIGRATIONS_TABLE
+
+        def ensure_migrations_table(self, db: Database) -> None:
+            """Create the table with the layout sqlite-utils expects, and its unique index under our prefix."""
+            db.conn.execute(f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} (id INTEGER PRIMARY KEY, "
+                            "migration_set TEXT, name TEXT, applied_at TEXT)")
+            db.conn.execute(f"CREATE UNIQUE INDEX IF NOT EXISTS {MIGRATIONS_TABLE}_set_name "
+                            f"ON {MIGRATIONS_TABLE} (migration_set, name)")
+
+    migrations = _Migrations(MIGRATION_SET)
+    for step in _STEPS:
+        migrations()(step)
+    return migrations
 
 
-@migrations()
+@_migration
 def m001_core(db: Database) -> None:
     """Identity, change log, store, knowledge (FSIC), conflicts, transfers, gaps."""
     _run_script(db.conn, """
@@ -144,7 +160,7 @@ def m001_core(db: Database) -> None:
         """)
 
 
-@migrations()
+@_migration
 def m002_indexes_for_streaming(db: Database) -> None:
     """Serialization reads changes per table; export reads versions per table and writer."""
     _run_script(db.conn, """
@@ -154,7 +170,7 @@ def m002_indexes_for_streaming(db: Database) -> None:
         """)
 
 
-@migrations()
+@_migration
 def m003_repairs(db: Database) -> None:
     """What bundlesync found wrong with this database and repaired (shown by ``status``)."""
     _run_script(db.conn, """
@@ -168,7 +184,7 @@ def m003_repairs(db: Database) -> None:
         """)
 
 
-@migrations()
+@_migration
 def m004_knowledge_of_peers_and_pending(db: Database) -> None:
     """What peers are known to hold (from their bundles and receipts); knowledge waiting on a gap."""
     _run_script(db.conn, """
@@ -205,7 +221,7 @@ def m004_knowledge_of_peers_and_pending(db: Database) -> None:
         """)
 
 
-@migrations()
+@_migration
 def m005_held_rows(db: Database) -> None:
     """App rows serialization holds back because they cannot travel in a bundle, with the reason."""
     _run_script(db.conn, """
@@ -219,7 +235,7 @@ def m005_held_rows(db: Database) -> None:
         """)
 
 
-@migrations()
+@_migration
 def m006_edit_wall_clock(db: Database) -> None:
     """The wall-clock time of the edit that made each version (NULL: older versions, ``hlc >> 16``)."""
     db.conn.execute("ALTER TABLE bundlesync_store ADD COLUMN wall INTEGER")
@@ -291,7 +307,7 @@ def connect(path: Path, *, busy_timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Conn
     return conn
 
 
-def _adopt_legacy_records(conn: sqlite3.Connection, database: Database) -> None:
+def _adopt_legacy_records(conn: sqlite3.Connection, database: Database, migrations: Migrations) -> None:
     """Move bundlesync's rows out of ``_sqlite_migrations`` (older homes); drop it if nothing else uses it."""
     exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,)).fetchone()
     if not exists:
@@ -307,11 +323,28 @@ def _adopt_legacy_records(conn: sqlite3.Connection, database: Database) -> None:
             conn.execute(f"DROP TABLE {_LEGACY_TABLE}")  # its index goes with it
 
 
+def _up_to_date(conn: sqlite3.Connection) -> bool:
+    """Whether every migration is noted as applied and no older record of them waits to be moved."""
+    try:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (_LEGACY_TABLE,)).fetchone():
+            return False
+        applied = {row[0] for row in conn.execute(
+            f"SELECT name FROM {MIGRATIONS_TABLE} WHERE migration_set = ?", (MIGRATION_SET,))}
+    except sqlite3.DatabaseError:  # no table yet, or a problem the full path below reports properly
+        return False
+    return all(step.__name__ in applied for step in _STEPS)
+
+
 def migrate(conn: sqlite3.Connection) -> None:
     """Create or upgrade bundlesync's own tables (idempotent)."""
+    if _up_to_date(conn):
+        return  # the common case, without loading sqlite-utils (start-up time of every command)
+    from sqlite_utils import Database
+
     database = Database(conn, execute_plugins=False)
     try:
-        _adopt_legacy_records(conn, database)
+        migrations = _migration_set()
+        _adopt_legacy_records(conn, database, migrations)
         migrations.apply(database)
     except sqlite3.DatabaseError as exc:
         if is_busy(exc):

@@ -29,7 +29,7 @@ from typing import Any
 
 from bundlesync._version import __version__
 from bundlesync.format import container as container
-from bundlesync.format.volumes import remove_bundle_files
+from bundlesync.format.volumes import DEFAULT_MAX_SIZE, remove_bundle_files
 from bundlesync.sync import drive
 from bundlesync.replica import fsic as fsic_mod
 from bundlesync.replica import knowledge as kn
@@ -160,9 +160,6 @@ def outgoing_lines(
 
 Progress = Callable[[int, int], None]
 """Told (records done, records expected) as a sync goes; the CLI draws a progress bar with it."""
-
-DEFAULT_MAX_SIZE = 4000 << 20
-"""Largest bundle file written by default: below FAT32's 4 GiB file limit, with room to spare."""
 
 COMPRESSION_GUESS = 3
 """Record lines shrink at least this much in zstd (JSON rows shrink 5-10x): the free-space estimate."""
