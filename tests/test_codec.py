@@ -114,3 +114,11 @@ def test_parse_matches_the_reference(head: dict[str, object], tail: bytes) -> No
         assert str(caught.value) == str(exc)
         return
     assert parse_record(line) == want
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.one_of(st.text(), st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)),
+                       st.integers(min_value=-(1 << 70), max_value=1 << 70), max_size=5))
+def test_stored_vectors_keep_their_text(vv: dict[str, int]) -> None:
+    from bundlesync.replica.store import _vector_text
+    assert _vector_text(vv) == json.dumps(vv, separators=(",", ":"), sort_keys=True)

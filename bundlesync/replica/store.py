@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from bundlesync.replica.db import fetch_all, q
 from bundlesync.errors import ProfileError, StateError
 from bundlesync.format.records import Version
@@ -290,7 +292,17 @@ def log_conflicts(conn: sqlite3.Connection, entries: Iterable[tuple[object, ...]
 
 
 def _vector_text(vv: Mapping[str, int]) -> str:
-    return json.dumps(vv, separators=(",", ":"), sort_keys=True)
+    """A version vector as stored: compact JSON, keys sorted, non-ASCII escaped (``json.dumps``' text)."""
+    try:
+        text = _encode_sorted(vv, order="sorted")
+    except (TypeError, ValueError, OverflowError, msgspec.MsgspecError):
+        text = b"\x80"  # not ASCII: take the reference below
+    # msgspec writes what json.dumps writes for ASCII keys and 64-bit counters (instance ids are hex);
+    # anything else takes the reference encoder, so stored vectors never change their text.
+    return text.decode("ascii") if text.isascii() else json.dumps(vv, separators=(",", ":"), sort_keys=True)
+
+
+_encode_sorted = msgspec.json.encode
 
 
 def _no_partition(table: TableSpec, pk: object) -> str:
