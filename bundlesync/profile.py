@@ -223,6 +223,12 @@ class TableSpec:
         literal parts and columns agree and each lookup stands for a non-empty part; the importer recomputes
         such a partition in the database before it writes the row (:meth:`partition_sql`).
         """
+        if not self.lookups:  # the common case, once per imported record: no regular expressions
+            for names, fmt in self._formats:
+                values = tuple([row[n] for n in names])
+                if None not in values:
+                    return fmt % values == claimed
+            return False
         for (literals, names), (_, fmt) in zip(self._split, self._formats):
             if None in [row[n] for n in names if n not in self.lookups]:
                 continue
