@@ -122,3 +122,16 @@ def test_parse_matches_the_reference(head: dict[str, object], tail: bytes) -> No
 def test_stored_vectors_keep_their_text(vv: dict[str, int]) -> None:
     from bundlesync.replica.store import _vector_text
     assert _vector_text(vv) == json.dumps(vv, separators=(",", ":"), sort_keys=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(heads)
+def test_line_key_names_the_record_of_a_line_as_exported(head: dict[str, object]) -> None:
+    from bundlesync.format.records import line_key
+    ordered = {"m": head["m"], "id": head["id"], **head}
+    line = json.dumps(ordered, ensure_ascii=False, separators=(",", ":")).encode() + b"\t{}\n"
+    key = line_key(line)
+    plain = all('"' not in str(head[k]) and "\\" not in json.dumps(head[k]) for k in ("m", "id"))
+    if plain:
+        assert key == (head["m"], head["id"])  # a wrong guess is allowed only where escapes make one
+    assert line_key(b' {"m":"a","id":"b"}\t{}\n') is None and line_key(b'{"m":"a"}\t{}\n') is None

@@ -54,6 +54,7 @@ __all__ = [
     "decode_data",
     "encode_data",
     "lenient_text",
+    "line_key",
     "parse_record",
 ]
 
@@ -244,6 +245,26 @@ def parse_record(line: bytes) -> Version:
                     and (not vv or (min(vv.values()) >= 0 and max(vv.values()) <= COUNTER_MAX))):
                 return version
     return _parse_reference(line)
+
+
+_KEY_START = b'{"m":"'
+_KEY_ID = b'","id":"'
+
+
+def line_key(line: bytes) -> tuple[str, str] | None:
+    """The ``(model, id)`` a record line names, read off a head laid out as bundlesync writes it.
+
+    No parsing and no checks: None for any other layout, and a wrong answer for a head whose
+    model or id holds an escaped quote. Use it only to find a stored line to compare the whole
+    line with, byte for byte (a match proves the key).
+    """
+    if not line.startswith(_KEY_START):
+        return None
+    end = line.find(_KEY_ID, 6)
+    stop = line.find(b'"', end + 8) if end > 0 else -1
+    if stop < 0:
+        return None
+    return line[6:end].decode("utf-8", "replace"), line[end + 8 : stop].decode("utf-8", "replace")
 
 
 def _parse_reference(line: bytes) -> Version:

@@ -41,6 +41,7 @@ __all__ = [
     "reconcile_table",
     "record_transfer",
     "serialize_changes",
+    "StoredLine",
     "stored_lines",
     "upsert_versions",
 ]
@@ -142,24 +143,29 @@ def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) ->
     return found
 
 
-def stored_lines(conn: sqlite3.Connection, versions: Iterable[Version]) -> dict[tuple[str, str], bytes]:
-    """The record lines this store would export for the given versions' records, where it holds them.
+StoredLine = tuple[bytes, int, str, int]
+"""A stored record as :func:`stored_lines` gives it: its line, ``hlc``, partition and purged flag."""
+
+
+def stored_lines(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], StoredLine]:
+    """The record lines this store would export for the given ``(model, id)`` keys, where it holds them.
 
     A line received byte for byte as this store would write it carries nothing new (same
-    version, vector, flags and data), so import can pass it by without decoding it.
+    version, vector, flags and data), so import can pass it by without parsing or decoding it.
     """
     by_model: dict[str, list[str]] = {}
-    for version in versions:
-        by_model.setdefault(version.model, []).append(version.id)
-    found: dict[tuple[str, str], bytes] = {}
+    for model, record_id in keys:
+        by_model.setdefault(model, []).append(record_id)
+    found: dict[tuple[str, str], StoredLine] = {}
     for model, ids in by_model.items():
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ", ".join("?" * len(chunk))
-            for record_id, line in conn.execute(
-                f"SELECT id, {LINE_SQL} FROM bundlesync_store WHERE model = ? AND id IN ({marks})", [model, *chunk]
+            for record_id, line, hlc, partition, purged in conn.execute(
+                f"SELECT id, {LINE_SQL}, hlc, partition, purged FROM bundlesync_store WHERE model = ? AND id IN ({marks})",
+                [model, *chunk],
             ):
-                found[(model, record_id)] = line
+                found[(model, record_id)] = (line, hlc, partition, purged)
     return found
 
 

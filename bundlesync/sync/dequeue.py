@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bundlesync.format.records import decode_data, parse_record
+from bundlesync.format.records import decode_data, line_key, parse_record
 from bundlesync.sync.deserialize import DeserializeResult, TableWriter
 from bundlesync.errors import FormatError
 from bundlesync.format.records import Version
@@ -156,23 +156,40 @@ def dequeue(
     readable = _Cached(lambda p: within(p, local_read))
     future = ahead_hlc()
     already = Outcome.ALREADY.value
+    empty_before: dict[str, bool] = {}
+
+    def worth_looking_up(key: tuple[str, str]) -> bool:
+        # Tables this store held nothing of when the import began cannot hold a line of this bundle.
+        empty = empty_before.get(key[0])
+        if empty is None:
+            empty = empty_before[key[0]] = not conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE model = ?)", (key[0],)).fetchone()[0]
+        return not empty
+
     for lines in batches:
         incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
-        parsed = [parse_record(line) for line in lines]
-        # A record held exactly as it comes (same version, vector, flags and data) changes nothing: it
-        # skips decoding and the merge. A purge still goes the long way (who may purge is checked there).
-        held = stored_lines(conn, parsed)
-        for line, version in zip(lines, parsed):
+        # A record held exactly as it comes (same version, vector, flags and data: the very line this store
+        # would export) changes nothing: it is neither parsed, decoded nor merged. The checks that could
+        # still refuse it or skip it are made on the stored copy; a purge goes the long way.
+        keys = [line_key(line) for line in lines]
+        held = stored_lines(conn, [k for k in keys if k is not None and worth_looking_up(k)])
+        for line, key in zip(lines, keys):
+            stored = held.get(key) if held and key is not None else None
+            if stored is not None and stored[0] == line and not stored[3] and writable(stored[2]) \
+                    and readable(stored[2]):
+                result.received += 1
+                if stored[1] > future:
+                    result.ahead += 1
+                    result.ahead_max_hlc = max(result.ahead_max_hlc, stored[1])
+                result.outcomes[already] += 1
+                continue
+            version = parse_record(line)
             result.received += 1
             if version.hlc > future:
                 result.ahead += 1
                 result.ahead_max_hlc = max(result.ahead_max_hlc, version.hlc)
             if not writable(version.partition):
                 result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
-                continue
-            if held and held.get((version.model, version.id)) == line and not version.purged \
-                    and readable(version.partition):
-                result.outcomes[already] += 1
                 continue
             row = _decode_checked(profile, version)
             if row is None:
