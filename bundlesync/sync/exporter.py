@@ -113,7 +113,10 @@ def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
                            (model, row[0])).fetchone()
 
 
-_LINE_SQL = f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {{prefixes}}{{held}} ORDER BY rowid"
+# In the version index's own order (counter, then rowid: the order rows were first stored in), so
+# SQLite streams the rows without sorting them all first (a sort spilled ~0.7 KB a record to temp files).
+_LINE_SQL = (f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {{prefixes}}{{held}} "
+             "ORDER BY ctr, rowid")
 
 
 def _held_sql(floor: int, finer: Sequence[tuple[str, int]]) -> tuple[str, list[object]]:
