@@ -28,7 +28,9 @@ import hashlib
 import hmac
 import itertools
 import os
+import queue
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -78,7 +80,7 @@ from bundlesync.format._payload import (
 )
 
 from bundlesync.format.volumes import VolumeSetWriter
-from bundlesync.errors import FormatError, IntegrityError, SyncError
+from bundlesync.errors import BundlesyncError, FormatError, IntegrityError, SyncError
 from bundlesync.format.envelope import decrypt_stream, encrypt_stream
 from bundlesync.fsutil import PARTIAL_SUFFIX, AtomicFile, fsync_dir, partial_path
 
@@ -203,6 +205,11 @@ class BundleWriter:
         self._signer = signer
         self._hasher = hashlib.sha256()
         self._compress = compressor(level).compressobj()
+        # Compression, hashing and writing run on a worker thread (zstd and hashlib release the GIL), so
+        # they overlap with the caller producing the next records; see _submit.
+        self._chunks: queue.Queue[bytes | None] | None = None
+        self._worker: threading.Thread | None = None
+        self._failure: BaseException | None = None
         self._records = 0
         self._pending: list[bytes] = []  # single records not yet given to the compressor
         self._pending_len = 0
@@ -227,7 +234,11 @@ class BundleWriter:
             raise write_error(self._partial, exc) from exc
         self._state = "open"
         flags = FLAG_ENCRYPTED if self._recipients else 0
-        self._emit(Preamble(FORMAT_VERSION, flags, len(manifest_bytes)).to_bytes() + manifest_bytes)
+        try:
+            self._emit(Preamble(FORMAT_VERSION, flags, len(manifest_bytes)).to_bytes() + manifest_bytes)
+        except BundlesyncError:
+            self._abort_quietly()
+            raise
 
     @property
     def records(self) -> int:
@@ -260,7 +271,11 @@ class BundleWriter:
         self._pending_len += len(line)
         self._records += 1
         if self._pending_len >= WRITE_BUFFER:
-            self._flush_pending()
+            try:
+                self._flush_pending()
+            except BundlesyncError:
+                self._abort_quietly()
+                raise
 
     def write_records(self, lines: Iterable[bytes]) -> None:
         """Append many records, consumed lazily in batches of :data:`WRITE_BATCH`.
@@ -271,20 +286,24 @@ class BundleWriter:
             SyncError: Writing failed; the writer has been aborted.
         """
         self._check_open()
-        self._flush_pending()
-        iterator = iter(lines)
-        endswith = bytes.endswith
-        while batch := list(itertools.islice(iterator, WRITE_BATCH)):
-            data = b"".join(batch)
-            # One newline per line, each at the end of its line.
-            if data.count(_NL) != len(batch) or not all(
-                map(endswith, batch, itertools.repeat(_NL))
-            ):
-                raise ValueError(_BAD_LINE)
-            if len(data) > MAX_RECORD and max(map(len, batch)) > MAX_RECORD:
-                raise ValueError(f"a record is over the {MAX_RECORD} byte limit")
-            self._compress_data(data)
-            self._records += len(batch)
+        try:
+            self._flush_pending()
+            iterator = iter(lines)
+            endswith = bytes.endswith
+            while batch := list(itertools.islice(iterator, WRITE_BATCH)):
+                data = b"".join(batch)
+                # One newline per line, each at the end of its line.
+                if data.count(_NL) != len(batch) or not all(
+                    map(endswith, batch, itertools.repeat(_NL))
+                ):
+                    raise ValueError(_BAD_LINE)
+                if len(data) > MAX_RECORD and max(map(len, batch)) > MAX_RECORD:
+                    raise ValueError(f"a record is over the {MAX_RECORD} byte limit")
+                self._compress_data(data)
+                self._records += len(batch)
+        except BundlesyncError:
+            self._abort_quietly()
+            raise
 
     def finish(self, summary: Mapping[str, object]) -> Path:
         """Write summary and footer, make the file durable and publish it.
@@ -344,6 +363,7 @@ class BundleWriter:
         if self._state != "open":
             return
         self._state = "aborted"
+        self._stop_worker()
         self._close_scratch()
         try:
             self._out.discard()
@@ -423,13 +443,56 @@ class BundleWriter:
             self._compress_data(data)
 
     def _compress_data(self, data: bytes, *, end_frame: bool = False) -> None:
+        """Compress ``data`` (on the worker), or end the frame once everything before it is written."""
+        if not end_frame:
+            self._submit(data)
+            return
+        self._drain()
+        self._compress_now(b"", end_frame=True)
+
+    def _submit(self, data: bytes) -> None:
+        """Hand ``data`` to the worker; at most two chunks wait, so memory stays bounded."""
+        self._raise_failure()
+        if self._worker is None:
+            self._chunks = queue.Queue(maxsize=2)
+            self._worker = threading.Thread(target=self._work, name="bundlesync-compress", daemon=True)
+            self._worker.start()
+        assert self._chunks is not None
+        self._chunks.put(data)
+
+    def _work(self) -> None:
+        assert self._chunks is not None
+        while (data := self._chunks.get()) is not None:
+            if self._failure is None:  # after a failure, only drain until told to stop
+                try:
+                    self._compress_now(data)
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread by _raise_failure
+                    self._failure = exc
+
+    def _stop_worker(self) -> None:
+        if self._worker is not None:
+            assert self._chunks is not None
+            self._chunks.put(None)
+            self._worker.join()
+            self._worker = self._chunks = None
+
+    def _drain(self) -> None:
+        """Wait until every chunk handed over is compressed and written; raise what failed meanwhile."""
+        self._stop_worker()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
+
+    def _compress_now(self, data: bytes, *, end_frame: bool = False) -> None:
         try:
             if end_frame:
                 out = self._compress.flush(zstd.COMPRESSOBJ_FLUSH_FINISH)
             else:
                 out = self._compress.compress(data)
         except zstd.ZstdError as exc:
-            self._abort_quietly()
             raise SyncError(f"compressing the bundle failed: {exc}") from exc
         self._raw_bytes += len(data)
         if out and self._scratch is not None:
@@ -437,7 +500,6 @@ class BundleWriter:
             try:
                 self._scratch.write(out)
             except OSError as exc:
-                self._abort_quietly()
                 raise write_error(self._partial, exc) from exc
         elif out:
             self._payload_len += len(out)
@@ -448,10 +510,10 @@ class BundleWriter:
         self._write(data)
 
     def _write(self, data: bytes) -> None:
+        # No abort here: this may run on the worker; the public method that hears of it aborts.
         try:
             self._out.file.write(data)
         except OSError as exc:
-            self._abort_quietly()
             raise write_error(self._partial, exc) from exc
 
 
