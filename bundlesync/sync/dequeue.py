@@ -156,6 +156,8 @@ def dequeue(
     readable = _Cached(lambda p: within(p, local_read))
     future = ahead_hlc()
     already = Outcome.ALREADY.value
+    # A store that held nothing when the import began (a new device) cannot hold a line of the bundle.
+    look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store)").fetchone()[0])
     empty_before: dict[str, bool] = {}
 
     def worth_looking_up(key: tuple[str, str]) -> bool:
@@ -171,8 +173,8 @@ def dequeue(
         # A record held exactly as it comes (same version, vector, flags and data: the very line this store
         # would export) changes nothing: it is neither parsed, decoded nor merged. The checks that could
         # still refuse it or skip it are made on the stored copy; a purge goes the long way.
-        keys = [line_key(line) for line in lines]
-        held = stored_lines(conn, [k for k in keys if k is not None and worth_looking_up(k)])
+        keys = [line_key(line) for line in lines] if look_up else [None] * len(lines)
+        held = stored_lines(conn, [k for k in keys if k is not None and worth_looking_up(k)]) if look_up else {}
         for line, key in zip(lines, keys):
             stored = held.get(key) if held and key is not None else None
             if stored is not None and stored[0] == line and not stored[3] and writable(stored[2]) \
