@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -225,8 +226,12 @@ def test_purged_user_never_reappears(tmp_path: Path) -> None:
                               "GROUP BY user_id ORDER BY count(*) DESC LIMIT 1").fetchone()[0]
         # B edits the user's data before it hears of the purge.
         world.sql(1, "UPDATE logger_contentsessionlog SET progress = 0.99 WHERE user_id = ?", (user,))
+        before_ms = int(time.time() * 1000)
         result = purge_user(a, world.facility, user)
         assert result.records > 0 and result.app_rows_deleted == result.records
+        # The purge is an edit of its own: stamped with its own wall-clock time, not the replaced version's.
+        walls = [w for (w,) in a.conn.execute("SELECT wall FROM bundlesync_store WHERE purged")]
+        assert len(walls) == result.records and all(w is not None and w >= before_ms for w in walls)
         purge_bundle = world.export(0, tmp_path / "oa")
         stale = world.export(1, tmp_path / "ob")
         assert purge_bundle is not None and stale is not None
