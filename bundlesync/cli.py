@@ -120,9 +120,7 @@ def cli(ctx: click.Context, home: str | None, no_plugins: bool) -> None:
 
 
 def _plugins(ctx: click.Context, device: Device) -> PluginSet:
-    # The profile's plugins (e.g. the Kolibri profile's single-user lessons) come after the home's own.
-    paths = tuple(dict.fromkeys((*device.config.plugins, *device.profile.plugins)))
-    return PluginSet.load(paths, enabled=ctx.obj["plugins"])
+    return PluginSet.for_device(device, enabled=ctx.obj["plugins"])
 
 
 def _warn(message: str) -> None:

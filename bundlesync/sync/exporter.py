@@ -466,11 +466,12 @@ def export_bundle(
     our earlier bundles there that the new one carries (the CLI does; an archive folder must not).
     The payload is encrypted (age) to this device, every device it knows by certificate
     that may read the whole filter, and ``encrypt_to``; ``encrypt=False`` writes it in
-    the clear (``--no-encrypt``).
+    the clear (``--no-encrypt``). ``plugins``: None runs the device's own plugins (entry
+    points, the home's config, the profile's), as the command line does; ``PluginSet()`` runs none.
     """
     for recipient in encrypt_to:
         check_recipient(recipient)
-    plugins = plugins or PluginSet()
+    plugins = PluginSet.for_device(device) if plugins is None else plugins
     conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
     chain = device.keys.device_chain(dataset_id)
