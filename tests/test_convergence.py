@@ -42,15 +42,19 @@ def _reference_for(world: World, i: int) -> list[tuple[object, ...]]:
         if within(str(r[0]), read)]
 
 
+RECEIPTLESS_ROUNDS = 3
+"""Rounds of export-and-deliver after which a simulated facility with no receipts must be silent."""
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed: int) -> None:
     """Full and single-user devices edit, export, relay, lose drives and purge in a random order.
 
-    Once every surviving bundle has reached every device and a shared drive has closed the
-    loop, every device holds what its scope reads (full devices: the same rows and store).
-    Once every device has said what it holds (a receipt on the shared drive), no export of
-    any device — full, single-user or a learner's own — into that drive or any new folder
-    has anything to send.
+    Once every surviving bundle has reached every device, rounds of exports into fresh
+    folders (no receipts anywhere) fill what lost drives kept back and fall silent within
+    three rounds; then every device holds what its scope reads (full devices: the same rows
+    and store), and no export of any device — full, single-user or a learner's own — into a
+    drive holding everyone's receipt or into any new folder has anything to send.
     """
     rnd = random.Random(seed)
     n = 3 + seed % 2
@@ -83,15 +87,19 @@ def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed:
         for dev in range(total):
             for bundle in rnd.sample(pool, len(pool)) + rnd.sample(pool, len(pool) // 2):
                 world.deliver(bundle, dev)
-        # Closing the loop: receipts on one drive let each device send what the others lack.
-        drive = tmp_path / "drive"
-        drive.mkdir()
-        for dev in range(total):
-            world.receipt(dev, drive)
-        closing = [b for dev in range(total) for b in world.natural_exports(dev, drive)]
-        for dev in range(total):
-            for bundle in rnd.sample(closing, len(closing)):
-                world.deliver(bundle, dev)
+        # No receipt travels: each round, every device exports into a fresh folder and every
+        # bundle reaches every device. What a lost drive kept from a device is asked for by what
+        # the others' bundles say they hold, and the talk dies out: silent within three rounds.
+        spoken = []
+        for round_no in range(RECEIPTLESS_ROUNDS + 1):
+            made = [b for dev in range(total) for b in world.natural_exports(dev, tmp_path / f"round{round_no}")]
+            spoken.append(len(made))
+            if not made:
+                break
+            for dev in range(total):
+                for bundle in rnd.sample(made, len(made)):
+                    world.deliver(bundle, dev)
+        assert spoken[-1] == 0, f"still talking after {RECEIPTLESS_ROUNDS} rounds: {spoken} bundles (seed {seed})"
         reference_rows, reference_store = world.app_rows(0), world.store(0)
         for dev in range(1, n):
             assert world.app_rows(dev) == reference_rows, f"device {dev} differs (seed {seed}, {dropped} dropped)"
@@ -100,7 +108,9 @@ def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed:
             assert _within_read(world, dev) == _reference_for(world, dev), f"learner {dev} differs (seed {seed})"
         for dev in range(total):
             assert device_status(world.devices[dev])["facilities"][0]["gaps"] == []
-        # Quiescence is silent, once every device has said what it holds.
+        # Quiescence is silent: into a drive where every device left its receipt, and into any folder.
+        drive = tmp_path / "drive"
+        drive.mkdir()
         for dev in range(total):
             world.receipt(dev, drive)
         for folder in (drive, tmp_path / "quiet"):
