@@ -225,6 +225,47 @@ def test_dropped_bundle_is_filled_through_a_receipt_cli(pair: Pair) -> None:
     assert "basis: receipt of" in again.err or "nothing new" in again.err
 
 
+def test_dropped_bundle_is_sent_again_without_a_receipt_cli(pair: Pair) -> None:
+    """No receipt comes back (imports with --no-receipt, exports into fresh folders): B's own
+    bundle, made after A's lost one, says what B holds, and A sends the lost part again."""
+    def folder(name: str) -> str:
+        (pair.tmp / name).mkdir()
+        return str(pair.tmp / name)
+
+    first = run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("d1")).last_line
+    run_cli(pair.b, "import", "--no-receipt", first)
+    conn = sqlite3.connect(pair.a_db)
+    conn.execute("UPDATE kolibriauth_facilityuser SET full_name = 'in the lost bundle' WHERE id = "
+                 "(SELECT min(id) FROM kolibriauth_facilityuser)")
+    conn.commit()
+    run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("lost"))  # this drive never arrives
+    conn.execute("UPDATE logger_contentsessionlog SET progress = 0.25 WHERE id = (SELECT min(id) FROM logger_contentsessionlog)")
+    conn.commit()
+    conn.close()
+    second = run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("d2")).last_line
+    assert run_cli(pair.b, "import", "--no-receipt", second, check=False).code == EXIT_PARTIAL  # the gap
+    conn = sqlite3.connect(pair.b_db)
+    conn.execute("UPDATE logger_contentsessionlog SET progress = 0.5 WHERE id = (SELECT max(id) FROM logger_contentsessionlog)")
+    conn.commit()
+    conn.close()
+    back = run_cli(pair.b, "export", "--facility", pair.facility, "--out", folder("d3")).last_line
+    run_cli(pair.a, "import", "--no-receipt", back)
+    resend = json.loads(run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("d4"), "--json").out)
+    assert resend["path"] is not None and "held in bundle" in resend["basis_source"]
+    assert run_cli(pair.b, "import", "--no-receipt", resend["path"]).code == 0
+    assert dump_tables(pair.a_db) == dump_tables(pair.b_db)
+    assert json.loads(run_cli(pair.b, "status", "--json").out)["facilities"][0]["gaps"] == []
+    # Then both fall silent into fresh folders.
+    for home, name in ((pair.b, "d5"), (pair.a, "d6"), (pair.b, "d7")):
+        out = run_cli(home, "export", "--facility", pair.facility, "--out", folder(name), "--json")
+        if json.loads(out.out)["path"] is not None:
+            other = pair.a if home == pair.b else pair.b
+            run_cli(other, "import", "--no-receipt", json.loads(out.out)["path"])
+    for home, name in ((pair.a, "q1"), (pair.b, "q2")):
+        assert json.loads(run_cli(home, "export", "--facility", pair.facility, "--out", folder(name),
+                                  "--json").out)["path"] is None
+
+
 def test_purged_user_never_reappears(tmp_path: Path) -> None:
     world = World.create(tmp_path, 3)
     try:
