@@ -501,9 +501,13 @@ def _alive(pid: int) -> bool:
 
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
                   warn: Warn | None = None, receipt: bool = True, progress: Progress | None = None) -> ImportResult:
-    """Verify, then apply one bundle atomically; a re-import is a no-op."""
+    """Verify, then apply one bundle atomically; a re-import is a no-op.
+
+    ``plugins``: None runs the device's own plugins (entry points, the home's config, the
+    profile's), as the command line does; ``PluginSet()`` runs none.
+    """
     _require_file(path)
-    plugins = plugins or PluginSet()
+    plugins = PluginSet.for_device(device) if plugins is None else plugins
     warn = warn or (lambda _: None)
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
