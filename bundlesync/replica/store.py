@@ -273,7 +273,10 @@ def held_rows(conn: sqlite3.Connection, limit: int | None = None) -> tuple[int, 
 
 def _keep_unknown_keys(stored: str, fresh: str, columns: Sequence[str]) -> str:
     """Carry over fields a newer profile sent that this device's app table lacks (forward compatibility)."""
-    old = json.loads(stored)
+    try:
+        old = _decode(stored)  # msgspec first: this runs for every edited row
+    except msgspec.MsgspecError:
+        old = json.loads(stored)  # what msgspec refuses (NaN literals, numbers out of range), json reads as before
     extra = {k: v for k, v in old.items() if k not in columns} if isinstance(old, dict) else {}
     if not extra:
         return fresh
@@ -309,6 +312,7 @@ def _vector_text(vv: Mapping[str, int]) -> str:
 
 
 _encode_sorted = msgspec.json.encode
+_decode = msgspec.json.decode
 
 
 def _no_partition(table: TableSpec, pk: object) -> str:
