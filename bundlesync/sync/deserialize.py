@@ -33,8 +33,10 @@ __all__ = ["DeserializeResult", "TableWriter", "deserialize"]
 
 K = TypeVar("K", bound=Hashable)
 
-SEEN_PARENTS_MAX = 20_000
-"""How many known-present parent ids a writer remembers per column (bounds memory)."""
+SEEN_PARENTS_MAX = 2_000
+"""How many known-present parent ids a writer remembers per column (bounds memory). The hot parents
+(users, classes, the facility) number in the hundreds; the rest are looked up per batch anyway. At
+1M records 20,000 ids a column took ~9 MiB more peak memory for no measurable speed (docs/performance.md)."""
 
 WAITING = "waiting for"
 """Prefix of the ``error`` of a row whose parent has not arrived."""
