@@ -70,26 +70,31 @@ __all__ = [
 # hash table of at least 2^18 entries fix that for every level (LDM adds little
 # here and cut decompression speed from ~1.5 GB/s to 0.2-0.8 GB/s).
 #
-# Against the size target of 1.2x zstd -19, measured on the bench's facility (100,699
-# records, 73.0 MB of record lines; zstd -19 -T1: 7.90 MB), one core, CPU seconds:
+# Against the size target of 1.2x zstd -19, measured on the bench's facility, one core, CPU
+# seconds of compression per 1M records (zstd -19 -T1: 7.91 MB at 100,699 records, 83.0 MB at
+# 1,000,699 records; the target is defined at 1M):
 #
-#   level 1, window_log 23, hash_log 18      9.61 MB   1.216x   0.27 s
-#   level 1, window_log 23, hash_log 19      9.57 MB   1.212x
-#   level 1, window_log 24, hash_log 18      9.58 MB   1.213x
-#   level 1, window_log 24, hash_log 19      9.44 MB   1.195x   0.39 s   <- chosen
-#   level 1, window_log 24, hash_log 20      9.41 MB   1.191x   0.43 s
-#   level 2-4, window_log 23-24              9.8-10.2 MB  1.25-1.29x  0.45-0.74 s
-#   level 1 + ldm                            9.33 MB   1.182x   0.55 s
+#   setting                                  100k      1M       CPU-s / 1M
+#   level 1, window_log 23, hash_log 18      1.216x
+#   level 1, window_log 24, hash_log 18      1.213x   1.197x   3.5     <- chosen
+#   level 1, window_log 24, hash_log 19      1.195x   1.2005x  6.0
+#   level 1, window_log 24, hash_log 20      1.191x   1.203x   7.3
+#   level 1, window_log 25, hash_log 18               1.197x   3.5
+#   level 1, window_log 25, hash_log 20               1.198x   7.3
+#   level 1, window_log 26, hash_log 19               1.200x   4.4
+#   level 2-4, window_log 23-24              1.25-1.29x
+#   level 1 + ldm (window_log 23)            1.182x            ~2x level 1
 #
-# Decompression of the chosen setting needs the 16 MiB window plus ~0.3 MiB.
+# A larger hash table helps the small facility and not the large one; a window beyond 16 MiB
+# buys nothing at 1M. Decompression of the chosen setting needs the 16 MiB window plus ~0.3 MiB.
 DEFAULT_LEVEL: Final = 1
 """zstd level used by the bundle writer, with the window/hash floors below."""
 
 MIN_WINDOW_LOG: Final = 24
 """The writer's window is at least 2^24 bytes (16 MiB), whatever the level."""
 
-MIN_HASH_LOG: Final = 19
-"""The writer's match-finder hash table has at least 2^19 entries, whatever the level."""
+MIN_HASH_LOG: Final = 18
+"""The writer's match-finder hash table has at least 2^18 entries, whatever the level."""
 
 DECOMPRESS_SLICE: Final = 1024
 """Compressed bytes fed to the decompressor per call. zstd can expand ~32768x (RLE
