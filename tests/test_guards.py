@@ -21,6 +21,7 @@ from forge import record_line
 from bundlesync.device import Device, init_device
 from bundlesync.errors import StateError
 from bundlesync.format.records import LINE_SQL, Version, parse_record
+from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
 from bundlesync.replica.db import write_transaction
 from bundlesync.replica.store import fetch_versions, serialize_changes
@@ -206,3 +207,79 @@ def test_a_clock_far_ahead_is_counted_and_its_highest_value_kept(scene: Scene) -
     result, _ = s.apply([*ahead, *users[3:]], batch=2)
     assert (result.ahead, result.ahead_max_hlc) == (3, future + 3 * step)
     assert result.outcomes["new"] == len(users)
+
+
+def test_a_reader_keeps_only_what_its_scope_may_read_and_counts_the_rest(scene: Scene) -> None:
+    s = scene
+    everything = s.versions()
+    readable = s.scope(f"user:{s.user}").read
+    mine = [v for v in everything if within(v.partition, readable)]
+    assert 0 < len(mine) < len(everything)
+    result, _ = s.apply(everything, reader=f"user:{s.user}", batch=5)
+    assert (result.not_for_us, result.refused) == (len(everything) - len(mine), 0)
+    stored = {(m, i) for m, i in s.target.conn.execute("SELECT model, id FROM bundlesync_store")}
+    assert stored == {(v.model, v.id) for v in mine}
+
+
+@pytest.mark.parametrize("newer_first", [True, False])
+def test_one_record_twice_in_a_bundle_keeps_the_join_of_both(scene: Scene, newer_first: bool) -> None:
+    """A bundle may carry two versions of a record (a relay's and its own): the result is their join,
+    in either order, and both edits' histories are in its vector."""
+    s = scene
+    s.apply(s.versions())
+    [base] = s.versions("model = ? AND id = (SELECT min(id) FROM bundlesync_store WHERE model = ?)", (USERS, USERS))
+    row = json.loads(base.data)
+    b, c = "b" * 32, "c" * 32
+    older = replace(base, data=json.dumps({**row, "full_name": "older"}, separators=(",", ":")), inst=b, ctr=4,
+                    hlc=base.hlc + 10, vv={**base.vv, b: 4}, wall=None)
+    newer = replace(base, data=json.dumps({**row, "full_name": "newer"}, separators=(",", ":")), inst=c, ctr=2,
+                    hlc=base.hlc + 20, vv={**base.vv, c: 2}, wall=None)
+    result, written = s.apply([newer, older] if newer_first else [older, newer])
+    assert result.received == 2 and written.written == 1
+    kept = s.stored(USERS, base.id)
+    assert kept is not None and (kept.inst, kept.ctr, kept.vv) == (c, 2, {**base.vv, b: 4, c: 2})
+    assert s.target.conn.execute(f"SELECT full_name FROM {USERS} WHERE id = ?", (base.id,)).fetchone()[0] == "newer"
+
+
+def test_a_learner_may_not_take_over_a_record_another_user_holds(scene: Scene) -> None:
+    """A record whose id is V's here, sent by U's device as U's (the data agrees with the claim): the
+    local record decides, so it is refused, and the records after it still apply."""
+    s = scene
+    s.apply(s.versions())
+    victim = s.versions("model = ? AND partition = ?", (LOGS, f"{s.dataset}:user-rw:{s.other}"))[0]
+    template = s.versions("model = ? AND partition = ?", (LOGS, f"{s.dataset}:user-rw:{s.user}"))[0]
+    row = {**json.loads(template.data), "id": victim.id, "progress": 0.25}
+    learner = "e" * 32
+    claim = replace(template, id=victim.id, data=json.dumps(row, separators=(",", ":")), inst=learner, ctr=1,
+                    hlc=victim.hlc + 100, vv={**victim.vv, learner: 1}, wall=None)
+    edit = replace(template, data=json.dumps({**json.loads(template.data), "progress": 0.75}, separators=(",", ":")),
+                   inst=learner, ctr=2, hlc=template.hlc + 100, vv={**template.vv, learner: 2}, wall=None)
+    result, written = s.apply([claim, edit], signer=f"user:{s.user}")
+    assert (result.out_of_scope, result.refused, written.written) == (1, 1, 1)
+    assert result.refused_sample == [f"{LOGS} {victim.id}: the local record lies in {victim.partition}, outside "
+                                     "the signer's write scope"]
+    assert s.stored(LOGS, victim.id) == replace(victim, wall=None)  # record_line() does not carry the edit time
+    assert s.target.conn.execute(f"SELECT user_id FROM {LOGS} WHERE id = ?", (victim.id,)).fetchone()[0] == s.other
+    assert s.target.conn.execute(f"SELECT progress FROM {LOGS} WHERE id = ?", (template.id,)).fetchone()[0] == 0.75
+
+
+def test_only_a_full_facility_signer_may_purge(scene: Scene) -> None:
+    """A purge of U's own session log, signed by U's device: inside its write scope, still refused."""
+    s = scene
+    s.apply(s.versions())
+    own = s.versions("model = ? AND partition = ?", (LOGS, f"{s.dataset}:user-rw:{s.user}"))
+    learner = "e" * 32
+    purge = replace(own[0], data="{}", deleted=True, purged=True, inst=learner, ctr=1, hlc=own[0].hlc + 100,
+                    vv={**own[0].vv, learner: 1}, wall=None)
+    edit = replace(own[1], data=json.dumps({**json.loads(own[1].data), "progress": 0.75}, separators=(",", ":")),
+                   inst=learner, ctr=2, hlc=own[1].hlc + 100, vv={**own[1].vv, learner: 2}, wall=None)
+    result, written = s.apply([purge, edit], signer=f"user:{s.user}")
+    assert (result.out_of_scope, result.refused, written.written, written.deleted) == (1, 1, 1, 0)
+    assert result.refused_sample == [f"{LOGS} {own[0].id}: only a full-facility certificate may purge records"]
+    assert s.stored(LOGS, own[0].id) == replace(own[0], wall=None) and s.app_count(LOGS, "id = ?", (own[0].id,)) == 1
+    assert s.target.conn.execute(f"SELECT progress FROM {LOGS} WHERE id = ?", (own[1].id,)).fetchone()[0] == 0.75
+    # The same purge signed under a full-facility certificate is taken, and erases the row.
+    result, written = s.apply([purge])
+    assert result.refused == 0 and written.deleted == 1 and s.app_count(LOGS, "id = ?", (own[0].id,)) == 0
+    stored = s.stored(LOGS, own[0].id)
+    assert stored is not None and stored.purged
