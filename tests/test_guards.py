@@ -1,8 +1,10 @@
-"""The import's per-record guards, driven in-process on real databases.
+"""The import's per-record guards and the receipt checks, driven in-process on real databases.
 
-The same promises as ``test_promises.py`` (which goes through the CLI), at the level of
-:func:`bundlesync.sync.dequeue.dequeue`: fast enough that mutation testing runs them for
-every mutant, and precise about counts, refusal reasons and what reaches the store.
+The same promises as ``test_promises.py`` and ``test_receipts.py`` (which go through the CLI),
+at the level of :func:`bundlesync.sync.dequeue.dequeue` and
+:func:`bundlesync.trust.receipts.read_receipt`: fast enough that mutation testing
+(``scripts/mutation.sh``) runs them for every mutant, and precise about counts, refusal
+reasons and what reaches the store.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import pytest
 
 from conftest import PROFILE, make_db
 from forge import record_line
+from sim import World
 
 from bundlesync.device import Device, init_device
-from bundlesync.errors import StateError
+from bundlesync.errors import ReceiptError, StateError
+from bundlesync.format.container import canonical_json
 from bundlesync.format.records import LINE_SQL, Version, parse_record
 from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
@@ -29,6 +33,7 @@ from bundlesync.replica.tracking import suppressed
 from bundlesync.sync.deserialize import DeserializeResult
 from bundlesync.sync.dequeue import DequeueResult, dequeue
 from bundlesync.sync.status import list_conflicts
+from bundlesync.trust.receipts import read_receipt
 from bundlesync.trust.scope import ScopeFilters, scope_filters
 
 LOGS = "logger_contentsessionlog"
@@ -283,3 +288,50 @@ def test_only_a_full_facility_signer_may_purge(scene: Scene) -> None:
     assert result.refused == 0 and written.deleted == 1 and s.app_count(LOGS, "id = ?", (own[0].id,)) == 0
     stored = s.stored(LOGS, own[0].id)
     assert stored is not None and stored.purged
+
+
+# --------------------------------------------------------------------------- receipts
+
+
+def _resigned(path: Path, world: World, i: int, **changes: object) -> Path:
+    """The receipt at ``path`` with ``changes`` to its body, signed again by device ``i`` (a valid signature)."""
+    body = {**json.loads(path.read_bytes())["receipt"], **changes}
+    dev = world.devices[i]
+    chain = dev.keys.device_chain(str(body["dataset_id"]))
+    assert chain is not None
+    signature = dev.keys.signing_key(chain).sign("receipt", canonical_json(body))
+    out = path.with_name(f"changed-{path.name}")
+    out.write_bytes(canonical_json({"receipt": body, "signature": signature.hex()}))
+    return out
+
+
+def test_a_receipt_is_read_only_in_its_own_kind_and_format(tmp_path: Path) -> None:
+    w = World.create(tmp_path / "w", 2)
+    try:
+        reader = w.devices[0]
+        genuine = w.receipt(1, tmp_path)
+        assert read_receipt(genuine, reader.keys, reader.profile).instance_id == w.devices[1].instance_id
+        for changes in ({"format": 2}, {"kind": "bundlesync-manifest"}):
+            changed = _resigned(genuine, w, 1, **changes)
+            with pytest.raises(ReceiptError) as caught:
+                read_receipt(changed, reader.keys, reader.profile)
+            assert str(caught.value) == f"{changed} is not a bundlesync receipt (format 1)"
+    finally:
+        w.close()
+
+
+@pytest.mark.parametrize(("content", "detail"), [
+    (b"{not json", "Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    (b'{"receipt": {"kind": "bundlesync-receipt", "format": 1}, "signature": ""}', "'dataset_id'"),
+])
+def test_an_unreadable_receipt_is_a_receipt_error_naming_what_is_wrong(tmp_path: Path, content: bytes,
+                                                                      detail: str) -> None:
+    w = World.create(tmp_path / "w", 1)
+    try:
+        path = tmp_path / "receipt-00000000-00000000.json"
+        path.write_bytes(content)
+        with pytest.raises(ReceiptError) as caught:
+            read_receipt(path, w.devices[0].keys, w.devices[0].profile)
+        assert str(caught.value) == f"cannot read receipt {path}: {detail}; copy it again or export with --full"
+    finally:
+        w.close()
