@@ -193,6 +193,11 @@ def test_the_report_counts_every_row_written_deleted_or_left_waiting(scene: Scen
     assert result.outcomes["new"] == len(logs) and 0 < waiting < len(logs)
     assert written.written == len(logs) - waiting == s.app_count(LOGS) == written.by_model[LOGS]
     assert written.deleted == 0
+    # Rows written now are done (only the waiting stay dirty for DESERIALIZING), and each version
+    # remembers the bundle it came with (a conflict with a later local edit names it).
+    assert s.target.conn.execute("SELECT count(*) FROM bundlesync_store WHERE model = ? AND dirty = 1",
+                                 (LOGS,)).fetchone()[0] == waiting
+    assert {r[0] for r in s.target.conn.execute("SELECT DISTINCT bundle_id FROM bundlesync_store")} == {"b" * 32}
     # Deletions of some records, each a fast-forward by another device, in several batches.
     other = "d" * 32
     gone = [replace(v, deleted=True, hlc=v.hlc + 1, inst=other, ctr=n, vv={**v.vv, other: n}, wall=None)
@@ -335,3 +340,21 @@ def test_an_unreadable_receipt_is_a_receipt_error_naming_what_is_wrong(tmp_path:
         assert str(caught.value) == f"cannot read receipt {path}: {detail}; copy it again or export with --full"
     finally:
         w.close()
+
+
+def test_a_concurrent_version_that_loses_still_leaves_its_history_in_the_vector(scene: Scene) -> None:
+    """The local version wins, the incoming one is logged as the loser, and the stored vector is the join:
+    a later local edit then fast-forwards the sender instead of conflicting with it again."""
+    s = scene
+    s.apply(s.versions())
+    [mine] = s.versions("model = ? AND id = (SELECT min(id) FROM bundlesync_store WHERE model = ?)", (USERS, USERS))
+    other = "c" * 32
+    theirs = replace(mine, data=json.dumps({**json.loads(mine.data), "full_name": "loses"}, separators=(",", ":")),
+                     inst=other, ctr=3, hlc=mine.hlc - 5, vv={other: 3}, wall=None)
+    result, written = s.apply([theirs])
+    assert result.outcomes["conflict"] == 1 and written.written == 0
+    kept = s.stored(USERS, mine.id)
+    assert kept is not None and (kept.inst, kept.ctr, kept.data) == (mine.inst, mine.ctr, mine.data)
+    assert kept.vv == {**mine.vv, other: 3}
+    [entry] = list_conflicts(s.target)
+    assert entry["loser"]["inst"] == other and entry["loser"]["data"]["full_name"] == "loses"
