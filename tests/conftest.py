@@ -151,21 +151,24 @@ def pair_template(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     return build_pair(tmp_path_factory.mktemp("pair-template"))
 
 
+def copy_pair(t: Pair, dest: Path) -> Pair:
+    """A copy of two devices built by :func:`build_pair` in ``dest``, each home's config pointing at its copied DB."""
+    for name in ("a.sqlite3", "b.sqlite3"):
+        shutil.copy2(t.tmp / name, dest / name)
+    for name in ("devA", "devB", "usb"):
+        shutil.copytree(t.tmp / name, dest / name)
+    for home, db in (("devA", "a.sqlite3"), ("devB", "b.sqlite3")):
+        config = dest / home / "config.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["db"] = str(dest / db)
+        config.write_text(yaml.safe_dump(data))
+    return Pair(dest, t.facility, dest / "a.sqlite3", dest / "b.sqlite3", dest / "devA", dest / "devB", dest / "usb")
+
+
 @pytest.fixture
 def pair(pair_template: Pair, tmp_path: Path) -> Pair:
-    """A fresh copy of the two-device template, with each home's config pointing at its copied DB."""
-    t = pair_template
-    for name in ("a.sqlite3", "b.sqlite3"):
-        shutil.copy2(t.tmp / name, tmp_path / name)
-    for name in ("devA", "devB", "usb"):
-        shutil.copytree(t.tmp / name, tmp_path / name)
-    for home, db in (("devA", "a.sqlite3"), ("devB", "b.sqlite3")):
-        config = tmp_path / home / "config.yaml"
-        data = yaml.safe_load(config.read_text())
-        data["db"] = str(tmp_path / db)
-        config.write_text(yaml.safe_dump(data))
-    return Pair(tmp_path, t.facility, tmp_path / "a.sqlite3", tmp_path / "b.sqlite3", tmp_path / "devA",
-                tmp_path / "devB", tmp_path / "usb")
+    """A fresh copy of the two-device template."""
+    return copy_pair(pair_template, tmp_path)
 
 
 Runner = Callable[..., CliResult]
