@@ -190,3 +190,44 @@ def state(path: Path) -> dict[str, list[tuple[object, ...]]]:
         return dump
     finally:
         conn.close()
+
+
+CLOCK_COLUMNS = {"at", "detected_at", "since"}
+"""Wall-clock columns of bundlesync's tables: they legitimately differ between two runs."""
+
+
+def masked_state(db: Path, *, stats: bool = True) -> dict[str, list[tuple[object, ...]]]:
+    """``state(db)`` with wall-clock columns of bundlesync's tables blanked.
+
+    ``stats=False`` also blanks ``bundlesync_transfers.stats``: what the run that recorded an
+    import saw (records new or already here), which differs when an interrupted import is
+    completed by a second run although the data ends the same.
+    """
+    full = state(db)
+    conn = sqlite3.connect(db)
+    try:
+        for table in list(full):
+            if not table.startswith("bundlesync_"):
+                continue
+            cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
+            blank = CLOCK_COLUMNS | ({"stats"} if not stats and table == "bundlesync_transfers" else set())
+            masked = [i for i, c in enumerate(cols) if c in blank]
+            if masked:
+                full[table] = sorted(
+                    (tuple(None if i in masked else v for i, v in enumerate(row)) for row in full[table]), key=repr)
+    finally:
+        conn.close()
+    return full
+
+
+def clone_device(home: Path, db: Path, dest: Path) -> tuple[Path, Path]:
+    """A copy of one device (home and database) under ``dest``: ``(home, db)``, the config pointing at the copy."""
+    dest.mkdir(parents=True, exist_ok=True)
+    new_db, new_home = dest / db.name, dest / home.name
+    shutil.copy2(db, new_db)
+    shutil.copytree(home, new_home)
+    config = new_home / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["db"] = str(new_db)
+    config.write_text(yaml.safe_dump(data))
+    return new_home, new_db
