@@ -196,12 +196,13 @@ CLOCK_COLUMNS = {"at", "detected_at", "since"}
 """Wall-clock columns of bundlesync's tables: they legitimately differ between two runs."""
 
 
-def masked_state(db: Path, *, stats: bool = True) -> dict[str, list[tuple[object, ...]]]:
+def masked_state(db: Path, *, runs: bool = True) -> dict[str, list[tuple[object, ...]]]:
     """``state(db)`` with wall-clock columns of bundlesync's tables blanked.
 
-    ``stats=False`` also blanks ``bundlesync_transfers.stats``: what the run that recorded an
-    import saw (records new or already here), which differs when an interrupted import is
-    completed by a second run although the data ends the same.
+    ``runs=False`` also blanks what ``bundlesync_transfers`` says of the run that recorded a
+    transfer: the path it was given, and its ``stats`` (records new or already here), which
+    differ when an interrupted import is completed by a second run although the data ends
+    the same.
     """
     full = state(db)
     conn = sqlite3.connect(db)
@@ -210,7 +211,7 @@ def masked_state(db: Path, *, stats: bool = True) -> dict[str, list[tuple[object
             if not table.startswith("bundlesync_"):
                 continue
             cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
-            blank = CLOCK_COLUMNS | ({"stats"} if not stats and table == "bundlesync_transfers" else set())
+            blank = CLOCK_COLUMNS | ({"stats", "path"} if not runs and table == "bundlesync_transfers" else set())
             masked = [i for i, c in enumerate(cols) if c in blank]
             if masked:
                 full[table] = sorted(
@@ -231,3 +232,39 @@ def clone_device(home: Path, db: Path, dest: Path) -> tuple[Path, Path]:
     data["db"] = str(new_db)
     config.write_text(yaml.safe_dump(data))
     return new_home, new_db
+
+
+def app_matches_store(db: Path) -> list[str]:
+    """What makes a database not a valid state of the merge; ``[]`` when it is one.
+
+    Valid: no ``bundlesync_applying`` row is left (it would hide the app's edits from
+    tracking); every store record that is not waiting (``dirty``) has its app row exactly as
+    the store holds it (absent if deleted or purged); every app row is the store's or
+    a local edit still in the change log.
+    """
+    from bundlesync.format.records import encode_data
+    from bundlesync.profile import bind_profile, load_profile
+
+    problems: list[str] = []
+    conn = sqlite3.connect(db)
+    try:
+        if conn.execute("SELECT count(*) FROM bundlesync_applying").fetchone()[0]:
+            problems.append("a bundlesync_applying row is left: the app's edits go untracked")
+        changed = set(conn.execute("SELECT model, pk FROM bundlesync_changes").fetchall())
+        for table in bind_profile(load_profile(PROFILE), conn).tables:
+            cols = ", ".join(f'"{c}"' for c in table.columns)
+            app = {str(r[0]): encode_data(table.columns, r[1:]) for r in conn.execute(
+                f'SELECT "{table.primary_key}", {cols} FROM "{table.name}"')}
+            for record_id, data, gone, dirty in conn.execute(
+                    "SELECT id, data, deleted OR purged, dirty FROM bundlesync_store WHERE model = ?", (table.name,)):
+                if (table.name, record_id) in changed or dirty:
+                    app.pop(record_id, None)
+                    continue
+                mine = app.pop(record_id, None)
+                if (mine is not None) if gone else (mine != data):
+                    problems.append(f"{table.name} {record_id}: app row {mine!r} but store {data!r} (gone={gone})")
+            problems += [f"{table.name} {i}: app row neither in the store nor a logged edit"
+                         for i in app if (table.name, i) not in changed]
+    finally:
+        conn.close()
+    return problems[:5]

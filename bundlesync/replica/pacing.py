@@ -57,8 +57,9 @@ class Pacer:
     """Hands out short write transactions on one connection, resting between them (see the module docstring)."""
 
     def __init__(self, conn: sqlite3.Connection, *, hold: float = HOLD_S, rest: float = REST_S,
-                 burst: float = BURST_S) -> None:
-        self.conn, self.hold, self.rest, self.burst = conn, hold, rest, burst
+                 burst: float = BURST_S, between: Callable[[], None] | None = None) -> None:
+        """``between`` is called after every commit, while this connection holds no lock."""
+        self.conn, self.hold, self.rest, self.burst, self.between = conn, hold, rest, burst, between
         self.transactions = 0
         self.rested = 0.0
         """Seconds spent resting so far."""
@@ -101,3 +102,5 @@ class Pacer:
         self._held += time.monotonic() - start
         self.transactions += 1
         self._version = self._data_version()
+        if self.between is not None:
+            self.between()

@@ -287,8 +287,10 @@ def read_records(device: Device, path: Path) -> Iterator[bytes]:
 class ImportWork(FacilityDataSyncHook):
     """bundlesync's own import work, one operation per stage."""
 
-    def __init__(self, device: Device, path: Path, plugins: PluginSet, progress: Progress | None = None) -> None:
+    def __init__(self, device: Device, path: Path, plugins: PluginSet, progress: Progress | None = None,
+                 between: Callable[[], None] | None = None) -> None:
         self.device, self.source, self.plugins, self.progress = device, path, plugins, progress
+        self.between = between
         self.staged = device.staging / _staging_name(path)
         self.plain = self.staged.with_name(self.staged.name + ".plain")  # the decrypted payload: never on the drive
         self.verified: VerifiedBundle | None = None
@@ -341,7 +343,7 @@ class ImportWork(FacilityDataSyncHook):
     def run(self, ctx: SyncContext) -> None:
         """Every stage after the checks, each in its own transactions (see the module docstring)."""
         conn = ctx.connection
-        self.pacer = Pacer(conn)
+        self.pacer = Pacer(conn, between=self.between)
         for stage in IMPORT_STAGES:
             if stage is Stage.CLEANUP:
                 with write_transaction(conn):
@@ -593,15 +595,21 @@ def _alive(pid: int) -> bool:
 
 
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
-                  warn: Warn | None = None, receipt: bool = True, progress: Progress | None = None) -> ImportResult:
-    """Verify, then apply one bundle in short transactions, recorded in the last; a re-import is a no-op."""
+                  warn: Warn | None = None, receipt: bool = True, progress: Progress | None = None,
+                  between: Callable[[], None] | None = None) -> ImportResult:
+    """Verify, then apply one bundle in short transactions, recorded in the last; a re-import is a no-op.
+
+    ``between`` is called after each of the import's short transactions commits, while the
+    import holds no lock on the database: a program that runs the import in its own
+    process can let its own writers in there (the next transaction serializes their edits).
+    """
     _require_file(path)
     plugins = plugins or PluginSet()
     warn = warn or (lambda _: None)
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
     sweep_staging(device.staging)
-    work = ImportWork(device, path, plugins, progress)
+    work = ImportWork(device, path, plugins, progress, between)
     try:
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
         work.stage_and_check()
