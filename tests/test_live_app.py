@@ -1,6 +1,6 @@
 """bundlesync beside a running app: the app's writes never fail and never wait long.
 
-An app writer (tests/app_writer.py, its own process, Python's default 5 s busy timeout)
+An app writer (scripts/app_writer.py, its own process, Python's default 5 s busy timeout)
 runs thousands of small transactions on a synced table while a ~100k-record export runs
 on device A, and again while that bundle is imported on device B, with the databases in
 WAL and in rollback-journal (DELETE) mode. No app write may fail, the longest any of them
@@ -31,11 +31,11 @@ MAX_WAIT_S = 1.5
 
 
 class AppWriter:
-    """Runs tests/app_writer.py on a database for the ``with`` block; ``report`` is its result."""
+    """Runs scripts/app_writer.py on a database for the ``with`` block; ``report`` is its result."""
 
     def __init__(self, db: Path, dataset: str, ids: Path, work: Path, tag: str) -> None:
         self.out, self.stop = work / f"writer-{tag}.json", work / f"writer-{tag}.stop"
-        self.args = [sys.executable, str(ROOT / "tests" / "app_writer.py"), str(db), dataset, str(ids),
+        self.args = [sys.executable, str(ROOT / "scripts" / "app_writer.py"), str(db), dataset, str(ids),
                      str(self.out), str(self.stop), tag]
         self.report: dict[str, object] = {}
 

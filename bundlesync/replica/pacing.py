@@ -94,13 +94,14 @@ class Pacer:
         """
         self._rest_if_due()
         with write_transaction(self.conn):
-            # Another program committed since this one's last commit (while it rested or waited for the lock).
-            self._others_wrote = self._data_version() != self._version
+            # Another program committed since this one's last transaction began (no one else can commit
+            # while it holds the write lock, so: since its last commit, while it rested or waited).
+            version = self._data_version()
+            self._others_wrote, self._version = version != self._version, version
             start = time.monotonic()
             deadline = start + self.hold
             yield lambda: time.monotonic() >= deadline
         self._held += time.monotonic() - start
         self.transactions += 1
-        self._version = self._data_version()
         if self.between is not None:
             self.between()

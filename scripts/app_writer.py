@@ -1,6 +1,7 @@
-"""An app writing to its database beside bundlesync, as a separate process (for tests/test_live_app.py).
+#!/usr/bin/env python3
+"""An app writing to its database beside bundlesync, as a separate process (tests/test_live_app.py, bench.py).
 
-``python tests/app_writer.py DB DATASET_ID IDS_FILE OUT_JSON STOP_FILE TAG`` opens the
+``python scripts/app_writer.py DB DATASET_ID IDS_FILE OUT_JSON STOP_FILE TAG`` opens the
 database the way a Python app does by default (``sqlite3.connect(db, timeout=5.0)``,
 implicit transactions) and runs small transactions until ``STOP_FILE`` exists: each
 inserts one anonymous content session log (id ``TAG`` + a number), updates one it
@@ -9,7 +10,7 @@ or sends; an update of a row not there yet changes nothing). Every failure is co
 and each transaction's duration (which includes any wait for the write lock) is kept.
 ``OUT_JSON`` gets ``{"transactions", "failures", "errors", "max_wait", "p99_wait", "inserted"}``;
 ``OUT_JSON.ready`` appears after the first commit, so a test starts the sync only once
-the app is writing.
+the app is writing. Standard library only.
 """
 
 from __future__ import annotations
