@@ -1,7 +1,8 @@
 """An import applies a bundle in short transactions: what that must not break.
 
 The scene: A and B hold the same facility; then A updates every session, summary and
-attempt log, and B's app edits every third session log (concurrent edits: conflicts).
+attempt log, and B's app edits every third session log (concurrent edits: conflicts),
+which B serializes.
 A's bundle of its updates is imported into B in-process, which lets a test act between
 two of the import's transactions (``import_bundle(between=…)``, where the database is
 free) or stop it inside one (an exception from the progress callback rolls it back, as
@@ -22,6 +23,8 @@ import pytest
 from bundlesync.device import Device
 from bundlesync.errors import BundleError
 from bundlesync.format import container
+from bundlesync.replica.db import write_transaction
+from bundlesync.replica.store import serialize_changes
 from bundlesync.format.records import parse_record
 from bundlesync.sync.importer import import_bundle, read_records
 from bundlesync.trust.keystore import KeyStore
@@ -43,8 +46,8 @@ class Scene:
     """A's bundle of its updates (not yet imported into B)."""
     after: dict[str, list[tuple[object, ...]]]
     """B's state after that import, uninterrupted (:func:`masked_state`, without the transfer's stats)."""
-    transactions: int
-    """How many short transactions that import took (before the last one, which records it)."""
+    merged: int
+    """How many store versions that import took from the bundle."""
 
 
 @pytest.fixture(scope="module")
@@ -61,19 +64,31 @@ def scene_template(tmp_path_factory: pytest.TempPathFactory) -> Scene:
     with b:  # later than A's edits: these win their conflicts
         b.execute("UPDATE logger_contentsessionlog SET progress = 0.5 WHERE rowid % 3 = 0")
     b.close()
+    # Serialized now, so that every import of the scene starts from the same versions: an import
+    # serializes pending edits in as many transactions (each with its own counter) as time asks.
+    with Device.open(p.b) as device, write_transaction(device.conn):
+        assert serialize_changes(device.conn, device.profile).versions > 500
     (p.usb / Path(first).name).unlink()
     bundle = Path(run_cli(p.a, "export", "--facility", p.facility, "--out", str(p.usb), "--no-encrypt").last_line)
     ref_home, ref_db = clone_device(p.b, p.b_db, p.tmp / "reference")
-    commits: list[None] = []
-    _import(ref_home, bundle, between=lambda: commits.append(None))
-    return Scene(p, bundle, masked_state(ref_db, runs=False), len(commits))
+    _import(ref_home, bundle)
+    return Scene(p, bundle, masked_state(ref_db, runs=False), _merged(ref_db, bundle))
 
 
 @pytest.fixture
 def scene(scene_template: Scene, tmp_path: Path) -> Scene:
     t = scene_template
     pair = copy_pair(t.pair, tmp_path)
-    return Scene(pair, pair.usb / t.bundle.name, t.after, t.transactions)
+    return Scene(pair, pair.usb / t.bundle.name, t.after, t.merged)
+
+
+def _merged(db: Path, bundle: Path) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return int(conn.execute("SELECT count(*) FROM bundlesync_store WHERE bundle_id = ?",
+                                (container.read_info(bundle).manifest["bundle_id"],)).fetchone()[0])
+    finally:
+        conn.close()
 
 
 def _import(home: Path, bundle: Path, *, progress: Callable[[int, int], None] | None = None,
@@ -146,8 +161,11 @@ def test_interrupted_import_is_valid_and_completed_by_the_next(scene: Scene, sto
             raise Interrupted(stop)  # inside a transaction of DEQUEUING: it rolls back
 
     def between() -> None:
-        seen[0] += 1  # "last": every record merged and every row written, nothing recorded yet
-        if where == "between" and seen[0] == (scene.transactions if when == "last" else int(when)):
+        seen[0] += 1
+        if where != "between":
+            return
+        # "last": every record merged (rows maybe still to write), nothing recorded yet.
+        if seen[0] == int(when) if when != "last" else _merged(p.b_db, bundle) == scene.merged:
             raise Interrupted(stop)
 
     with pytest.raises(Interrupted):
@@ -158,9 +176,8 @@ def test_interrupted_import_is_valid_and_completed_by_the_next(scene: Scene, sto
     others = [[r for r in s["bundlesync_fsic"] if r[1] != me] for s in (before, now)]
     assert others[0] == others[1]  # knowledge of A's writes not advanced
     assert 0 < len(now["bundlesync_conflicts"]) <= conflicts
-    bundle_id = container.read_info(bundle).manifest["bundle_id"]
-    merged = sum(row[12] == bundle_id for row in now["bundlesync_store"])
-    assert 0 < merged < total if when != "last" else merged > 0  # the stop came part-way
+    merged = _merged(p.b_db, bundle)
+    assert 0 < merged < scene.merged if when != "last" else merged == scene.merged  # the stop came part-way
 
     _import(p.b, bundle)
     assert masked_state(p.b_db, runs=False) == after  # conflicts included: none logged twice
