@@ -116,6 +116,6 @@ def test_app_writes_beside_export_and_import(live_template: Pair, tmp_path: Path
     run_cli(p.a, "import", to_a)
     a, b = dump_tables(p.a_db), dump_tables(p.b_db)
     assert a == b
-    sessions = {row[0] for row in a["logger_contentsessionlog"]}
+    sessions = {str(row[0]) for row in a["logger_contentsessionlog"]}
     assert sum(i.startswith("appa") for i in sessions) == on_a.report["inserted"]
     assert sum(i.startswith("appb") for i in sessions) == on_b.report["inserted"]
