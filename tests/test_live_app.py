@@ -81,6 +81,7 @@ def _journal_mode(db: Path, mode: str) -> None:
         conn.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["wal", "delete"])
 def test_app_writes_beside_export_and_import(live_template: Pair, tmp_path: Path, mode: str) -> None:
     p = copy_pair(live_template, tmp_path)
