@@ -28,10 +28,11 @@ def _one_error_line(res: CliResult) -> str:
 
 
 @contextlib.contextmanager
-def tmpfs(where: Path, size: str) -> Iterator[Path]:
+def tmpfs(where: Path, size: str, *, read_only: bool = False) -> Iterator[Path]:
     """A real, tiny mounted filesystem (needs root: the test is skipped without it)."""
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+    options = f"size={size}" + (",ro" if read_only else "")
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()})")
@@ -78,6 +79,24 @@ def test_full_drive_is_refused_before_writing(pair: Pair) -> None:
     assert res.code == 8 and res.out == "", res
     assert "free" in _one_error_line(res)
     assert left == ["filler"]  # no bundle, no partial file
+
+
+def test_a_write_protected_drive_fails_the_export_with_exit_7(pair: Pair) -> None:
+    """A stick whose write-protect switch is on (a read-only mount): the write itself fails, so the
+    export could not complete (exit 7); the line says to check the drive, nothing changes at home."""
+    def exports() -> int:
+        with contextlib.closing(sqlite3.connect(pair.a_db)) as conn:
+            return int(conn.execute("SELECT count(*) FROM bundlesync_transfers WHERE direction = 'export'")
+                       .fetchone()[0])
+
+    before, recorded = dump_tables(pair.a_db), exports()
+    with tmpfs(pair.tmp / "locked", "1m", read_only=True) as stick:
+        res = _export(pair, stick, "--require-mount", check=False)
+        line = _one_error_line(res)
+        assert res.code == 7, res.err
+        assert "Read-only file system" in line and "writable" in line
+        assert list(stick.iterdir()) == []
+    assert dump_tables(pair.a_db) == before and exports() == recorded  # no export is recorded as sent
 
 
 def test_drive_filling_up_while_writing_is_a_drive_error(tmp_path: Path) -> None:

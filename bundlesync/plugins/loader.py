@@ -22,11 +22,14 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bundlesync.errors import PluginError
 from bundlesync.plugins.hooks import FacilityDataSyncHook, registered_hooks
 from bundlesync.plugins.operations import LocalOperation, Stage, SyncContext
+
+if TYPE_CHECKING:
+    from bundlesync.device import Device
 
 __all__ = ["ENTRY_POINT_GROUP", "LoadedPlugin", "PluginSet", "plugins_disabled"]
 
@@ -130,6 +133,12 @@ class PluginSet:
         for path in config_paths:
             loaded.append(_load(path, "config.yaml", _import_path(path), None, seen))
         return cls(loaded)
+
+    @classmethod
+    def for_device(cls, device: Device, *, enabled: bool = True) -> PluginSet:
+        """What a device runs: entry points, then its home's ``plugins:``, then its profile's
+        (e.g. the Kolibri profile's single-user lessons); each import path once."""
+        return cls.load(dict.fromkeys((*device.config.plugins, *device.profile.plugins)), enabled=enabled)
 
     def operations(self, stage: Stage) -> list[tuple[LoadedPlugin, LocalOperation]]:
         """Plugin operations of a stage, higher priority first (stable in load order)."""

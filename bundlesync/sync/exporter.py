@@ -108,10 +108,6 @@ def _carries(basis: Mapping[str, Mapping[str, int]], result: Mapping[str, Mappin
                             kn.flat(other_result, (p,))) for p in prefixes)
 
 
-def _now_text(now: datetime.datetime | None) -> str:
-    return (now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
     """Distinct writers of one table's records, by index skip-scan (cost follows their number)."""
     row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE model = ?", (model,)).fetchone()
@@ -244,6 +240,7 @@ class ExportWork(FacilityDataSyncHook):
         self.encrypt, self.encrypt_to = encrypt, tuple(encrypt_to)
         self.full, self.user, self.since = full, user, since
         self.plugins, self.now = plugins, now
+        self.created = ""  # the bundle's creation time (UTC, ISO), set when its manifest is made
         self.require_mount, self.max_size, self.progress = require_mount, max_size, progress
         self.supersede = supersede
         self.skipped_receipts: list[str] = []
@@ -282,7 +279,7 @@ class ExportWork(FacilityDataSyncHook):
         basis = choose_basis(
             ctx.connection, self.device.keys, dataset_id=ctx.dataset_id, facility_id=ctx.facility_id,
             me=ctx.instance_id, prefixes=ctx.filter, user=self.user, full=self.full, since=self.since,
-            out_dir=self.out_dir, at=_now_text(self.now),
+            out_dir=self.out_dir,
             profile=ctx.profile, on_receipt=lambda r: self._remember_signer(r.chain),
         )
         self.result.basis, self.result.basis_source = basis.knowledge, basis.source
@@ -347,7 +344,8 @@ class ExportWork(FacilityDataSyncHook):
             held = kn.clip(fsic_mod.read_knowledge(conn), (*self.scope_prefixes, *ctx.filter))
             counter = current_counter(conn)
         result = kn.clip(held, ctx.filter)
-        created = (self.now or datetime.datetime.now(datetime.timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        created = self.created = (self.now or datetime.datetime.now(datetime.timezone.utc)).strftime(
+            "%Y-%m-%dT%H:%M:%S.%fZ")
         manifest = Manifest(
             bundle_id=self.result.bundle_id, created_at=created, generator=f"bundlesync/{__version__}",
             profile_name=ctx.profile.name, profile_version=ctx.profile.version, profile_digest=ctx.profile.digest,
@@ -445,8 +443,8 @@ class ExportWork(FacilityDataSyncHook):
         r = self.result
         record_transfer(
             ctx.connection, bundle_id=r.bundle_id, direction="export", dataset_id=r.dataset_id, prefixes=r.filter,
-            peer_instance=ctx.instance_id, path=str(self.path),
-            at=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), records=r.records,
+            # The bundle's own creation time: later bases compare it with when peers last spoke.
+            peer_instance=ctx.instance_id, path=str(self.path), at=self.created, records=r.records,
             stats={"counts": r.counts, "basis": r.basis, "basis_source": r.basis_source}, result_fsic=r.result,
         )
 
@@ -529,11 +527,12 @@ def export_bundle(
     our earlier bundles there that the new one carries (the CLI does; an archive folder must not).
     The payload is encrypted (age) to this device, every device it knows by certificate
     that may read the whole filter, and ``encrypt_to``; ``encrypt=False`` writes it in
-    the clear (``--no-encrypt``).
+    the clear (``--no-encrypt``). ``plugins``: None runs the device's own plugins (entry
+    points, the home's config, the profile's), as the command line does; ``PluginSet()`` runs none.
     """
     for recipient in encrypt_to:
         check_recipient(recipient)
-    plugins = plugins or PluginSet()
+    plugins = PluginSet.for_device(device) if plugins is None else plugins
     conn = device.conn
     dataset_id, facility_id = device.resolve_facility(facility)
     chain = device.keys.device_chain(dataset_id)

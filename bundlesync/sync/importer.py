@@ -602,9 +602,12 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
     ``between`` is called after each of the import's short transactions commits, while the
     import holds no lock on the database: a program that runs the import in its own
     process can let its own writers in there (the next transaction serializes their edits).
+
+    ``plugins``: None runs the device's own plugins (entry points, the home's config, the
+    profile's), as the command line does; ``PluginSet()`` runs none.
     """
     _require_file(path)
-    plugins = plugins or PluginSet()
+    plugins = PluginSet.for_device(device) if plugins is None else plugins
     warn = warn or (lambda _: None)
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
