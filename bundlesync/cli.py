@@ -119,10 +119,13 @@ def cli(ctx: click.Context, home: str | None, no_plugins: bool) -> None:
     ctx.obj["plugins"] = not no_plugins
 
 
+def _print_json(doc: object, *, ensure_ascii: bool = True) -> None:
+    """A ``--json`` report on stdout: indented, keys sorted, so scripts and diffs see a stable shape."""
+    click.echo(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=ensure_ascii))
+
+
 def _plugins(ctx: click.Context, device: Device) -> PluginSet:
-    # The profile's plugins (e.g. the Kolibri profile's single-user lessons) come after the home's own.
-    paths = tuple(dict.fromkeys((*device.config.plugins, *device.profile.plugins)))
-    return PluginSet.load(paths, enabled=ctx.obj["plugins"])
+    return PluginSet.for_device(device, enabled=ctx.obj["plugins"])
 
 
 def _warn(message: str) -> None:
@@ -291,7 +294,7 @@ def cert_list(ctx: click.Context, as_json: bool) -> None:
     with _device(ctx) as device:
         listing = certificate_listing(device)
     if as_json:
-        click.echo(json.dumps(listing, indent=2, sort_keys=True))
+        _print_json(listing)
         return
     lines = [f"device     instance {listing['instance_id']}", f"recipient  {listing['recipient']}"]
     for f in listing["facilities"]:
@@ -366,7 +369,7 @@ def export_cmd(ctx: click.Context, facility_id: str, out_dir: str, full: bool, u
                 f"basis {result.basis_source}: {result.path}"
                 + (f"; replaced {', '.join(result.replaced)}" if result.replaced else ""))
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        _print_json(result.to_json())
         return
     if result.path is None:
         carried = f"; {result.already_on_drive.name} on the drive already carries it" if result.already_on_drive else ""
@@ -423,7 +426,7 @@ def import_cmd(ctx: click.Context, bundles: tuple[str, ...], receipt: bool, quie
         if worst == EXIT_PARTIAL and not _still_incomplete(device, done):
             worst = 0  # a later bundle of this run filled what an earlier one lacked
     if as_json:
-        click.echo(json.dumps(reports, indent=2, sort_keys=True))
+        _print_json(reports)
     if worst == EXIT_PARTIAL and done:
         refused = sum(r.dequeue.refused for r in done)
         gaps = sum(len(r.gaps) for r in done)
@@ -493,7 +496,7 @@ def inspect_cmd(bundle: str, as_json: bool) -> None:
            "summary": info.summary, "digest": info.digest.hex(),
            "encrypted": bool(info.flags & container.FLAG_ENCRYPTED), "recipients": recipients}
     if as_json:
-        click.echo(json.dumps(doc, indent=2, sort_keys=True))
+        _print_json(doc)
         return
     m: Any = info.manifest
     s = info.summary
@@ -527,7 +530,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     with _device(ctx) as device:
         st = device_status(device)
     if as_json:
-        click.echo(json.dumps(st, indent=2, sort_keys=True))
+        _print_json(st)
         return
     lines = [
         f"device     instance {st['instance_id']} counter {st['counter']}",
@@ -573,7 +576,7 @@ def conflicts_cmd(ctx: click.Context, model: str | None, limit: int, as_json: bo
     with _device(ctx) as device:
         found = list_conflicts(device, model=model, limit=limit or None)
     if as_json:
-        click.echo(json.dumps(found, indent=2, sort_keys=True, ensure_ascii=False))
+        _print_json(found, ensure_ascii=False)
         return
     if not found:
         _say("no conflicts")
@@ -620,7 +623,7 @@ def profiles_cmd(as_json: bool) -> None:
                       "tables": len(profile.tables), "scopes": sorted(profile.scopes),
                       "plugins": list(profile.plugins), "path": str(path)})
     if as_json:
-        click.echo(json.dumps(found, indent=2, sort_keys=True))
+        _print_json(found)
         return
     for p in found:
         plugins = f"; plugins: {', '.join(p['plugins'])}" if p["plugins"] else ""
@@ -660,10 +663,10 @@ def drive_cmd(ctx: click.Context, folder: str, clean: bool, as_json: bool) -> No
     receipts: list[dict[str, Any]] = [{"instance_id": r.instance_id, "dataset_id": r.dataset_id, "filter": list(r.filter),
                  "fsic": dict(r.fsic), "created_at": r.created_at} for r in report.receipts]
     if as_json:
-        click.echo(json.dumps({
+        _print_json({
             "folder": folder, "bundles": bundles, "receipts": receipts, "bad_receipts": report.bad_receipts,
             "stale_partials": [p.name for p in report.stale_partials], "removed": removed,
-        }, indent=2, sort_keys=True))
+        })
         return
     lines = [f"bundles    {len(bundles)} in {folder}"]
     for b in bundles:
@@ -726,11 +729,15 @@ def log_cmd(ctx: click.Context, count: int) -> None:
 
 
 @cli.command("reidentify")
+@_wait_option
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
 def reidentify_cmd(ctx: click.Context, quiet: bool) -> None:
     """Give this device's database a new identity (after it was copied or restored from a backup)."""
-    old, new, pending = reidentify(resolve_home(ctx.obj["home"]))
+    home = resolve_home(ctx.obj["home"])
+    # Like export and import: an export running meanwhile would sign a bundle under the old identity.
+    with home_lock(home, wait=ctx.obj["wait"], what=ctx.command_path):
+        old, new, pending = reidentify(home)
     _say(f"the database now has identity {new} (was {old}); counters restart from 0, versions written under "
          f"{old[:8]} keep it, and {pending} pending change(s) will be exported under the new identity", quiet=quiet)
 
@@ -743,7 +750,7 @@ def plugins_cmd(ctx: click.Context, as_json: bool) -> None:
     with _device(ctx) as device:
         loaded = [p.describe() for p in _plugins(ctx, device).plugins]
     if as_json:
-        click.echo(json.dumps(loaded, indent=2, sort_keys=True))
+        _print_json(loaded)
         return
     if not loaded:
         _say("no plugins loaded" + ("" if ctx.obj["plugins"] else " (--no-plugins)"))

@@ -2,7 +2,7 @@
 """Benchmark bundlesync's export, import, memory and bundle size (a benchmark, not a test).
 
 ``bench.py [--logs N | --sizes N1,N2,...] [--users U] [--seed S] [--changes C]
-[--workdir DIR] [--skip-memory] [--skip-zstd] [--profile DIR] [--json]``
+[--workdir DIR] [--skip-memory] [--skip-zstd] [--skip-live] [--profile DIR] [--json]``
 
 For each size it writes a fixture facility (``scripts/make_facility_db.py``), sets up
 two devices the way the CLI does (A: the facility's authority; B: an empty device with
@@ -16,6 +16,11 @@ a full-scope certificate issued by A), then measures, in this process:
 3. import of that bundle into B;
 4. an incremental export after ``--changes`` rows of ``logger_attemptlog`` are changed
    with plain SQL (basis: the last export), and its import into B;
+
+5. unless ``--skip-live``, the same first export and import run by the CLI on a third
+   copy of the devices while an app writer (``scripts/app_writer.py``: small
+   transactions, Python's default 5 s busy timeout) writes to the database being synced,
+   in rollback-journal mode: the longest any app transaction waited, and how many failed;
 
 then, unless ``--skip-memory``, the peak RSS of ``bundlesync export`` and ``bundlesync
 import`` run as their own processes (``python -m bundlesync``) on a second copy of the
@@ -53,6 +58,7 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "fixtures" / "facility_profile.yaml"
 FIXTURE_SCRIPT = ROOT / "scripts" / "make_facility_db.py"
+APP_WRITER = ROOT / "scripts" / "app_writer.py"
 CHANGED_TABLE = "logger_attemptlog"
 CHANGED_COLUMN = "time_spent"
 
@@ -141,7 +147,7 @@ class Run:
         if target is not None:
             op, limit = target
             shown_limit = f"{limit:,.0f}" if limit >= 1000 else f"{limit:g}"
-            suffix = {"records/s": " rec/s", "s": " s", "MB": " MB", "x": "x"}.get(unit, "")
+            suffix = {"records/s": " rec/s", "s": " s", "ms": " ms", "MB": " MB", "x": "x"}.get(unit, "")
             target_text = f"{op} {shown_limit}{suffix}"
             if value is not None:
                 met = {">=": value >= limit, "<": value < limit, "<=": value <= limit}[op]
@@ -324,6 +330,33 @@ def cli(home: Path, *args: str) -> Measured:
     return result
 
 
+@contextmanager
+def app_writing(db: Path, work: Path, tag: str) -> Iterator[dict[str, Any]]:
+    """Run scripts/app_writer.py on ``db`` for the ``with`` block; the dict it yields gets its report."""
+    conn = sqlite3.connect(str(db))
+    try:
+        dataset = conn.execute("SELECT id FROM kolibriauth_facilitydataset").fetchone()
+        ids = [r[0] for r in conn.execute("SELECT id FROM logger_contentsessionlog ORDER BY id")][::20]
+    finally:
+        conn.close()
+    ids_file, out, stop = work / f"{tag}.ids", work / f"{tag}.json", work / f"{tag}.stop"
+    ids_file.write_text("\n".join(ids))
+    proc = subprocess.Popen([sys.executable, str(APP_WRITER), str(db), dataset[0] if dataset else "", str(ids_file),
+                             str(out), str(stop), tag], cwd=ROOT)
+    report: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not out.with_name(out.name + ".ready").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the app writer on {db.name} did not start")
+            time.sleep(0.01)
+        yield report
+    finally:
+        stop.touch()
+        proc.wait(timeout=60)
+    report.update(json.loads(out.read_text()))
+
+
 def file_mb(*paths: Path) -> float:
     return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
 
@@ -331,7 +364,7 @@ def file_mb(*paths: Path) -> float:
 # --------------------------------------------------------------------------- one size
 
 
-def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zstd: bool,
+def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zstd: bool, skip_live: bool,
                profile_dir: Path | None) -> None:
     """Measure one size into ``run`` (filled as it goes, so a failure keeps what was measured)."""
     logs, users, seed = run.logs, run.users, run.seed
@@ -344,11 +377,12 @@ def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zs
     make_fixture(b_db, users=users, logs=logs, seed=seed, schema_only=True)
     run.add("fixture_s", "fixture written (make_facility_db.py)", fixture_s, "s")
     run.add("fixture_db_mb", "app database size before init", file_mb(a_db), "MB")
-    mem = base / "memory"
-    if not skip_memory:
-        mem.mkdir()
-        shutil.copyfile(a_db, mem / "a.sqlite3")
-        shutil.copyfile(b_db, mem / "b.sqlite3")
+    mem, live = base / "memory", base / "live"
+    for folder, wanted in ((mem, not skip_memory), (live, not skip_live)):
+        if wanted:
+            folder.mkdir()
+            shutil.copyfile(a_db, folder / "a.sqlite3")
+            shutil.copyfile(b_db, folder / "b.sqlite3")
 
     # 1. init
     say(f"{tag} init + certificates")
@@ -455,14 +489,37 @@ def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zs
             _, inc_import_s = timed(lambda: import_bundle(dev, inc_path))
         run.add("incremental_import_s", "  incremental import: wall", inc_import_s, "s")
 
-    # 5. peak memory, one process per command, on a second copy of the same two devices
+    # 5. beside a running app: the app's longest wait while the CLI exports and imports
+    if not skip_live:
+        say(f"{tag} beside an app writer: set-up of a third device pair")
+        lhome_a, lhome_b, _, _ = setup_pair(live, live / "a.sqlite3", live / "b.sqlite3", facility)
+        (live / "out").mkdir()
+        say(f"{tag} beside an app writer: bundlesync export")
+        with app_writing(live / "a.sqlite3", live, "appa") as on_a:
+            exp = cli(lhome_a, "export", "--facility", facility, "--out", str(live / "out"))
+        lbundle = exp.out.strip().splitlines()[-1] if exp.out.strip() else ""
+        if not lbundle:
+            raise BenchError("`bundlesync export` beside the app writer printed no bundle path")
+        say(f"{tag} beside an app writer: bundlesync import")
+        with app_writing(live / "b.sqlite3", live, "appb") as on_b:
+            imp = cli(lhome_b, "import", lbundle, "--quiet")
+        for what, app, took in (("export", on_a, exp.wall), ("import", on_b, imp.wall)):
+            run.add(f"live_{what}_wait_ms", f"beside an app (rollback journal): its longest wait, {what}",
+                    app["max_wait"] * 1000, "ms", target=("<", 1000))
+            run.add(f"live_{what}_failed", f"  app writes that failed during the {what}", app["failures"],
+                    "writes", target=("<=", 0))
+            run.add(f"live_{what}_p99_ms", "  99th percentile of its waits", app["p99_wait"] * 1000, "ms")
+            run.add(f"live_{what}_s", f"  `bundlesync {what}` wall beside the app ({app['transactions']} app "
+                    "transactions)", took, "s")
+
+    # 6. peak memory, one process per command, on a second copy of the same two devices
     if not skip_memory:
         say(f"{tag} peak memory: set-up of the second device pair")
         mhome_a, mhome_b, _, _ = setup_pair(mem, mem / "a.sqlite3", mem / "b.sqlite3", facility)
         (mem / "out").mkdir()
         baseline = cli(mhome_a, "--version")
         say(f"{tag} peak memory: bundlesync export")
-        exp = cli(mhome_a, "export", "--facility", facility, "--out", str(mem / "out"), "--quiet")
+        exp = cli(mhome_a, "export", "--facility", facility, "--out", str(mem / "out"))
         mbundle = exp.out.strip().splitlines()[-1] if exp.out.strip() else ""
         if not mbundle:
             raise BenchError("`bundlesync export` in the memory run printed no bundle path")
@@ -474,7 +531,7 @@ def bench_size(run: Run, changes: int, base: Path, *, skip_memory: bool, skip_zs
         run.add("rss_import_mb", "peak RSS: `bundlesync import` (fresh device)", imp.maxrss_mb, "MB", target=("<", 200))
         run.add("cli_import_s", "  `bundlesync import` wall (one process)", imp.wall, "s")
 
-    # 6. size against zstd -19 over the same record lines
+    # 7. size against zstd -19 over the same record lines
     if not skip_zstd:
         say(f"{tag} zstd -19 over the bundle's record lines (slow: ~3k records/s)")
         raw = base / "records.jsonl"
@@ -551,6 +608,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep all files under DIR (default: a temporary folder, removed afterwards)")
     parser.add_argument("--skip-memory", action="store_true", help="skip the peak-RSS runs of the CLI")
     parser.add_argument("--skip-zstd", action="store_true", help="skip the (slow) zstd -19 comparison")
+    parser.add_argument("--skip-live", action="store_true",
+                        help="skip the export and import beside a running app writer")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="run the in-process export and import under cProfile; write DIR/*.prof "
                              "and print the top functions (timings are then inflated)")
@@ -606,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             load = os.getloadavg()[0]
             try:
                 bench_size(run, args.changes, base, skip_memory=args.skip_memory, skip_zstd=args.skip_zstd,
-                           profile_dir=args.profile)
+                           skip_live=args.skip_live, profile_dir=args.profile)
             finally:
                 run.notes.append(f"1-min load average: {load:.2f} at start, {os.getloadavg()[0]:.2f} at end "
                                  f"({info['cpus']} CPUs; other processes distort timings)")

@@ -30,13 +30,25 @@ failures: list[str] = []
 
 
 def cli(home: Path, *args: str) -> str:
+    """Run bundlesync (an incomplete import, exit 9, is reported by the comparisons); its last line of output."""
+    out = cli_out(home, *args, ok=(0, 9)).strip()
+    return out.splitlines()[-1] if out else ""
+
+
+def export(home: Path, *args: str) -> str:
+    """Export with ``--json`` (``--quiet`` prints nothing on success); the bundle's path, or "" if nothing new."""
+    report = json.loads(cli_out(home, "export", *args, "--json"))
+    return str(report["path"]) if report.get("path") else ""
+
+
+def cli_out(home: Path, *args: str, ok: tuple[int, ...] = (0,)) -> str:
     env = {**os.environ, "BUNDLESYNC_HOME": str(home)}
     proc = subprocess.run([sys.executable, "-m", "bundlesync", *args], capture_output=True, text=True, env=env)
-    if proc.returncode not in (0, 9):
+    if proc.returncode not in ok:
         sys.exit(f"bundlesync {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
     for line in proc.stderr.strip().splitlines():
         print(f"    {home.name}: {line}")
-    return proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    return proc.stdout
 
 
 def check(ok: bool, what: str) -> None:
@@ -127,7 +139,7 @@ def main(kolibri_db: Path, work: Path) -> int:
 
     print("3. A -> B, full")
     t0 = time.perf_counter()
-    bundle = cli(A, "export", "--facility", facility, "--out", str(drives[B]), "--quiet")
+    bundle = export(A, "--facility", facility, "--out", str(drives[B]))
     cli(B, "import", bundle, "--quiet")
     print(f"    {Path(bundle).stat().st_size} byte bundle, {time.perf_counter() - t0:.1f} s")
     compare(a_db, b_db, tables, "A and B")
@@ -137,7 +149,7 @@ def main(kolibri_db: Path, work: Path) -> int:
     cb.close()
 
     print(f"4. A -> L, single-user export for learner {learner}")
-    bundle = cli(A, "export", "--facility", facility, "--out", str(drives[L]), "--user", learner, "--quiet")
+    bundle = export(A, "--facility", facility, "--out", str(drives[L]), "--user", learner)
     cli(L, "import", bundle, "--quiet")
     ca, cl = sqlite3.connect(a_db), sqlite3.connect(l_db)
     copies_after = {t: rows(ca, t) for t in copies_before}
@@ -186,7 +198,7 @@ def main(kolibri_db: Path, work: Path) -> int:
     # Each device has its own drive; the receipts on it tell the sender what that device lacks.
     for sender, receiver, extra in ((B, A, ()), (L, A, ()), (A, L, ("--user", learner)), (A, B, ())):
         drive = drives[receiver if sender == A else sender]
-        bundle = cli(sender, "export", "--facility", facility, "--out", str(drive), *extra, "--quiet")
+        bundle = export(sender, "--facility", facility, "--out", str(drive), *extra)
         if bundle:
             cli(receiver, "import", bundle, "--quiet")
     compare(a_db, b_db, tables, "A and B after the edits")

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import yaml
+
 import bundlesync
-from conftest import Pair, dump_tables
+from bundlesync.format.container import read_info
+from bundlesync.plugins.loader import PluginSet
+from conftest import ROOT, Pair, dump_tables
 
 
 def test_exported_names_resolve_and_are_sorted() -> None:
@@ -42,3 +47,23 @@ def test_open_device_refuses_an_uninitialised_home(tmp_path: Path) -> None:
         assert "bundlesync init" in str(exc)
     else:  # pragma: no cover
         raise AssertionError("expected a BundlesyncError")
+
+
+def test_the_api_runs_the_devices_plugins_as_the_command_line_does(pair: Pair, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script gets the plugins of the home's config (and of its profile) without naming them;
+    ``PluginSet()`` runs none."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples" / "example_plugin"))
+    config = pair.a / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["plugins"] = ["bundlesync_example_plugin"]
+    config.write_text(yaml.safe_dump(data))
+    with bundlesync.open_device(pair.a) as device:
+        default = bundlesync.export_bundle(device, pair.facility, pair.usb, full=True)
+        (pair.tmp / "bare").mkdir()
+        bare = bundlesync.export_bundle(device, pair.facility, pair.tmp / "bare", full=True, plugins=PluginSet())
+    assert default.path is not None and bare.path is not None
+    operations = read_info(default.path).manifest["operations"]
+    assert isinstance(operations, list)
+    ran = {op["plugin"] for op in operations}
+    assert ran == {"bundlesync_example_plugin"}
+    assert read_info(bare.path).manifest["operations"] == []

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import Pair, run_cli
+from test_merge import fold
 
 from bundlesync.format import container
 from bundlesync.format.records import HLC_MAX, Version
@@ -159,14 +160,6 @@ def skewed_histories(draw: st.DrawFn) -> list[Version]:
         states[actor] = new if base is None else merge(base, new).result
         produced.append(new)
     return produced
-
-
-def fold(versions: list[Version]) -> Version:
-    state: Version | None = None
-    for version in versions:
-        state = version if state is None else merge(state, version).result
-    assert state is not None
-    return state
 
 
 @settings(max_examples=200, deadline=None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -41,15 +42,19 @@ def _reference_for(world: World, i: int) -> list[tuple[object, ...]]:
         if within(str(r[0]), read)]
 
 
+RECEIPTLESS_ROUNDS = 3
+"""Rounds of export-and-deliver after which a simulated facility with no receipts must be silent."""
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed: int) -> None:
     """Full and single-user devices edit, export, relay, lose drives and purge in a random order.
 
-    Once every surviving bundle has reached every device and a shared drive has closed the
-    loop, every device holds what its scope reads (full devices: the same rows and store).
-    Once every device has said what it holds (a receipt on the shared drive), no export of
-    any device — full, single-user or a learner's own — into that drive or any new folder
-    has anything to send.
+    Once every surviving bundle has reached every device, rounds of exports into fresh
+    folders (no receipts anywhere) fill what lost drives kept back and fall silent within
+    three rounds; then every device holds what its scope reads (full devices: the same rows
+    and store), and no export of any device — full, single-user or a learner's own — into a
+    drive holding everyone's receipt or into any new folder has anything to send.
     """
     rnd = random.Random(seed)
     n = 3 + seed % 2
@@ -82,15 +87,19 @@ def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed:
         for dev in range(total):
             for bundle in rnd.sample(pool, len(pool)) + rnd.sample(pool, len(pool) // 2):
                 world.deliver(bundle, dev)
-        # Closing the loop: receipts on one drive let each device send what the others lack.
-        drive = tmp_path / "drive"
-        drive.mkdir()
-        for dev in range(total):
-            world.receipt(dev, drive)
-        closing = [b for dev in range(total) for b in world.natural_exports(dev, drive)]
-        for dev in range(total):
-            for bundle in rnd.sample(closing, len(closing)):
-                world.deliver(bundle, dev)
+        # No receipt travels: each round, every device exports into a fresh folder and every
+        # bundle reaches every device. What a lost drive kept from a device is asked for by what
+        # the others' bundles say they hold, and the talk dies out: silent within three rounds.
+        spoken = []
+        for round_no in range(RECEIPTLESS_ROUNDS + 1):
+            made = [b for dev in range(total) for b in world.natural_exports(dev, tmp_path / f"round{round_no}")]
+            spoken.append(len(made))
+            if not made:
+                break
+            for dev in range(total):
+                for bundle in rnd.sample(made, len(made)):
+                    world.deliver(bundle, dev)
+        assert spoken[-1] == 0, f"still talking after {RECEIPTLESS_ROUNDS} rounds: {spoken} bundles (seed {seed})"
         reference_rows, reference_store = world.app_rows(0), world.store(0)
         for dev in range(1, n):
             assert world.app_rows(dev) == reference_rows, f"device {dev} differs (seed {seed}, {dropped} dropped)"
@@ -99,7 +108,9 @@ def test_random_sneakernet_converges_and_then_falls_silent(tmp_path: Path, seed:
             assert _within_read(world, dev) == _reference_for(world, dev), f"learner {dev} differs (seed {seed})"
         for dev in range(total):
             assert device_status(world.devices[dev])["facilities"][0]["gaps"] == []
-        # Quiescence is silent, once every device has said what it holds.
+        # Quiescence is silent: into a drive where every device left its receipt, and into any folder.
+        drive = tmp_path / "drive"
+        drive.mkdir()
         for dev in range(total):
             world.receipt(dev, drive)
         for folder in (drive, tmp_path / "quiet"):
@@ -214,6 +225,47 @@ def test_dropped_bundle_is_filled_through_a_receipt_cli(pair: Pair) -> None:
     assert "basis: receipt of" in again.err or "nothing new" in again.err
 
 
+def test_dropped_bundle_is_sent_again_without_a_receipt_cli(pair: Pair) -> None:
+    """No receipt comes back (imports with --no-receipt, exports into fresh folders): B's own
+    bundle, made after A's lost one, says what B holds, and A sends the lost part again."""
+    def folder(name: str) -> str:
+        (pair.tmp / name).mkdir()
+        return str(pair.tmp / name)
+
+    first = run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("d1")).last_line
+    run_cli(pair.b, "import", "--no-receipt", first)
+    conn = sqlite3.connect(pair.a_db)
+    conn.execute("UPDATE kolibriauth_facilityuser SET full_name = 'in the lost bundle' WHERE id = "
+                 "(SELECT min(id) FROM kolibriauth_facilityuser)")
+    conn.commit()
+    run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("lost"))  # this drive never arrives
+    conn.execute("UPDATE logger_contentsessionlog SET progress = 0.25 WHERE id = (SELECT min(id) FROM logger_contentsessionlog)")
+    conn.commit()
+    conn.close()
+    second = run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("d2")).last_line
+    assert run_cli(pair.b, "import", "--no-receipt", second, check=False).code == EXIT_PARTIAL  # the gap
+    conn = sqlite3.connect(pair.b_db)
+    conn.execute("UPDATE logger_contentsessionlog SET progress = 0.5 WHERE id = (SELECT max(id) FROM logger_contentsessionlog)")
+    conn.commit()
+    conn.close()
+    back = run_cli(pair.b, "export", "--facility", pair.facility, "--out", folder("d3")).last_line
+    run_cli(pair.a, "import", "--no-receipt", back)
+    resend = json.loads(run_cli(pair.a, "export", "--facility", pair.facility, "--out", folder("d4"), "--json").out)
+    assert resend["path"] is not None and "held in bundle" in resend["basis_source"]
+    assert run_cli(pair.b, "import", "--no-receipt", resend["path"]).code == 0
+    assert dump_tables(pair.a_db) == dump_tables(pair.b_db)
+    assert json.loads(run_cli(pair.b, "status", "--json").out)["facilities"][0]["gaps"] == []
+    # Then both fall silent into fresh folders.
+    for home, name in ((pair.b, "d5"), (pair.a, "d6"), (pair.b, "d7")):
+        out = run_cli(home, "export", "--facility", pair.facility, "--out", folder(name), "--json")
+        if json.loads(out.out)["path"] is not None:
+            other = pair.a if home == pair.b else pair.b
+            run_cli(other, "import", "--no-receipt", json.loads(out.out)["path"])
+    for home, name in ((pair.a, "q1"), (pair.b, "q2")):
+        assert json.loads(run_cli(home, "export", "--facility", pair.facility, "--out", folder(name),
+                                  "--json").out)["path"] is None
+
+
 def test_purged_user_never_reappears(tmp_path: Path) -> None:
     world = World.create(tmp_path, 3)
     try:
@@ -225,8 +277,12 @@ def test_purged_user_never_reappears(tmp_path: Path) -> None:
                               "GROUP BY user_id ORDER BY count(*) DESC LIMIT 1").fetchone()[0]
         # B edits the user's data before it hears of the purge.
         world.sql(1, "UPDATE logger_contentsessionlog SET progress = 0.99 WHERE user_id = ?", (user,))
+        before_ms = int(time.time() * 1000)
         result = purge_user(a, world.facility, user)
         assert result.records > 0 and result.app_rows_deleted == result.records
+        # The purge is an edit of its own: stamped with its own wall-clock time, not the replaced version's.
+        walls = [w for (w,) in a.conn.execute("SELECT wall FROM bundlesync_store WHERE purged")]
+        assert len(walls) == result.records and all(w is not None and w >= before_ms for w in walls)
         purge_bundle = world.export(0, tmp_path / "oa")
         stale = world.export(1, tmp_path / "ob")
         assert purge_bundle is not None and stale is not None

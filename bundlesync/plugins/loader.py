@@ -22,11 +22,14 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bundlesync.errors import PluginError
 from bundlesync.plugins.hooks import FacilityDataSyncHook, registered_hooks
 from bundlesync.plugins.operations import LocalOperation, Stage, SyncContext
+
+if TYPE_CHECKING:
+    from bundlesync.device import Device
 
 __all__ = ["ENTRY_POINT_GROUP", "LoadedPlugin", "PluginSet", "plugins_disabled"]
 
@@ -131,6 +134,12 @@ class PluginSet:
             loaded.append(_load(path, "config.yaml", _import_path(path), None, seen))
         return cls(loaded)
 
+    @classmethod
+    def for_device(cls, device: Device, *, enabled: bool = True) -> PluginSet:
+        """What a device runs: entry points, then its home's ``plugins:``, then its profile's
+        (e.g. the Kolibri profile's single-user lessons); each import path once."""
+        return cls.load(dict.fromkeys((*device.config.plugins, *device.profile.plugins)), enabled=enabled)
+
     def operations(self, stage: Stage) -> list[tuple[LoadedPlugin, LocalOperation]]:
         """Plugin operations of a stage, higher priority first (stable in load order)."""
         found = [(p, op) for p in self.plugins for h in p.hooks for op in getattr(h, stage.attribute)]
@@ -143,19 +152,30 @@ class PluginSet:
             for stage in stages for p, op in self.operations(stage)
         ]
 
-    def run_stage(self, stage: Stage, context: SyncContext, builtin: FacilityDataSyncHook) -> None:
-        """Run a stage: plugin operations by priority, then the built-in work."""
+    def run_operations(self, stage: Stage, context: SyncContext) -> None:
+        """The plugins' operations of a stage, by priority (in whatever transaction the caller holds)."""
         context.stage = stage
         for plugin, op in self.operations(stage):
             try:
                 op.handle_initial(context)
             except Exception as exc:  # noqa: BLE001 - plugin code: report who failed, then fail the sync
+                outcome = ("no bundle was written" if context.is_export else
+                           "the import stopped before it was recorded; import the bundle again to complete it")
                 raise PluginError(
                     f"operation {op.name} of plugin {plugin.name} failed at {stage.name} during {context.direction}: "
-                    f"{type(exc).__name__}: {exc}; nothing was applied (fix the plugin or run with --no-plugins)"
+                    f"{type(exc).__name__}: {exc}; {outcome} (fix the plugin or run with --no-plugins)"
                 ) from exc
+
+    def run_builtin(self, stage: Stage, context: SyncContext, builtin: FacilityDataSyncHook) -> None:
+        """bundlesync's own work of a stage (its operations on ``builtin``)."""
+        context.stage = stage
         for op in getattr(builtin, stage.attribute):
             op.handle_initial(context)
+
+    def run_stage(self, stage: Stage, context: SyncContext, builtin: FacilityDataSyncHook) -> None:
+        """Run a stage: plugin operations by priority, then the built-in work."""
+        self.run_operations(stage, context)
+        self.run_builtin(stage, context, builtin)
 
     def transfer_hooks(self, which: str, context: SyncContext, warn: Warn) -> None:
         """Call every plugin's ``pre_transfer``/``post_transfer``; failures only warn."""

@@ -28,6 +28,8 @@ class Peer:
     read: tuple[str, ...]
     knowledge: Knowledge
     source: str
+    at: str
+    """When the newest of what was heard from it was written (its bundle's or receipt's creation time)."""
 
 
 def learn(conn: sqlite3.Connection, dataset_id: str, peer: str, *, scope: str, read: Sequence[str],
@@ -62,8 +64,8 @@ def _knowledge(conn: sqlite3.Connection, dataset_id: str, peer: str) -> Knowledg
 def known_peers(conn: sqlite3.Connection, dataset_id: str) -> list[Peer]:
     """Every peer heard from for ``dataset_id``, with what it is known to hold."""
     return [
-        Peer(peer, scope, tuple(read.split("\n")), _knowledge(conn, dataset_id, peer), source)
-        for peer, scope, read, source in conn.execute(
-            "SELECT peer, scope, read, source FROM bundlesync_peers WHERE dataset_id = ? ORDER BY peer", (dataset_id,)
+        Peer(peer, scope, tuple(read.split("\n")), _knowledge(conn, dataset_id, peer), source, at)
+        for peer, scope, read, source, at in conn.execute(
+            "SELECT peer, scope, read, source, at FROM bundlesync_peers WHERE dataset_id = ? ORDER BY peer", (dataset_id,)
         ).fetchall()
     ]

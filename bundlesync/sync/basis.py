@@ -8,9 +8,11 @@ Records at or below the basis are left out of the bundle. In this order:
    what the least up-to-date of them holds. A receipt names its reader exactly.
 4. Otherwise the reader is unknown. It is assumed to hold what the least up-to-date
    *known* peer that reads this export holds (learned from its bundles and receipts,
-   :mod:`bundlesync.replica.peers`), joined with the result of this device's previous
-   export of the same filter (the reader is assumed to have read it; one that did not
-   reports the gap, and its receipt on the drive brings the rest).
+   :mod:`bundlesync.replica.peers`). A peer last heard from before this device's previous
+   export of the same filter is assumed to have read that export too (its result is
+   joined in); a peer that spoke *after* it is taken at its word, so a bundle of ours
+   that was lost, or whose records could not all be taken there, is sent again without
+   waiting for a receipt. With no known peer, the previous export's result alone.
 5. Nothing known: nothing (the bundle is complete for its filter).
 
 Everything a receipt or a peer says about the reader is joined with the rest of what is
@@ -63,9 +65,16 @@ def _receipt_scope(receipt: Receipt) -> str:
     return Certificate.from_dict(receipt.chain[0]).scope
 
 
-def _last_export(conn: sqlite3.Connection, dataset_id: str, prefixes: Sequence[str]) -> tuple[Knowledge, str] | None:
+@dataclass(frozen=True)
+class _LastExport:
+    held: Knowledge
+    bundle_id: str
+    at: str
+
+
+def _last_export(conn: sqlite3.Connection, dataset_id: str, prefixes: Sequence[str]) -> _LastExport | None:
     row = conn.execute(
-        "SELECT result_fsic, bundle_id FROM bundlesync_transfers WHERE direction = 'export' AND dataset_id = ? "
+        "SELECT result_fsic, bundle_id, at FROM bundlesync_transfers WHERE direction = 'export' AND dataset_id = ? "
         "AND filter = ? ORDER BY id DESC LIMIT 1",
         (dataset_id, "\n".join(prefixes)),
     ).fetchone()
@@ -74,7 +83,7 @@ def _last_export(conn: sqlite3.Connection, dataset_id: str, prefixes: Sequence[s
     raw = json.loads(row[0])
     # Exports recorded before per-prefix knowledge stored a flat map, true for every prefix of the filter.
     held = kn.from_flat(raw, prefixes) if all(isinstance(v, int) for v in raw.values()) else raw
-    return kn.clip(held, prefixes), str(row[1])
+    return _LastExport(kn.clip(held, prefixes), str(row[1]), str(row[2]))
 
 
 def _peer_label(peers: Sequence[Peer]) -> str:
@@ -85,7 +94,7 @@ def _peer_label(peers: Sequence[Peer]) -> str:
 
 def choose_basis(
     conn: sqlite3.Connection, keys: KeyStore, *, dataset_id: str, facility_id: str, me: str,
-    prefixes: Sequence[str], user: str | None, full: bool, since: Path | None, out_dir: Path, at: str,
+    prefixes: Sequence[str], user: str | None, full: bool, since: Path | None, out_dir: Path,
     profile: Profile, on_receipt: Callable[[Receipt], None] | None = None,
 ) -> Basis:
     """The basis of an export of ``prefixes`` into ``out_dir`` (inside the export's write transaction)."""
@@ -97,7 +106,7 @@ def choose_basis(
             on_receipt(receipt)
         if receipt.dataset_id != dataset_id:
             raise StateError(f"receipt {since.name} is for another facility: pick one of {facility_id}")
-        _learn_receipt(conn, receipt, at)
+        _learn_receipt(conn, receipt)
         held = _known(conn, dataset_id).get(receipt.instance_id, receipt.held())
         return Basis(kn.clip(held, prefixes), f"receipt of {receipt.instance_id[:8]}")
     receipts, skipped = find_receipts(out_dir, keys, profile, dataset_id, me)
@@ -106,7 +115,7 @@ def choose_basis(
             on_receipt(receipt)
     readers: list[Receipt] = []
     for receipt in receipts:
-        _learn_receipt(conn, receipt, at)
+        _learn_receipt(conn, receipt)
         scope = _receipt_scope(receipt)
         if reads(scope, receipt.filter, prefixes, user):
             readers.append(receipt)
@@ -143,22 +152,25 @@ def _basis_without_receipts(
     peers = [p for p in known_peers(conn, dataset_id)
              if p.instance_id != me and reads(p.scope, p.read, prefixes, user)]
     last = _last_export(conn, dataset_id, prefixes)
-    parts: list[Mapping[str, Mapping[str, int]]] = []
-    labels: list[str] = []
-    if last is not None:
-        parts.append(last[0])
-        labels.append(f"since last export {last[1][:8]}")
-    if peers:
-        parts.append(kn.meet(kn.clip(p.knowledge, prefixes) for p in peers))
-        labels.append(_peer_label(peers))
-    if not parts:
-        return Basis({}, "first export", skipped)
-    return Basis(kn.clip(kn.join(parts), prefixes), ", and ".join(labels), skipped)
+    if not peers:
+        if last is None:
+            return Basis({}, "first export", skipped)
+        return Basis(last.held, f"since last export {last.bundle_id[:8]}", skipped)
+    # Timestamps are ISO text, UTC: exports and what peers signed compare as text.
+    silent = [p for p in peers if last is not None and p.at <= last.at]
+    spoke = [p for p in peers if p not in silent]
+    assumed = [kn.join([kn.clip(p.knowledge, prefixes), last.held]) for p in silent if last is not None]
+    held = kn.meet([*assumed, *(kn.clip(p.knowledge, prefixes) for p in spoke)])
+    labels = []
+    if silent and last is not None:
+        labels.append(f"since last export {last.bundle_id[:8]}")
+    labels.append(_peer_label(peers))
+    return Basis(kn.clip(held, prefixes), ", and ".join(labels), skipped)
 
 
-def _learn_receipt(conn: sqlite3.Connection, receipt: Receipt, at: str) -> None:
+def _learn_receipt(conn: sqlite3.Connection, receipt: Receipt) -> None:
     learn(conn, receipt.dataset_id, receipt.instance_id, scope=_receipt_scope(receipt), read=receipt.filter,
-          knowledge=receipt.held(), source=f"its receipt of {receipt.created_at[:19]}", at=at)
+          knowledge=receipt.held(), source=f"its receipt of {receipt.created_at[:19]}", at=receipt.created_at)
 
 
 def _known(conn: sqlite3.Connection, dataset_id: str) -> dict[str, Knowledge]:

@@ -27,6 +27,7 @@ from bundlesync.replica.db import q, write_transaction
 from bundlesync.sync.deserialize import deserialize
 from bundlesync.device import Device
 from bundlesync.errors import StateError
+from bundlesync.format.records import WALL_MAX_MS
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
 from bundlesync.replica.store import next_counter, serialize_changes
@@ -129,11 +130,12 @@ def purge_user(device: Device, facility: str, user_id: str, plan: PurgePlan | No
         for model, record_id, hlc, vv_text in targets:
             vv = json.loads(vv_text)
             vv[me] = counter
-            rows.append((max(now_ms << 16, hlc + 1), me, counter, json.dumps(vv, sort_keys=True, separators=(",", ":")),
-                         model, record_id))
+            rows.append((max(now_ms << 16, hlc + 1), min(now_ms, WALL_MAX_MS), me, counter,
+                         json.dumps(vv, sort_keys=True, separators=(",", ":")), model, record_id))
+        # The purge is a new edit: its wall-clock time is now, not that of the version it replaces.
         conn.executemany(
-            "UPDATE bundlesync_store SET data = '{}', deleted = 1, purged = 1, hlc = ?, inst = ?, ctr = ?, vv = ?, "
-            "dirty = 1, error = NULL, bundle_id = NULL WHERE model = ? AND id = ?",
+            "UPDATE bundlesync_store SET data = '{}', deleted = 1, purged = 1, hlc = ?, wall = ?, inst = ?, ctr = ?, "
+            "vv = ?, dirty = 1, error = NULL, bundle_id = NULL WHERE model = ? AND id = ?",
             rows,
         )
         conn.executemany("DELETE FROM bundlesync_conflicts WHERE model = ? AND record_id = ?",
