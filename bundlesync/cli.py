@@ -761,13 +761,17 @@ def log_cmd(ctx: click.Context, count: int) -> None:
 
 
 @cli.command("reidentify")
+@_wait_option
 @click.option("--quiet", "-q", is_flag=True)
 @click.pass_context
 def reidentify_cmd(ctx: click.Context, quiet: bool) -> None:
     """Give this device's database a new identity (after it was copied or restored from a backup)."""
     from bundlesync.device import reidentify, resolve_home
 
-    old, new, pending = reidentify(resolve_home(ctx.obj["home"]))
+    home = resolve_home(ctx.obj["home"])
+    # Like export and import: an export running meanwhile would sign a bundle under the old identity.
+    with home_lock(home, wait=ctx.obj["wait"], what=ctx.command_path):
+        old, new, pending = reidentify(home)
     _say(f"the database now has identity {new} (was {old}); counters restart from 0, versions written under "
          f"{old[:8]} keep it, and {pending} pending change(s) will be exported under the new identity", quiet=quiet)
 

@@ -2,7 +2,7 @@
 """Benchmark bundlesync's export, import, start-up, memory, store and bundle size (a benchmark, not a test).
 
 ``bench.py [--logs N | --sizes N1,N2,...] [--runs R] [--users U] [--seed S] [--changes C]
-[--workdir DIR] [--skip-zstd] [--profile DIR] [--json]``
+[--workdir DIR] [--skip-zstd] [--skip-live] [--profile DIR] [--json]``
 
 For each size it writes a fixture facility (``scripts/make_facility_db.py``) and sets up
 two devices the way the CLI does (A: the facility's authority; B: an empty device with a
@@ -19,7 +19,11 @@ CPU seconds (user + system) per 100k records and the largest peak RSS of the run
 5. ``--changes`` plain-SQL edits, ``bundlesync export`` (basis: B's receipt) and ``bundlesync
    import``;
 6. start-up: ``bundlesync --version`` and an import of a bundle already imported;
-7. unless ``--skip-zstd``, the bundle's size against ``zstd -19 -T1`` over the same record lines.
+7. unless ``--skip-live``, the same first export and import run by the CLI on a third
+   copy of the devices while an app writer (``scripts/app_writer.py``: small
+   transactions, Python's default 5 s busy timeout) writes to the database being synced,
+   in rollback-journal mode: the longest any app transaction waited, and how many failed;
+8. unless ``--skip-zstd``, the bundle's size against ``zstd -19 -T1`` over the same record lines.
 
 The store-size rows compare the app database after ``init`` and the full sync with the
 fixture before ``init``. With two sizes or more, a last table compares peak memory of the
@@ -58,6 +62,7 @@ from typing import Any, TypeVar
 ROOT = Path(__file__).resolve().parent.parent
 PROFILE = ROOT / "fixtures" / "facility_profile.yaml"
 FIXTURE_SCRIPT = ROOT / "scripts" / "make_facility_db.py"
+APP_WRITER = ROOT / "scripts" / "app_writer.py"
 CHANGED_TABLE = "logger_attemptlog"
 CHANGED_COLUMN = "time_spent"
 
@@ -143,7 +148,7 @@ class Run:
         if target is not None:
             op, limit = target
             shown_limit = f"{limit:,.0f}" if limit >= 1000 else f"{limit:g}"
-            suffix = {"records/s": " rec/s", "s": " s", "MB": " MB", "x": "x"}.get(unit, "")
+            suffix = {"records/s": " rec/s", "s": " s", "ms": " ms", "MB": " MB", "x": "x"}.get(unit, "")
             target_text = f"{op} {shown_limit}{suffix}"
             if value is not None:
                 met = {">=": value >= limit, "<": value < limit, "<=": value <= limit}[op]
@@ -328,6 +333,33 @@ def cli(home: Path, *args: str) -> Measured:
     return result
 
 
+@contextmanager
+def app_writing(db: Path, work: Path, tag: str) -> Iterator[dict[str, Any]]:
+    """Run scripts/app_writer.py on ``db`` for the ``with`` block; the dict it yields gets its report."""
+    conn = sqlite3.connect(str(db))
+    try:
+        dataset = conn.execute("SELECT id FROM kolibriauth_facilitydataset").fetchone()
+        ids = [r[0] for r in conn.execute("SELECT id FROM logger_contentsessionlog ORDER BY id")][::20]
+    finally:
+        conn.close()
+    ids_file, out, stop = work / f"{tag}.ids", work / f"{tag}.json", work / f"{tag}.stop"
+    ids_file.write_text("\n".join(ids))
+    proc = subprocess.Popen([sys.executable, str(APP_WRITER), str(db), dataset[0] if dataset else "", str(ids_file),
+                             str(out), str(stop), tag], cwd=ROOT)
+    report: dict[str, Any] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while not out.with_name(out.name + ".ready").exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"the app writer on {db.name} did not start")
+            time.sleep(0.01)
+        yield report
+    finally:
+        stop.touch()
+        proc.wait(timeout=60)
+    report.update(json.loads(out.read_text()))
+
+
 def file_mb(*paths: Path) -> float:
     return sum(p.stat().st_size for p in paths if p.exists()) / 1e6
 
@@ -389,6 +421,11 @@ def bench_size(run: Run, args: argparse.Namespace, base: Path) -> None:
     run.add("fixture_s", "fixture written (make_facility_db.py)", fixture_s, "s")
     app_mb = file_mb(a_db)
     run.add("fixture_db_mb", "app database size before init", app_mb, "MB")
+    live = base / "live"
+    if not args.skip_live:
+        live.mkdir()
+        shutil.copyfile(a_db, live / "a.sqlite3")
+        shutil.copyfile(b_db, live / "b.sqlite3")
 
     # init, then the state every measured run starts from
     say(f"{tag} init + certificates")
@@ -555,7 +592,30 @@ def bench_size(run: Run, args: argparse.Namespace, base: Path) -> None:
             target=("<", 0.3), note=shown_runs([m.wall for m in again]))
     run.add("rss_baseline_mb", "peak RSS of `bundlesync --version` (baseline)", max(m.maxrss_mb for m in versions), "MB")
 
-    # 7. size against zstd -19 over the same record lines
+    # 7. beside a running app: the app's longest wait while the CLI exports and imports
+    if not args.skip_live:
+        say(f"{tag} beside an app writer: set-up of a third device pair")
+        lhome_a, lhome_b, _, _ = setup_pair(live, live / "a.sqlite3", live / "b.sqlite3", facility)
+        (live / "out").mkdir()
+        say(f"{tag} beside an app writer: bundlesync export")
+        with app_writing(live / "a.sqlite3", live, "appa") as on_a:
+            exp = cli(lhome_a, "export", "--facility", facility, "--out", str(live / "out"))
+        lbundle = exp.out.strip().splitlines()[-1] if exp.out.strip() else ""
+        if not lbundle:
+            raise BenchError("`bundlesync export` beside the app writer printed no bundle path")
+        say(f"{tag} beside an app writer: bundlesync import")
+        with app_writing(live / "b.sqlite3", live, "appb") as on_b:
+            imp = cli(lhome_b, "import", lbundle, "--quiet")
+        for what, app, took in (("export", on_a, exp.wall), ("import", on_b, imp.wall)):
+            run.add(f"live_{what}_wait_ms", f"beside an app (rollback journal): its longest wait, {what}",
+                    app["max_wait"] * 1000, "ms", target=("<", 1000))
+            run.add(f"live_{what}_failed", f"  app writes that failed during the {what}", app["failures"],
+                    "writes", target=("<=", 0))
+            run.add(f"live_{what}_p99_ms", "  99th percentile of its waits", app["p99_wait"] * 1000, "ms")
+            run.add(f"live_{what}_s", f"  `bundlesync {what}` wall beside the app ({app['transactions']} app "
+                    "transactions)", took, "s")
+
+    # 8. size against zstd -19 over the same record lines
     if not args.skip_zstd:
         say(f"{tag} zstd -19 over the bundle's record lines (slow: ~1k records/s)")
         info = container.read_info(bundle_path)
@@ -654,6 +714,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--runs", type=positive, default=3, metavar="R",
                         help="runs of each timed step; the median is shown (default 3)")
     parser.add_argument("--skip-zstd", action="store_true", help="skip the (slow) zstd -19 comparison")
+    parser.add_argument("--skip-live", action="store_true",
+                        help="skip the export and import beside a running app writer")
     parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
                         help="run the in-process export and import under cProfile; write DIR/*.prof "
                              "and print the top functions (timings are then inflated)")

@@ -8,7 +8,8 @@
 #
 #   --budget  stop after this many seconds (default 3600); results so far are kept in
 #             ./mutants/ and the next run carries on from them
-#   MUTANT_GLOB  only these mutants, e.g. 'bundlesync.sync.dequeue*' (default: all)
+#   MUTANT_GLOB  only these mutants, e.g. 'bundlesync.sync.dequeue.*' (default: all); named
+#             mutants are run again even if they have a result, so name a survivor to re-check it
 #
 # Runs under `nice -n 10` with one test process (MUTMUT_CHILDREN=N for more), then prints
 # the counts per status and every survivor (`python -m mutmut show NAME` shows its diff).
@@ -30,5 +31,7 @@ fi
 python -m mutmut results --all true >mutants-results.txt 2>&1 || true
 echo "mutants by status:"
 sed -n 's/.*: \([a-z ]*\)$/\1/p' mutants-results.txt | sort | uniq -c
+echo "by module:"
+sed -n 's/^ *\(.*\)\.x[^.]*__mutmut_[0-9]*: \([a-z ]*\)$/\1: \2/p' mutants-results.txt | sort | uniq -c
 echo "survivors:"
 grep -E ': survived$' mutants-results.txt || echo "  (none)"

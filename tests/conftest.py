@@ -151,21 +151,24 @@ def pair_template(tmp_path_factory: pytest.TempPathFactory) -> Pair:
     return build_pair(tmp_path_factory.mktemp("pair-template"))
 
 
+def copy_pair(t: Pair, dest: Path) -> Pair:
+    """A copy of two devices built by :func:`build_pair` in ``dest``, each home's config pointing at its copied DB."""
+    for name in ("a.sqlite3", "b.sqlite3"):
+        shutil.copy2(t.tmp / name, dest / name)
+    for name in ("devA", "devB", "usb"):
+        shutil.copytree(t.tmp / name, dest / name)
+    for home, db in (("devA", "a.sqlite3"), ("devB", "b.sqlite3")):
+        config = dest / home / "config.yaml"
+        data = yaml.safe_load(config.read_text())
+        data["db"] = str(dest / db)
+        config.write_text(yaml.safe_dump(data))
+    return Pair(dest, t.facility, dest / "a.sqlite3", dest / "b.sqlite3", dest / "devA", dest / "devB", dest / "usb")
+
+
 @pytest.fixture
 def pair(pair_template: Pair, tmp_path: Path) -> Pair:
-    """A fresh copy of the two-device template, with each home's config pointing at its copied DB."""
-    t = pair_template
-    for name in ("a.sqlite3", "b.sqlite3"):
-        shutil.copy2(t.tmp / name, tmp_path / name)
-    for name in ("devA", "devB", "usb"):
-        shutil.copytree(t.tmp / name, tmp_path / name)
-    for home, db in (("devA", "a.sqlite3"), ("devB", "b.sqlite3")):
-        config = tmp_path / home / "config.yaml"
-        data = yaml.safe_load(config.read_text())
-        data["db"] = str(tmp_path / db)
-        config.write_text(yaml.safe_dump(data))
-    return Pair(tmp_path, t.facility, tmp_path / "a.sqlite3", tmp_path / "b.sqlite3", tmp_path / "devA",
-                tmp_path / "devB", tmp_path / "usb")
+    """A fresh copy of the two-device template."""
+    return copy_pair(pair_template, tmp_path)
 
 
 Runner = Callable[..., CliResult]
@@ -187,3 +190,81 @@ def state(path: Path) -> dict[str, list[tuple[object, ...]]]:
         return dump
     finally:
         conn.close()
+
+
+CLOCK_COLUMNS = {"at", "detected_at", "since"}
+"""Wall-clock columns of bundlesync's tables: they legitimately differ between two runs."""
+
+
+def masked_state(db: Path, *, runs: bool = True) -> dict[str, list[tuple[object, ...]]]:
+    """``state(db)`` with wall-clock columns of bundlesync's tables blanked.
+
+    ``runs=False`` also blanks what ``bundlesync_transfers`` says of the run that recorded a
+    transfer: the path it was given, and its ``stats`` (records new or already here), which
+    differ when an interrupted import is completed by a second run although the data ends
+    the same.
+    """
+    full = state(db)
+    conn = sqlite3.connect(db)
+    try:
+        for table in list(full):
+            if not table.startswith("bundlesync_"):
+                continue
+            cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{table}")')]
+            blank = CLOCK_COLUMNS | ({"stats", "path"} if not runs and table == "bundlesync_transfers" else set())
+            masked = [i for i, c in enumerate(cols) if c in blank]
+            if masked:
+                full[table] = sorted(
+                    (tuple(None if i in masked else v for i, v in enumerate(row)) for row in full[table]), key=repr)
+    finally:
+        conn.close()
+    return full
+
+
+def clone_device(home: Path, db: Path, dest: Path) -> tuple[Path, Path]:
+    """A copy of one device (home and database) under ``dest``: ``(home, db)``, the config pointing at the copy."""
+    dest.mkdir(parents=True, exist_ok=True)
+    new_db, new_home = dest / db.name, dest / home.name
+    shutil.copy2(db, new_db)
+    shutil.copytree(home, new_home)
+    config = new_home / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["db"] = str(new_db)
+    config.write_text(yaml.safe_dump(data))
+    return new_home, new_db
+
+
+def app_matches_store(db: Path) -> list[str]:
+    """What makes a database not a valid state of the merge; ``[]`` when it is one.
+
+    Valid: no ``bundlesync_applying`` row is left (it would hide the app's edits from
+    tracking); every store record that is not waiting (``dirty``) has its app row exactly as
+    the store holds it (absent if deleted or purged); every app row is the store's or
+    a local edit still in the change log.
+    """
+    from bundlesync.format.records import encode_data
+    from bundlesync.profile import bind_profile, load_profile
+
+    problems: list[str] = []
+    conn = sqlite3.connect(db)
+    try:
+        if conn.execute("SELECT count(*) FROM bundlesync_applying").fetchone()[0]:
+            problems.append("a bundlesync_applying row is left: the app's edits go untracked")
+        changed = set(conn.execute("SELECT model, pk FROM bundlesync_changes").fetchall())
+        for table in bind_profile(load_profile(PROFILE), conn).tables:
+            cols = ", ".join(f'"{c}"' for c in table.columns)
+            app = {str(r[0]): encode_data(table.columns, r[1:]) for r in conn.execute(
+                f'SELECT "{table.primary_key}", {cols} FROM "{table.name}"')}
+            for record_id, data, gone, dirty in conn.execute(
+                    "SELECT id, data, deleted OR purged, dirty FROM bundlesync_store WHERE model = ?", (table.name,)):
+                if (table.name, record_id) in changed or dirty:
+                    app.pop(record_id, None)
+                    continue
+                mine = app.pop(record_id, None)
+                if (mine is not None) if gone else (mine != data):
+                    problems.append(f"{table.name} {record_id}: app row {mine!r} but store {data!r} (gone={gone})")
+            problems += [f"{table.name} {i}: app row neither in the store nor a logged edit"
+                         for i in app if (table.name, i) not in changed]
+    finally:
+        conn.close()
+    return problems[:5]

@@ -43,3 +43,19 @@ def test_advance_only_over_contiguous_history(tmp_path: Path) -> None:
     with db.write_transaction(conn):
         fsic.advance(conn, ["d"], {}, {"a": 4})  # knowledge never goes down
     assert fsic.held(fsic.read_rows(conn), ["d"])["a"] == 7
+
+
+def test_held_takes_the_highest_claim_whatever_the_row_order() -> None:
+    rows = [("d:user-rw:u1", "a", 9), ("d", "a", 5), ("d", "b", 1)]
+    assert fsic.held(rows, ["d:user-rw:u1"]) == {"a": 9, "b": 1}
+    assert fsic.held(list(reversed(rows)), ["d:user-rw:u1"]) == {"a": 9, "b": 1}
+
+
+def test_pointwise_min_of_one_peer_or_of_peers_holding_different_writers() -> None:
+    assert fsic.pointwise_min([{"a": 3}]) == {"a": 3}
+    assert fsic.pointwise_min([{"a": 1}, {"a": 2, "b": 1}]) == {"a": 1}
+
+
+def test_missing_is_empty_where_the_basis_is_held() -> None:
+    assert fsic.missing({"a": 5, "b": 7}, {"a": 5, "b": 2}) == {}
+    assert fsic.missing({"a": 5}, {"a": 5, "c": 2}) == {"c": (0, 2)}

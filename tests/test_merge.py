@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bundlesync.format.records import Version
-from bundlesync.replica.merge import Outcome, merge
+from bundlesync.replica.merge import Outcome, merge, merge_vectors
 
 
 def v(inst: str, ctr: int, hlc: int, vv: dict[str, int], data: str = "{}", deleted: bool = False,
@@ -129,3 +129,41 @@ def test_merge_is_associative_and_commutative(history: list[Version]) -> None:
         a_bc = merge(a, merge(b, c).result).result
         assert ab_c == a_bc
         assert merge(a, b).result == merge(b, a).result
+
+
+def test_a_version_met_again_is_not_applied_again() -> None:
+    """The same version twice (a bundle imported again): nothing to write, whoever delivers it."""
+    version = v("a", 2, 30, {"a": 2, "b": 1}, '{"x":1}')
+    again = merge(version, version)
+    assert again.outcome is Outcome.ALREADY and not again.incoming_won and again.result is version
+
+
+def test_a_write_restamped_with_a_later_clock_wins_in_either_order() -> None:
+    """Two copies of one write (same instance and counter) that differ in clock: the later one is the
+    join whichever arrives first, and the flag says to write it when it arrives second."""
+    early, late = v("a", 1, 10, {"a": 1}, '{"x":"early"}'), v("a", 1, 20, {"a": 1}, '{"x":"late"}')
+    m = merge(early, late)
+    assert m.outcome is Outcome.ALREADY and m.incoming_won and m.result == late
+    m = merge(late, early)
+    assert m.outcome is Outcome.ALREADY and not m.incoming_won and m.result == late
+
+
+def test_an_incoming_version_with_an_empty_vector_is_merged() -> None:
+    """A record whose vector is empty (a hostile or broken peer) joins like any other, it does not crash."""
+    local = v("a", 2, 30, {"a": 2})
+    m = merge(local, v("b", 1, 40, {}, '{"x":"b"}'))
+    assert m.outcome is Outcome.CONFLICT and m.incoming_won and m.result.vv == {"a": 2}
+    assert merge_vectors({"a": 2}, {}) == {"a": 2}
+
+
+@settings(max_examples=200, deadline=None)
+@given(histories())
+def test_incoming_won_says_exactly_whether_the_result_is_the_incoming_version(history: list[Version]) -> None:
+    """Import writes a record's row only when the flag is set: it must be set exactly when the
+    incoming version is the one kept, or a device keeps a row that is not the merge's result."""
+    for a, b in itertools.product(history, repeat=2):
+        m = merge(a, b)
+        assert m.incoming_won == (b.key() > a.key())
+        assert m.result.key() == max(a.key(), b.key())
+        assert (m.result.data, m.result.deleted) == ((b if m.incoming_won else a).data,
+                                                     (b if m.incoming_won else a).deleted)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, Pair, run_cli
+from conftest import ROOT, Pair, clone_device, dump_tables, masked_state, run_cli
 
 EXAMPLE = ROOT / "examples" / "example_plugin"
 
@@ -99,22 +99,39 @@ def test_operations_run_by_priority_at_every_stage(traced: tuple[Pair, dict[str,
     assert {(o["operation"], o["stage"]) for o in manifest["operations"]} >= {("Traced9", "queuing")}
 
 
-@pytest.mark.parametrize("stage", ["serializing", "dequeuing", "deserializing", "cleanup"])
-def test_failing_import_operation_leaves_database_as_before(
+@pytest.mark.parametrize("stage", ["transferring", "serializing", "dequeuing", "deserializing", "cleanup"])
+def test_failing_import_operation_stops_the_import_before_it_is_recorded(
     traced: tuple[Pair, dict[str, str], Path], stage: str
 ) -> None:
+    """The operation's own transaction rolls back; what earlier stages applied stays; a new import completes it."""
     pair, env, _ = traced
     bundle = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb), env=env).last_line
+    ref_home, ref_db = clone_device(pair.b, pair.b_db, pair.tmp / "reference")
+    run_cli(ref_home, "import", "--no-receipt", bundle, env=env)  # the same import, uninterrupted
     before = _state(pair.b_db)
-    res = run_cli(pair.b, "import", bundle, env={**env, "BSYNC_FAIL": stage}, check=False)
+
+    res = run_cli(pair.b, "import", "--no-receipt", bundle, env={**env, "BSYNC_FAIL": stage}, check=False)
     assert res.code == 6
     err = res.err.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in res.err
     assert f"failed at {stage.upper()}" in err[0] and "trace_plugin" in err[0] and "Traced1" in err[0]
-    assert _state(pair.b_db) == before
+    assert "import the bundle again" in err[0]
+    now = _state(pair.b_db)
+    assert "plugin_scribble" not in now  # the failing operation's own write was rolled back
+    assert now["bundlesync_transfers"] == [] and now["bundlesync_fsic"] == before["bundlesync_fsic"]
+    assert now["bundlesync_peers"] == [] and now["bundlesync_applying"] == []
+    # DEQUEUING's own work (every record merged) ran before a DESERIALIZING or CLEANUP operation failed.
+    merged = stage in ("deserializing", "cleanup")
+    assert len(now["bundlesync_store"]) == (len(_state(ref_db)["bundlesync_store"]) if merged else 0)
+    app = dump_tables(pair.b_db)
+    if stage == "cleanup":
+        assert app == dump_tables(ref_db)  # every row is in; only the recording was rolled back
+    elif not merged:
+        assert all(rows == before[name] for name, rows in app.items())  # nothing of the bundle is applied
     assert list((pair.b / "staging").iterdir()) == []
-    run_cli(pair.b, "import", bundle, env=env)  # and it applies cleanly afterwards
-    assert _state(pair.b_db) != before
+
+    run_cli(pair.b, "import", "--no-receipt", bundle, env=env)  # and the next import completes it
+    assert masked_state(pair.b_db, runs=False) == masked_state(ref_db, runs=False)
 
 
 @pytest.mark.parametrize("stage", ["initializing", "serializing", "queuing", "transferring", "cleanup"])

@@ -56,7 +56,7 @@ def _add(db: Path, n: int = 3) -> None:
     conn.close()
 
 
-@pytest.mark.parametrize("command", ["export", "import", "purge", "cert"])
+@pytest.mark.parametrize("command", ["export", "import", "purge", "cert", "reidentify"])
 def test_second_run_waits_then_exits_busy(pair: Pair, command: str) -> None:
     bundle = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line
     args = {
@@ -64,8 +64,10 @@ def test_second_run_waits_then_exits_busy(pair: Pair, command: str) -> None:
         "import": ["import", bundle],
         "purge": ["purge", "--facility", pair.facility, "--user", "nobody"],
         "cert": ["cert", "request", "--facility", pair.facility, "--scope", "full", "--out", str(pair.usb)],
+        "reidentify": ["reidentify"],
     }[command]
     home = pair.b if command == "import" else pair.a
+    identity = (home / "identity.json").read_text()
     with held_lock(home):
         res = run_cli(home, *args, "--wait", "0.5", check=False)
     assert res.code == 8, res
@@ -74,6 +76,7 @@ def test_second_run_waits_then_exits_busy(pair: Pair, command: str) -> None:
     assert res.out == ""
     if command == "export":
         assert len(list(pair.usb.glob("bundle-*.bsync"))) == 1  # nothing written by the refused run
+    assert (home / "identity.json").read_text() == identity
 
 
 def test_waiting_run_goes_on_when_the_lock_is_freed(pair: Pair) -> None:

@@ -12,7 +12,7 @@ back into local lessons, quizzes and assignments. This plugin does the same over
   memberships; one copy per lesson or quiz, the classroom's assignment preferred over a group's): create,
   update, delete. They are written as ordinary local edits, so the export's own serialization carries them.
 - **import** on a single-user device (its certificate is ``user:U``), CLEANUP (after the rows are written,
-  in the import's transaction): recreate, update or remove the local lessons, quizzes and assignments
+  in the import's last transaction): recreate, update or remove the local lessons, quizzes and assignments
   from U's copies. Those rows stay local: they are not tracked (a learner's device never sends them) and
   their Morango dirty bit is clear, as Kolibri does.
 

@@ -2,7 +2,8 @@
 
 The shape follows Kolibri's ``FacilityDataSyncHook``:
 a hook class lists operations per stage (``cleanup_operations = [...]``) for
-work that must be atomic with the data, and may define ``pre_transfer`` /
+work that is vital to the data (each stage's operations commit or roll back together,
+and a failure stops the sync), and may define ``pre_transfer`` /
 ``post_transfer`` for fail-tolerant side effects, which run before the first
 stage and after the last and whose failures are logged, never fatal.
 """

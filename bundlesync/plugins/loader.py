@@ -152,19 +152,30 @@ class PluginSet:
             for stage in stages for p, op in self.operations(stage)
         ]
 
-    def run_stage(self, stage: Stage, context: SyncContext, builtin: FacilityDataSyncHook) -> None:
-        """Run a stage: plugin operations by priority, then the built-in work."""
+    def run_operations(self, stage: Stage, context: SyncContext) -> None:
+        """The plugins' operations of a stage, by priority (in whatever transaction the caller holds)."""
         context.stage = stage
         for plugin, op in self.operations(stage):
             try:
                 op.handle_initial(context)
             except Exception as exc:  # noqa: BLE001 - plugin code: report who failed, then fail the sync
+                outcome = ("no bundle was written" if context.is_export else
+                           "the import stopped before it was recorded; import the bundle again to complete it")
                 raise PluginError(
                     f"operation {op.name} of plugin {plugin.name} failed at {stage.name} during {context.direction}: "
-                    f"{type(exc).__name__}: {exc}; nothing was applied (fix the plugin or run with --no-plugins)"
+                    f"{type(exc).__name__}: {exc}; {outcome} (fix the plugin or run with --no-plugins)"
                 ) from exc
+
+    def run_builtin(self, stage: Stage, context: SyncContext, builtin: FacilityDataSyncHook) -> None:
+        """bundlesync's own work of a stage (its operations on ``builtin``)."""
+        context.stage = stage
         for op in getattr(builtin, stage.attribute):
             op.handle_initial(context)
+
+    def run_stage(self, stage: Stage, context: SyncContext, builtin: FacilityDataSyncHook) -> None:
+        """Run a stage: plugin operations by priority, then the built-in work."""
+        self.run_operations(stage, context)
+        self.run_builtin(stage, context, builtin)
 
     def transfer_hooks(self, which: str, context: SyncContext, warn: Warn) -> None:
         """Call every plugin's ``pre_transfer``/``post_transfer``; failures only warn."""

@@ -1,10 +1,13 @@
 """Sync operations and the context they receive (the Kolibri/Morango shape).
 
 An operation is an object with a ``priority`` and ``handle_initial(context)``,
-listed in a hook's ``<stage>_operations``. Operations run *inside* the sync: on
-import, the ones at SERIALIZING, DEQUEUING, DESERIALIZING and CLEANUP run in the
-same SQLite transaction as the data, so their writes commit or roll back with it.
-An operation that raises fails the sync.
+listed in a hook's ``<stage>_operations``. Operations run *inside* the sync: a
+stage's plugin operations run together in one SQLite transaction of their own, just
+before bundlesync's own work of that stage (at CLEANUP, and at export's INITIALIZING,
+in the transaction of that work), so their writes commit or roll back together. An
+operation that raises rolls back that transaction and fails the sync; an import then
+stops before it is recorded, and importing the bundle again completes it
+(``docs/plugins.md``).
 
 bundlesync's own stage work is written as operations too (see
 :mod:`bundlesync.sync.exporter` and :mod:`bundlesync.sync.importer`), so each pipeline
@@ -50,15 +53,15 @@ EXPORT_STAGES = (Stage.INITIALIZING, Stage.SERIALIZING, Stage.QUEUING, Stage.TRA
 IMPORT_STAGES = (
     Stage.INITIALIZING, Stage.TRANSFERRING, Stage.SERIALIZING, Stage.DEQUEUING, Stage.DESERIALIZING, Stage.CLEANUP,
 )
-"""Import runs these; SERIALIZING onwards share one transaction with the data."""
+"""Import runs these, in this order (see :mod:`bundlesync.sync.importer` for their transactions)."""
 
 
 @dataclass
 class SyncContext:
     """What an operation or hook can see of the sync it runs in.
 
-    ``connection`` is the device's open database connection; during the
-    transactional stages it is inside the sync's transaction. ``counts`` holds
+    ``connection`` is the device's open database connection; while operations run it is
+    inside their transaction. ``counts`` holds
     the numbers the built-in stages report as they go (records per model, rows
     written…); ``extra`` is free space for plugins to pass data between stages.
     """

@@ -14,7 +14,7 @@ import datetime
 import json
 import sqlite3
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "held_rows",
     "held_warning",
     "instance_id",
+    "last_change",
     "new_identity",
     "log_conflicts",
     "loser_json",
@@ -48,6 +49,9 @@ __all__ = [
 
 BATCH = 5000
 """Rows per read/write batch: bounds memory and keeps statements short."""
+
+STEP = 500
+"""Changes serialized between two looks at the clock when the transaction must stay short (``until``)."""
 
 _NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
 """Unix time in milliseconds, computed by SQLite (the time a change is logged)."""
@@ -216,10 +220,27 @@ class SerializeResult:
     clamped: int = 0
     """Edits whose clock reading was outside 0..WALL_MAX_MS and was brought into range."""
     by_model: dict[str, int] = field(default_factory=dict)
+    done: bool = True
+    """False when the run stopped early (``until``): changes are left for the next run."""
+
+    def add(self, other: SerializeResult) -> None:
+        """Count another run's work in this one (a serialization done in several transactions)."""
+        self.counter = other.counter if other.counter is not None else self.counter
+        self.versions += other.versions
+        self.held += other.held
+        self.clamped += other.clamped
+        for model, n in other.by_model.items():
+            self.by_model[model] = self.by_model.get(model, 0) + n
+        self.done = other.done
 
 
-def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[Any]]:
-    """Chunks of (change, app row, stored version) for one table, in change order."""
+def last_change(conn: sqlite3.Connection) -> int:
+    """The sequence number of the latest logged change (0: none yet)."""
+    return int(conn.execute("SELECT coalesce(max(seq), 0) FROM bundlesync_changes").fetchone()[0])
+
+
+def _changed_rows(conn: sqlite3.Connection, table: TableSpec, up_to: int, batch: int) -> Iterator[list[Any]]:
+    """Chunks of (change, app row, stored version) for one table, in change order, up to change ``up_to``."""
     pk = q(table.primary_key)
     columns = ", ".join(f"t.{q(c)}" for c in table.columns)
     sql = (
@@ -227,10 +248,10 @@ def _changed_rows(conn: sqlite3.Connection, table: TableSpec) -> Iterator[list[A
         f"s.partition, s.data, s.deleted, s.purged, s.hlc, s.vv, s.dirty, s.inst, s.ctr, s.bundle_id, {columns} "
         f"FROM bundlesync_changes c LEFT JOIN {q(table.name)} t ON t.{pk} = c.pk "
         "LEFT JOIN bundlesync_store s ON s.model = c.model AND s.id = c.pk "
-        f"WHERE c.model = ? AND c.seq > ? ORDER BY c.seq LIMIT {BATCH}"
+        f"WHERE c.model = ? AND c.seq > ? AND c.seq <= ? ORDER BY c.seq LIMIT {int(batch)}"
     )
     last = 0
-    while rows := fetch_all(conn, sql, (table.name, last)):
+    while rows := fetch_all(conn, sql, (table.name, last, up_to)):
         last = rows[-1][0]
         yield rows
 
@@ -322,7 +343,8 @@ def _no_partition(table: TableSpec, pk: object) -> str:
             "and export again")
 
 
-def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeResult:
+def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Callable[[], bool] | None = None,
+                      up_to: int | None = None, batch: int | None = None) -> SerializeResult:
     """Turn logged app changes into store versions (must run in a write transaction).
 
     One new counter value serves every version this run writes. A version's
@@ -330,9 +352,18 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
     it replaces so causality is never inverted by a slow clock. Changed rows
     are compared with their stored version: an update that changed nothing
     makes no version.
+
+    ``up_to``: only changes logged up to that sequence number (:func:`last_change`).
+    ``until``: asked after each ``batch`` of changes (:data:`STEP` by default then); when it says so the run stops
+    there (``done`` is False) and the rest stays logged for the next run, which takes
+    its own counter in its own transaction. Each change leaves the log in the transaction
+    that turns it into a version, so an edit the app makes in between is logged afresh and
+    never lost.
     """
     result = SerializeResult()
-    if not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_changes)").fetchone()[0]:
+    up_to = 2**63 - 1 if up_to is None else up_to
+    batch = batch or (BATCH if until is None else STEP)
+    if not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_changes WHERE seq <= ?)", (up_to,)).fetchone()[0]:
         return result
     me = instance_id(conn)
     counter = result.counter = next_counter(conn)
@@ -345,7 +376,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
         written = 0
         # Rows held back earlier are let go as soon as a later change of theirs serializes.
         any_held = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_held WHERE model = ?)", (name,)).fetchone()[0]
-        for rows in _changed_rows(conn, table):
+        for rows in _changed_rows(conn, table, up_to, batch):
             writes: list[tuple[object, ...]] = []
             redo: list[tuple[str, str]] = []
             held: list[tuple[object, ...]] = []
@@ -406,7 +437,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
                 writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None,
                                at_ms))
             conn.executemany(_UPSERT, writes)
-            conn.executemany("UPDATE bundlesync_store SET dirty = 1 WHERE model = ? AND id = ?", redo)
+            conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = NULL WHERE model = ? AND id = ?", redo)
             conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
             conn.executemany("INSERT INTO bundlesync_held (model, pk, reason, at) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (model, pk) DO UPDATE SET reason = excluded.reason, at = excluded.at", held)
@@ -415,10 +446,17 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile) -> SerializeRe
             log_conflicts(conn, lost)
             lost.clear()
             written += len(writes)
-        conn.execute("DELETE FROM bundlesync_changes WHERE model = ?", (name,))
+            # Exactly this batch's changes: in this transaction no other change of the table lies in that range.
+            conn.execute("DELETE FROM bundlesync_changes WHERE model = ? AND seq >= ? AND seq <= ?",
+                         (name, rows[0][0], rows[-1][0]))
+            if until is not None and until():
+                result.done = False
+                break
         if written:
             result.by_model[name] = written
             result.versions += written
+        if not result.done:
+            break
     return result
 
 

@@ -29,10 +29,12 @@ from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
 from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, stored_lines, update_vectors, upsert_versions
 
-__all__ = ["DequeueResult", "dequeue"]
+__all__ = ["DequeueResult", "Dequeuer", "dequeue"]
 
 SAMPLE = 5
 """How many refused records a report names."""
+
+_ALREADY = Outcome.ALREADY.value
 
 
 @dataclass
@@ -132,76 +134,80 @@ class _AppWriter:
         self.conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = ? WHERE model = ? AND id = ?", waiting)
 
 
-def dequeue(
-    conn: sqlite3.Connection,
-    profile: Profile,
-    batches: Iterable[Sequence[bytes]],
-    *,
-    signer_write: Sequence[str],
-    local_read: Sequence[str],
-    bundle_id: str,
-    detected_at: str,
-    written: DeserializeResult,
-    signer_may_purge: bool,
-) -> DequeueResult:
-    """Merge every acceptable record into the store and write the winners' app rows.
+class Dequeuer:
+    """Merges record lines into the store slice by slice, each slice in whatever transaction the caller holds.
 
-    Runs inside the import's transaction with tracking suppressed. ``written``
-    collects the app-row counts (the DESERIALIZING stage adds its own to it).
+    Tracking must be suppressed by the caller. ``written`` collects the app-row counts
+    (the DESERIALIZING stage adds its own to it). Call :meth:`new_transaction` at the
+    start of every transaction after the first: what was learnt of present parents may
+    no longer hold once the app has had the lock.
     """
-    result = DequeueResult()
-    app = _AppWriter(conn, profile)
-    # Partitions repeat (one per user or facility), so scope answers are cached per partition.
-    writable = _Cached(lambda p: within(p, signer_write))
-    readable = _Cached(lambda p: within(p, local_read))
-    future = ahead_hlc()
-    already = Outcome.ALREADY.value
-    # A store that held nothing when the import began (a new device) cannot hold a line of the bundle.
-    look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store)").fetchone()[0])
-    empty_before: dict[str, bool] = {}
 
-    def worth_looking_up(key: tuple[str, str]) -> bool:
-        # Tables this store held nothing of when the import began cannot hold a line of this bundle.
-        empty = empty_before.get(key[0])
+    def __init__(self, conn: sqlite3.Connection, profile: Profile, *, signer_write: Sequence[str],
+                 local_read: Sequence[str], bundle_id: str, detected_at: str, written: DeserializeResult,
+                 signer_may_purge: bool) -> None:
+        self.conn, self.profile, self.written = conn, profile, written
+        self.bundle_id, self.detected_at, self.signer_may_purge = bundle_id, detected_at, signer_may_purge
+        self.result = DequeueResult()
+        self.app = _AppWriter(conn, profile)
+        # Partitions repeat (one per user or facility), so scope answers are cached per partition.
+        self.writable = _Cached(lambda p: within(p, signer_write))
+        self.readable = _Cached(lambda p: within(p, local_read))
+        self.future = ahead_hlc()
+        # A store that held nothing when the import began (a new device) cannot hold a line of the bundle.
+        self.look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store)").fetchone()[0])
+        self.empty_before: dict[str, bool] = {}
+
+    def _worth_looking_up(self, key: tuple[str, str]) -> bool:
+        # Tables this store held nothing of when the import began cannot hold a line of this bundle (a hint
+        # only: a line found nowhere goes the long way, which is always right).
+        empty = self.empty_before.get(key[0])
         if empty is None:
-            empty = empty_before[key[0]] = not conn.execute(
+            empty = self.empty_before[key[0]] = not self.conn.execute(
                 "SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE model = ?)", (key[0],)).fetchone()[0]
         return not empty
 
-    for lines in batches:
+    def new_transaction(self) -> None:
+        """Forget what earlier transactions found in the app tables."""
+        self.app = _AppWriter(self.conn, self.profile)
+
+    def apply(self, lines: Sequence[bytes]) -> None:
+        """Merge one slice of record lines and write the winners' app rows."""
+        conn, result, writable, readable = self.conn, self.result, self.writable, self.readable
         incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
         # A record held exactly as it comes (same version, vector, flags and data: the very line this store
         # would export) changes nothing: it is neither parsed, decoded nor merged. The checks that could
         # still refuse it or skip it are made on the stored copy; a purge goes the long way.
+        look_up = self.look_up
         keys = [line_key(line) for line in lines] if look_up else [None] * len(lines)
-        held = stored_lines(conn, [k for k in keys if k is not None and worth_looking_up(k)]) if look_up else {}
+        held = stored_lines(conn, [k for k in keys if k is not None and self._worth_looking_up(k)]) if look_up else {}
         for line, key in zip(lines, keys):
             stored = held.get(key) if held and key is not None else None
             if stored is not None and stored[0] == line and not stored[3] and writable(stored[2]) \
                     and readable(stored[2]):
                 result.received += 1
-                if stored[1] > future:
+                if stored[1] > self.future:
                     result.ahead += 1
                     result.ahead_max_hlc = max(result.ahead_max_hlc, stored[1])
-                result.outcomes[already] += 1
+                result.outcomes[_ALREADY] += 1
                 continue
             version = parse_record(line)
             result.received += 1
-            if version.hlc > future:
+            if version.hlc > self.future:
                 result.ahead += 1
                 result.ahead_max_hlc = max(result.ahead_max_hlc, version.hlc)
             if not writable(version.partition):
                 result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
                 continue
-            row = _decode_checked(profile, version)
+            row = _decode_checked(self.profile, version)
             if row is None:
                 result.refuse("bad_partition", version, f"data does not belong to partition {version.partition}")
-            elif not readable(version.partition):
+            elif not self.readable(version.partition):
                 result.not_for_us += 1
             else:
                 key = (version.model, version.id)
                 earlier = incoming.get(key)
-                if earlier is not None:  # the same record twice in one bundle: join them first
+                if earlier is not None:  # the same record twice in one slice: join them first
                     both = merge(earlier[0], version)
                     version, row = both.result, (row if both.incoming_won else earlier[1])
                 incoming[key] = (version, row)
@@ -217,7 +223,7 @@ def dequeue(
                 result.refuse("out_of_scope", version, f"the local record lies in {mine.partition}, outside the "
                               "signer's write scope")
                 continue
-            if version.purged and not signer_may_purge:
+            if version.purged and not self.signer_may_purge:
                 result.refuse("out_of_scope", version, "only a full-facility certificate may purge records")
                 continue
             merged = merge(mine, version)
@@ -229,11 +235,34 @@ def dequeue(
             elif merged.result is not local.get(key):
                 vectors.append(merged.result)
             if merged.loser is not None and not merged.result.purged:
-                losers.append(_loser_entry(merged, bundle_id, detected_at))
-        upsert_versions(conn, [(v, False) for v, _ in won], bundle_id)
-        app.write(won, written)
+                losers.append(_loser_entry(merged, self.bundle_id, self.detected_at))
+        upsert_versions(conn, [(v, False) for v, _ in won], self.bundle_id)
+        self.app.write(won, self.written)
         update_vectors(conn, vectors)
         log_conflicts(conn, losers)
         # A purge erases the personal data everywhere, the conflict log included.
         conn.executemany("DELETE FROM bundlesync_conflicts WHERE model = ? AND record_id = ?", purged)
-    return result
+
+
+def dequeue(
+    conn: sqlite3.Connection,
+    profile: Profile,
+    batches: Iterable[Sequence[bytes]],
+    *,
+    signer_write: Sequence[str],
+    local_read: Sequence[str],
+    bundle_id: str,
+    detected_at: str,
+    written: DeserializeResult,
+    signer_may_purge: bool,
+) -> DequeueResult:
+    """Merge every acceptable record into the store and write the winners' app rows, in the caller's transaction.
+
+    Tracking must be suppressed. ``written`` collects the app-row counts (the
+    DESERIALIZING stage adds its own to it).
+    """
+    merger = Dequeuer(conn, profile, signer_write=signer_write, local_read=local_read, bundle_id=bundle_id,
+                      detected_at=detected_at, written=written, signer_may_purge=signer_may_purge)
+    for lines in batches:
+        merger.apply(lines)
+    return merger.result

@@ -29,7 +29,7 @@ from bundlesync.replica.db import q
 from bundlesync.profile import NEW, Profile, TableSpec, incoming_row_sql
 from bundlesync.replica.store import BATCH
 
-__all__ = ["DeserializeResult", "TableWriter", "deserialize"]
+__all__ = ["DeserializeResult", "TableWriter", "count_unplaced", "deserialize", "placing"]
 
 K = TypeVar("K", bound=Hashable)
 
@@ -90,8 +90,12 @@ class TableWriter:
         self.recompute = (f"SELECT {table.partition_sql(NEW)} FROM {incoming_row_sql(table)}"
                           if table.lookups else None)
         self.delete = f"DELETE FROM {q(table.name)} WHERE {pk} = ?"
-        # Parent ids already found in their app tables during this writer's life (one transaction).
+        # Parent ids already found in their app tables in this transaction (see forget()).
         self._seen: dict[str, set[str]] = {}
+
+    def forget(self) -> None:
+        """Forget the parents found so far: in another transaction the app may have deleted them."""
+        self._seen.clear()
 
     def remove(self, ids: Sequence[str]) -> None:
         """Delete app rows (a deletion or a purge won)."""
@@ -171,11 +175,11 @@ class TableWriter:
                                       f"WHERE {q(pk)} = ?", (bytes(value), row_values[at_pk]))
 
 
-def _dirty_batches(conn: sqlite3.Connection, model: str) -> Iterator[list[tuple[int, str, str, int, int, str]]]:
+def _dirty_batches(conn: sqlite3.Connection, model: str, size: int) -> Iterator[list[tuple[int, str, str, int, int, str]]]:
     last = 0
     while batch := conn.execute(
         "SELECT rowid, id, data, deleted, purged, partition FROM bundlesync_store "
-        f"WHERE model = ? AND dirty = 1 AND rowid > ? ORDER BY rowid LIMIT {BATCH}",
+        f"WHERE model = ? AND dirty = 1 AND rowid > ? ORDER BY rowid LIMIT {int(size)}",
         (model, last),
     ).fetchall():
         last = batch[-1][0]
@@ -208,18 +212,46 @@ def count_unplaced(conn: sqlite3.Connection, result: DeserializeResult) -> None:
     result.failed = int(row[0]) - result.waiting
 
 
+PASSES = 3
+"""Most passes over the tables in one run (see :func:`placing`)."""
+
+
+def placing(conn: sqlite3.Connection, profile: Profile, result: DeserializeResult,
+            batch: int = BATCH) -> Iterator[None]:
+    """Write every dirty store row into its app table, parents first, one ``batch`` per step.
+
+    A generator: each ``next()`` places one batch, so the caller may commit between any
+    two steps (an import does, to keep its write transactions short). What a writer
+    learnt of present parents is forgotten after every step, since the app may delete a
+    parent between two transactions. A row made dirty while the run goes on (a purged
+    row the app wrote again, found by the serialization at the start of a transaction)
+    is never attempted yet (``error`` is NULL), and gets one more pass.
+    """
+    for _ in range(PASSES):
+        for table in profile.tables:
+            writer = TableWriter(conn, profile, table)
+            before = result.written + result.deleted
+            while True:
+                placed = 0
+                for rows in _dirty_batches(conn, table.name, batch):
+                    placed += _apply_batch(conn, writer, rows, result)
+                    yield
+                    writer.forget()
+                # Self-references: a later round may place children whose parent came later in rowid order.
+                if not (table.self_reference and placed):
+                    break
+            if result.written + result.deleted > before:
+                result.by_model[table.name] = (result.by_model.get(table.name, 0) + result.written + result.deleted
+                                               - before)
+        if not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE dirty = 1 AND error IS NULL)"
+                            ).fetchone()[0]:
+            break
+
+
 def deserialize(conn: sqlite3.Connection, profile: Profile, result: DeserializeResult | None = None) -> DeserializeResult:
-    """Write every dirty store row into its app table, parents first."""
+    """Write every dirty store row into its app table, parents first (in the caller's one transaction)."""
     result = result or DeserializeResult()
-    for table in profile.tables:
-        writer = TableWriter(conn, profile, table)
-        before = result.written + result.deleted
-        while True:
-            placed = sum(_apply_batch(conn, writer, batch, result) for batch in _dirty_batches(conn, table.name))
-            # Self-references: a later round may place children whose parent came later in rowid order.
-            if not (table.self_reference and placed):
-                break
-        if result.written + result.deleted > before:
-            result.by_model[table.name] = result.by_model.get(table.name, 0) + result.written + result.deleted - before
+    for _ in placing(conn, profile, result):
+        pass
     count_unplaced(conn, result)
     return result

@@ -3,17 +3,23 @@
 The pipeline is :class:`ExportWork`: one built-in operation per stage, run after
 the plugins' operations of that stage (:meth:`PluginSet.run_stage`):
 
-INITIALIZING   (write txn, with SERIALIZING) fix the filter (from the certificate scope) and
-               the basis.
-SERIALIZING    turn logged app changes into store versions with a new counter.
-QUEUING        (read snapshot) compute the result FSIC and stream the versions the receiver
-               lacks — above the basis, inside the filter — into ``<name>.partial``.
-TRANSFERRING   (write txn, with CLEANUP) finish the file (fsync + rename), then read it back
-               and verify it completely.
-CLEANUP        record the transfer.
+INITIALIZING   (one write transaction with its plugin operations) fix the filter (from the
+               certificate scope) and the basis.
+SERIALIZING    turn the app changes logged so far into store versions, in short write
+               transactions (:class:`~bundlesync.replica.pacing.Pacer`), so the app keeps writing.
+QUEUING        read this device's knowledge in one short snapshot, then stream the versions
+               the receiver lacks — above the basis, inside the filter — into
+               ``<name>.partial``, in short reads (no long snapshot: in rollback-journal mode
+               a reader holds off every writer's commit).
+TRANSFERRING   (no transaction) finish the file (fsync + rename), then read it back and
+               verify it completely.
+CLEANUP        (one write transaction with its plugin operations) record the transfer.
 
-Changes committed after SERIALIZING stay in the change log for the next export. If
-any stage fails, no bundle is left in the output folder.
+A stage's plugin operations run together in one transaction of their own just before
+bundlesync's own work of that stage (QUEUING: a read snapshot), except at INITIALIZING and
+CLEANUP, where they share bundlesync's one transaction. Changes logged after SERIALIZING
+starts stay in the change log for the next export. If any stage fails, no bundle is left
+in the output folder.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from bundlesync.replica.knowledge import Knowledge
 from bundlesync.sync.basis import choose_basis
 from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import read_transaction, write_transaction
+from bundlesync.replica.pacing import Pacer
 from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.revocation import check_not_revoked
 from bundlesync.device import Device
@@ -50,7 +57,8 @@ from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.profile import Profile
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
-from bundlesync.replica.store import current_counter, held_warning, record_transfer, serialize_changes
+from bundlesync.replica.store import (SerializeResult, current_counter, held_warning, last_change, record_transfer,
+                                      serialize_changes)
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -109,10 +117,36 @@ def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
                            (model, row[0])).fetchone()
 
 
-# In the version index's own order (counter, then rowid: the order rows were first stored in), so
-# SQLite streams the rows without sorting them all first (a sort spilled ~0.7 KB a record to temp files).
-_LINE_SQL = (f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ? AND {{prefixes}}{{held}} "
-             "ORDER BY ctr, rowid")
+_LINE_SQL = (f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr = ? AND rowid > ? "
+             "AND rowid <= ? AND {prefixes}{held} ORDER BY rowid")
+
+STRETCH = 2000
+"""Versions (of one table and writer) one read statement looks at: every read stays short."""
+
+_ROWID_MIN, _ROWID_MAX = -(2**63), 2**63 - 1
+
+
+def _stretches(conn: sqlite3.Connection, model: str, inst: str, floor: int) -> Iterator[tuple[int, int, int]]:
+    """``(counter, after rowid, up to rowid)``: one writer's versions above ``floor``, :data:`STRETCH` at a time.
+
+    In index order (counter, then rowid), each found by a short statement on the
+    ``(model, inst, ctr)`` index, so no statement holds a read lock for long.
+    """
+    row = conn.execute("SELECT min(ctr) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+                       (model, inst, floor)).fetchone()
+    while row[0] is not None:
+        ctr, after = int(row[0]), _ROWID_MIN
+        while True:
+            end = conn.execute("SELECT rowid FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr = ? AND "
+                               "rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
+                               (model, inst, ctr, after, STRETCH - 1)).fetchone()
+            upto = _ROWID_MAX if end is None else int(end[0])
+            yield ctr, after, upto
+            if end is None:
+                break
+            after = upto
+        row = conn.execute("SELECT min(ctr) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+                           (model, inst, ctr)).fetchone()
 
 
 def _held_sql(floor: int, finer: Sequence[tuple[str, int]]) -> tuple[str, list[object]]:
@@ -138,7 +172,11 @@ def outgoing_lines(
     such counter over the filter's prefixes bounds an index range, and basis entries that
     say more for some prefix become exclusion terms. Tables come in foreign-key order,
     parents first, so an importer can usually write each record's app row as soon as it
-    has merged it.
+    has merged it; within a table, each writer's versions come by counter, then by rowid.
+
+    Each batch is read by its own short statements, outside any transaction (see
+    :func:`_stretches`): the store only changes under the home's run lock (serialization,
+    import, purge), which the export holds, so reading it piecewise reads one state of it.
     """
     where, params = prefix_sql(prefixes)
     at_filter = [kn.effective(basis, p) for p in prefixes]
@@ -150,11 +188,12 @@ def outgoing_lines(
         for inst in list(_writers(conn, table.name)):
             floor = min(view.get(inst, 0) for view in at_filter)
             held, held_params = _held_sql(floor, finer.get(inst, []))
-            cursor = conn.execute(_LINE_SQL.format(prefixes=where, held=held),
-                                  [table.name, inst, floor, *params, *held_params])
-            while rows := cursor.fetchmany(2000):
-                counts[table.name] = counts.get(table.name, 0) + len(rows)
-                yield [line for (line,) in rows]
+            sql = _LINE_SQL.format(prefixes=where, held=held)
+            for ctr, after, upto in _stretches(conn, table.name, inst, floor):
+                rows = conn.execute(sql, [table.name, inst, ctr, after, upto, *params, *held_params]).fetchall()
+                if rows:
+                    counts[table.name] = counts.get(table.name, 0) + len(rows)
+                    yield [line for (line,) in rows]
 
 
 Progress = Callable[[int, int], None]
@@ -270,7 +309,15 @@ class ExportWork(FacilityDataSyncHook):
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:
-        serialized = serialize_changes(ctx.connection, ctx.profile)
+        conn = ctx.connection
+        # The changes logged so far; the app's edits from now on go out with the next export (a busy app
+        # could otherwise keep this one serializing for ever).
+        up_to = last_change(conn)
+        pacer = Pacer(conn)
+        serialized = SerializeResult(done=False)
+        while not serialized.done:
+            with pacer.transaction() as over:
+                serialized.add(serialize_changes(conn, ctx.profile, until=over, up_to=up_to))
         self.result.serialized = serialized.versions
         if serialized.clamped:
             self.clock_warning = (
@@ -285,9 +332,15 @@ class ExportWork(FacilityDataSyncHook):
         assert ctx.dataset_id is not None and ctx.facility_id is not None
         # What this device holds for its scope, per prefix: readers learn it (a lower bound of what it
         # holds) and claim its part under the filter once they hold the basis (then they hold it all).
-        held = kn.clip(fsic_mod.read_knowledge(conn), (*self.scope_prefixes, *ctx.filter))
+        # Knowledge and counter come from one snapshot, read before any record: the records are read
+        # afterwards in short reads (no snapshot held across them), so the bundle could at most carry
+        # more than it claims, never less. (Under the home's run lock, which this export holds,
+        # nothing else changes the store or the knowledge meanwhile; the app only adds to the change
+        # log, which the next export serializes.)
+        with read_transaction(conn):
+            held = kn.clip(fsic_mod.read_knowledge(conn), (*self.scope_prefixes, *ctx.filter))
+            counter = current_counter(conn)
         result = kn.clip(held, ctx.filter)
-        counter = current_counter(conn)
         created = self.created = (self.now or datetime.datetime.now(datetime.timezone.utc)).strftime(
             "%Y-%m-%dT%H:%M:%S.%fZ")
         manifest = Manifest(
@@ -436,6 +489,13 @@ def expiry_warning(cert: Certificate, *, now: datetime.datetime | None = None) -
             f"{max(left.days, 0)} day(s): run `bundlesync cert request` and have the authority issue a new one")
 
 
+def _operations(plugins: PluginSet, stage: Stage, ctx: SyncContext, *, write: bool) -> None:
+    """A stage's plugin operations, together in one transaction of their own (none if there are none)."""
+    if plugins.operations(stage):
+        with write_transaction(ctx.connection) if write else read_transaction(ctx.connection):
+            plugins.run_operations(stage, ctx)
+
+
 def export_bundle(
     device: Device,
     facility: str,
@@ -491,13 +551,14 @@ def export_bundle(
     try:
         with write_transaction(conn):
             plugins.run_stage(Stage.INITIALIZING, ctx, work)
-            plugins.run_stage(Stage.SERIALIZING, ctx, work)
-        # Queuing reads one snapshot without holding the write lock: the app keeps writing meanwhile.
-        with read_transaction(conn):
-            plugins.run_stage(Stage.QUEUING, ctx, work)
+        _operations(plugins, Stage.SERIALIZING, ctx, write=True)
+        plugins.run_builtin(Stage.SERIALIZING, ctx, work)  # short write transactions of its own
+        _operations(plugins, Stage.QUEUING, ctx, write=False)
+        plugins.run_builtin(Stage.QUEUING, ctx, work)  # short reads: the app keeps writing meanwhile
         if work.result.records:
+            _operations(plugins, Stage.TRANSFERRING, ctx, write=True)
+            plugins.run_builtin(Stage.TRANSFERRING, ctx, work)  # the file only: no transaction held
             with write_transaction(conn):
-                plugins.run_stage(Stage.TRANSFERRING, ctx, work)
                 plugins.run_stage(Stage.CLEANUP, ctx, work)
         else:
             work.discard()

@@ -1,4 +1,4 @@
-"""Import: verify a bundle completely, then apply it in one transaction.
+"""Import: verify a bundle completely, then apply it in short transactions beside the running app.
 
 The pipeline is :class:`ImportWork`: one built-in operation per stage, run after
 the plugins' operations of that stage:
@@ -8,19 +8,43 @@ INITIALIZING   copy the bundle off the medium into the home's staging folder, ha
                pulled or changed afterwards); check integrity first, then format, profile,
                the signer's certificate chain to the facility root this device trusts, and
                the signature. Plugins hear of the bundle only after these checks.
-TRANSFERRING   decompress the staged copy once (record count and sizes) before any write.
-SERIALIZING    (one write transaction from here on) pending local edits become versions
-               first, so they meet incoming ones in the merge, not in the app table.
+TRANSFERRING   decompress the staged copy and parse every record line before any write, so a
+               malformed line never leaves a bundle half-applied.
+SERIALIZING    pending local edits become versions first, so they meet incoming ones in the
+               merge, not in the app table.
 DEQUEUING      merge every acceptable record into the store by version vectors, and write
                the winners' app rows whose parents are in place (one decode per record).
 DESERIALIZING  write the rows still waiting — a parent later in the bundle, or rows left by
                earlier imports — table by table in foreign-key order.
-CLEANUP        advance knowledge (FSIC) where contiguous, record gaps and the transfer.
+CLEANUP        advance knowledge (FSIC) where contiguous, record gaps, peers and the transfer.
 
-The copy and the checks happen before any plugin runs or anything is written. Then
-every stage, plugin operations included, runs in one SQLite transaction: a failure or
-``kill -9`` leaves the database as before or as after. A bundle already imported is
-recognised after the checks and changes nothing.
+Transactions. The app keeps writing to the same database while an import runs, so
+SERIALIZING, DEQUEUING and DESERIALIZING work in short write transactions (about
+:data:`~bundlesync.replica.pacing.HOLD_S` each, paced by :class:`~bundlesync.replica.pacing.Pacer`
+so a waiting app writer gets the lock between two of them). Every such transaction of
+DEQUEUING and DESERIALIZING first turns the app's edits made since the last one into
+versions, then applies its slice with tracking suppressed (the ``bundlesync_applying`` row
+is set and cleared inside the transaction, so the app never sees it), so an app edit made
+between two transactions meets the incoming version in the merge. The state after any
+transaction is a state of the merge: the store is a join, and it does not matter which
+part of the bundle's versions has arrived. Knowledge, gaps, peers learnt and the transfer
+record (which makes a re-import a no-op) are written only in the last transaction, with
+CLEANUP. A failure or ``kill -9`` at any point leaves a valid database (app rows consistent
+with the store, nothing recorded), and importing the same bundle again completes it: the
+records already merged are "already here", nothing is applied twice, no conflict is logged
+twice.
+
+Plugin operations: a stage's plugin operations run together in one write transaction of
+their own, just before bundlesync's own work of that stage (at CLEANUP, in the last
+transaction, before knowledge and transfer are recorded). A DEQUEUING operation sees no
+record of this bundle merged yet (unless an interrupted run of the same bundle merged some),
+a DESERIALIZING operation sees every record merged and the rows that could be written, a
+CLEANUP operation sees everything. An operation that raises rolls back its own transaction
+and stops the import before the transfer is recorded: what earlier stages applied stays
+(a valid state), and importing the bundle again completes it.
+
+The copy and the checks happen before any plugin runs or anything is written. A bundle
+already imported is recognised after the checks and changes nothing.
 """
 
 from __future__ import annotations
@@ -44,8 +68,9 @@ from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.crypto import verify
 from bundlesync.replica.clock import SKEW_TOLERANCE_MS, iso_ms, now_ms, parse_iso_ms, skew_warning
 from bundlesync.replica.db import write_transaction
-from bundlesync.sync.dequeue import DequeueResult, dequeue
-from bundlesync.sync.deserialize import DeserializeResult, deserialize
+from bundlesync.replica.pacing import Over, Pacer
+from bundlesync.sync.dequeue import DequeueResult, Dequeuer
+from bundlesync.sync.deserialize import DeserializeResult, count_unplaced, placing
 from bundlesync.device import Device
 from bundlesync.errors import EXIT_PARTIAL, BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
@@ -57,7 +82,7 @@ from bundlesync.trust.receipts import make_receipt, write_receipt
 from bundlesync.trust.revocation import Revocation, check_not_revoked, parse_revocations
 from bundlesync.partitions import covered, within
 from bundlesync.trust.scope import ScopeFilters, scope_filters
-from bundlesync.replica.store import held_warning, record_transfer, serialize_changes
+from bundlesync.replica.store import SerializeResult, held_warning, record_transfer, serialize_changes
 from bundlesync.replica.tracking import suppressed
 
 __all__ = [
@@ -79,7 +104,15 @@ STAGING_SUFFIX = ".importing"
 """Ends the name of a bundle's private copy in the home's ``staging/`` while it is imported."""
 
 APPLY_BATCH_BYTES = 2 << 20
-"""Record lines merged and written per batch: bounds memory (decoded rows) whatever the bundle size."""
+"""Record lines read from the payload at a time: bounds memory whatever the bundle size."""
+
+SLICE_RECORDS = 250
+"""Records merged per step: a short transaction takes steps until its time is up."""
+
+PLACE_BATCH = 500
+"""Waiting rows written per step of DESERIALIZING."""
+
+_END = object()
 
 
 @dataclass(frozen=True)
@@ -202,12 +235,6 @@ def open_payload(device: Device, verified: VerifiedBundle, plain: Path, *, shown
     return dataclasses.replace(verified, info=info)
 
 
-def _check_payload(info: container.BundleInfo) -> None:
-    """Decompress once before trusting the stream: bad frames or counts fail here, not mid-apply."""
-    for _ in container.iter_record_batches(info):
-        pass
-
-
 def _require_file(path: Path) -> None:
     if not path.is_file():
         what = "a directory" if path.is_dir() else "not a file"
@@ -260,12 +287,16 @@ def read_records(device: Device, path: Path) -> Iterator[bytes]:
 class ImportWork(FacilityDataSyncHook):
     """bundlesync's own import work, one operation per stage."""
 
-    def __init__(self, device: Device, path: Path, plugins: PluginSet, progress: Progress | None = None) -> None:
+    def __init__(self, device: Device, path: Path, plugins: PluginSet, progress: Progress | None = None,
+                 between: Callable[[], None] | None = None) -> None:
         self.device, self.source, self.plugins, self.progress = device, path, plugins, progress
+        self.between = between
         self.staged = device.staging / _staging_name(path)
         self.plain = self.staged.with_name(self.staged.name + ".plain")  # the decrypted payload: never on the drive
         self.verified: VerifiedBundle | None = None
         self.result = ImportResult("", path)
+        self.serialized = SerializeResult()
+        self.pacer: Pacer | None = None
         self.now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         self.initializing_operations: list[LocalOperation] = [Step("check the signer", self.initialize)]
         self.transferring_operations: list[LocalOperation] = [Step("copy and verify the bundle", self.transfer)]
@@ -309,38 +340,95 @@ class ImportWork(FacilityDataSyncHook):
         ctx.local_scope = chain[0].scope if chain else None
         self.result.bundle_id = m.bundle_id
 
+    def run(self, ctx: SyncContext) -> None:
+        """Every stage after the checks, each in its own transactions (see the module docstring)."""
+        conn = ctx.connection
+        self.pacer = Pacer(conn, between=self.between)
+        for stage in IMPORT_STAGES:
+            if stage is Stage.CLEANUP:
+                with write_transaction(conn):
+                    # Another run may have recorded the same bundle meanwhile (runs of one home take turns
+                    # under its lock; a program calling import_bundle itself may not).
+                    if _already_imported(conn, self.result.bundle_id):
+                        self.result.already = True
+                        return
+                    self.plugins.run_stage(stage, ctx, self)
+                continue
+            if self.plugins.operations(stage):
+                with write_transaction(conn):
+                    self.plugins.run_operations(stage, ctx)
+            self.plugins.run_builtin(stage, ctx, self)
+
+    def _serialize_pending(self, ctx: SyncContext, over: Over) -> bool:
+        """Turn the app's logged edits into versions, in the caller's transaction; False if time ran out first."""
+        serialized = serialize_changes(ctx.connection, ctx.profile, until=over)
+        self.serialized.add(serialized)
+        self.result.local_serialized = self.serialized.versions
+        return serialized.done
+
+    def _apply(self, ctx: SyncContext, steps: Iterator[None], begin: Callable[[], None]) -> None:
+        """Take ``steps`` in short write transactions, each on top of the app's latest edits.
+
+        Each transaction first serializes what the app logged since the previous one (a
+        transaction that runs out of time doing so applies nothing), then calls ``begin``
+        and takes steps, with tracking suppressed, until its time is up.
+        """
+        assert self.pacer is not None
+        conn = ctx.connection
+        more = True
+        while more:
+            with self.pacer.transaction() as over:
+                if not self._serialize_pending(ctx, over):
+                    continue
+                begin()
+                # The applying row is set and cleared inside this transaction: the app never sees it, so its
+                # edits between two transactions are tracked.
+                with suppressed(conn):
+                    while True:
+                        if next(steps, _END) is _END:
+                            more = False
+                            break
+                        if over():
+                            break
+
     # TRANSFERRING
     def transfer(self, ctx: SyncContext) -> None:
-        _check_payload(self._verified().info)
+        # Parse every line now: a malformed one must stop the import before anything is applied.
+        _check_records(self._verified().info)
 
     # SERIALIZING
     def serialize(self, ctx: SyncContext) -> None:
-        self.result.local_serialized = serialize_changes(ctx.connection, ctx.profile).versions
+        assert self.pacer is not None
+        done = False
+        while not done:
+            with self.pacer.transaction() as over:
+                done = self._serialize_pending(ctx, over)
 
     # DEQUEUING
     def dequeue(self, ctx: SyncContext) -> None:
         verified = self._verified()
-        with suppressed(ctx.connection):
-            self.result.dequeue = dequeue(
-                ctx.connection, ctx.profile, self._reported(container.iter_record_batches(verified.info, APPLY_BATCH_BYTES)),
-                signer_write=verified.signer_scope.write, local_read=self._local_read(ctx),
-                bundle_id=self.result.bundle_id, detected_at=self.now, written=self.result.deserialize,
-                signer_may_purge=verified.signer.scope == "full",
-            )
+        merger = Dequeuer(
+            ctx.connection, ctx.profile, signer_write=verified.signer_scope.write, local_read=self._local_read(ctx),
+            bundle_id=self.result.bundle_id, detected_at=self.now, written=self.result.deserialize,
+            signer_may_purge=verified.signer.scope == "full",
+        )
+        self.result.dequeue = merger.result
+        slices = self._reported(container.iter_record_batches(verified.info, APPLY_BATCH_BYTES))
+        self._apply(ctx, _steps(merger.apply, slices), merger.new_transaction)
         ctx.counts["received"] = self.result.dequeue.received
         ctx.counts["outcomes"] = dict(self.result.dequeue.outcomes)
 
     def _reported(self, batches: Iterator[list[bytes]]) -> Iterator[list[bytes]]:
-        """The batches, telling :attr:`progress` how many records were applied after each."""
-        if self.progress is None:
-            yield from batches
-            return
+        """The batches cut into slices of :data:`SLICE_RECORDS`, telling :attr:`progress` how many were applied."""
         total = int(str(self._verified().info.summary.get("records", 0)))
         done = 0
         for batch in batches:
-            yield batch
-            done += len(batch)
-            self.progress(done, max(total, done))
+            for start in range(0, len(batch), SLICE_RECORDS):
+                piece = batch[start : start + SLICE_RECORDS]
+                yield piece
+                done += len(piece)
+                if self.progress is not None:
+                    self.progress(done, max(total, done))
 
     def _local_read(self, ctx: SyncContext) -> tuple[str, ...]:
         assert ctx.dataset_id is not None
@@ -350,15 +438,15 @@ class ImportWork(FacilityDataSyncHook):
 
     # DESERIALIZING
     def deserialize(self, ctx: SyncContext) -> None:
-        with suppressed(ctx.connection):
-            deserialize(ctx.connection, ctx.profile, self.result.deserialize)
+        self._apply(ctx, placing(ctx.connection, ctx.profile, self.result.deserialize, PLACE_BATCH), lambda: None)
         ctx.counts["written"] = self.result.deserialize.written
         ctx.counts["deleted"] = self.result.deserialize.deleted
 
-    # CLEANUP
+    # CLEANUP (the last transaction)
     def record(self, ctx: SyncContext) -> None:
         verified, conn, r = self._verified(), ctx.connection, self.result
         m = verified.manifest
+        count_unplaced(conn, r.deserialize)
         local_read = self._local_read(ctx)
         # Knowledge advances where the bundle's records could all land: inside its filter, the
         # signer's write scope (else refused) and this device's read scope (else skipped).
@@ -394,6 +482,13 @@ class ImportWork(FacilityDataSyncHook):
             peer_instance=m.sender_instance, path=str(r.path), at=self.now, records=dq.received, stats=stats,
             result_fsic=m.result_fsic,
         )
+
+
+def _steps(apply: Callable[[list[bytes]], None], slices: Iterator[list[bytes]]) -> Iterator[None]:
+    """One step per slice: each ``next()`` applies the next slice."""
+    for lines in slices:
+        apply(lines)
+        yield
 
 
 def leave_receipt(device: Device, dataset_id: str, folder: Path) -> Path:
@@ -500,8 +595,13 @@ def _alive(pid: int) -> bool:
 
 
 def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = None,
-                  warn: Warn | None = None, receipt: bool = True, progress: Progress | None = None) -> ImportResult:
-    """Verify, then apply one bundle atomically; a re-import is a no-op.
+                  warn: Warn | None = None, receipt: bool = True, progress: Progress | None = None,
+                  between: Callable[[], None] | None = None) -> ImportResult:
+    """Verify, then apply one bundle in short transactions, recorded in the last; a re-import is a no-op.
+
+    ``between`` is called after each of the import's short transactions commits, while the
+    import holds no lock on the database: a program that runs the import in its own
+    process can let its own writers in there (the next transaction serializes their edits).
 
     ``plugins``: None runs the device's own plugins (entry points, the home's config, the
     profile's), as the command line does; ``PluginSet()`` runs none.
@@ -512,7 +612,7 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
     conn = device.conn
     ctx = SyncContext("import", device.home, device.profile, conn, device.instance_id, bundle_path=path)
     sweep_staging(device.staging)
-    work = ImportWork(device, path, plugins, progress)
+    work = ImportWork(device, path, plugins, progress, between)
     try:
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
         work.stage_and_check()
@@ -523,13 +623,7 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
         work.result.already = _already_imported(conn, work.result.bundle_id)
         if not work.result.already:
             plugins.transfer_hooks("pre_transfer", ctx, warn)
-            # Every stage, plugin operations included, commits or rolls back with the data.
-            with write_transaction(conn):
-                # Another run may have applied the same bundle while this one waited for the write lock.
-                work.result.already = _already_imported(conn, work.result.bundle_id)
-                if not work.result.already:
-                    for stage in IMPORT_STAGES:
-                        plugins.run_stage(stage, ctx, work)
+            work.run(ctx)
     finally:
         work.staged.unlink(missing_ok=True)
         work.plain.unlink(missing_ok=True)

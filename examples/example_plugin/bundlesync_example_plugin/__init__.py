@@ -2,7 +2,8 @@
 
 - :class:`UpdateUserLogCounts` is a *sync operation*: after an import writes app rows,
   it refreshes ``example_user_log_counts`` (content session logs per user) inside the
-  import's transaction, so the counts and the synced logs commit together or not at all.
+  import's last transaction, so the counts commit together with the import's record: an
+  import is never recorded with counts out of step with the logs.
 - :meth:`TransferLogHook.post_transfer` is a *hook*: it appends one line per transfer to
   ``<home>/example-transfers.log``. If that fails (disk full, read-only home), the sync
   still succeeds and bundlesync prints a warning.
@@ -22,7 +23,7 @@ LOG_NAME = "example-transfers.log"
 
 
 class UpdateUserLogCounts(LocalOperation):
-    """Recompute per-user log counts after an import (runs at CLEANUP, in the transaction)."""
+    """Recompute per-user log counts after an import (runs at CLEANUP, in the import's last transaction)."""
 
     priority = 5
 
