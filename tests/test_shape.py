@@ -29,9 +29,9 @@ SMALL, LARGE = 20_000, 200_000
 
 MEMORY_GROWTH_LIMIT = 1.3
 """Peak RSS at LARGE may be at most this times the peak at SMALL. Streaming memory is flat, but
-import's caches of parent ids already seen (``SEEN_PARENTS_MAX`` per column) fill up to their bound
-between 20k and 200k records: measured 1.19x (export) and 1.21x (import). Growth with the data
-would show as several times."""
+bounded caches (import's parent ids already seen, ``SEEN_PARENTS_MAX`` per column) fill up between
+20k and 200k records and the allocator keeps what larger batches took: measured about 1.2x. Growth
+with the data would show as several times."""
 
 STORE_RATIO_LIMIT = 4.1
 """App database after init and a full sync / before, at most. The goal is 1.6x, which needs the
