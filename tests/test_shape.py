@@ -24,6 +24,8 @@ import pytest
 
 from conftest import ROOT, Pair, build_pair, make_db
 
+pytestmark = pytest.mark.slow  # two facilities synced, 20k and 200k records: about 30 CPU seconds
+
 SMALL, LARGE = 20_000, 200_000
 """Logger rows of the two facilities (the records are a few hundred more: users, classes, lessons)."""
 
