@@ -24,7 +24,7 @@ import pytest
 
 from conftest import ROOT, Pair, build_pair, make_db
 
-pytestmark = pytest.mark.slow  # two facilities synced, 20k and 200k records: about 30 CPU seconds
+pytestmark = pytest.mark.slow  # two facilities synced, 20k and 200k records: about 30 CPU seconds (test.sh --slow)
 
 SMALL, LARGE = 20_000, 200_000
 """Logger rows of the two facilities (the records are a few hundred more: users, classes, lessons)."""
