@@ -125,8 +125,9 @@ def _row_to_version(row: Sequence[Any]) -> Version:
     )
 
 
-def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Version]:
-    """The stored versions of the given ``(model, id)`` keys that exist.
+def _rows_by_key(conn: sqlite3.Connection, columns: str,
+                 keys: Iterable[tuple[str, str]]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+    """``(model, row)`` of the store rows of the given ``(model, id)`` keys that exist; ``columns`` are selected.
 
     Looked up per model with ``id IN (…)`` so the ``(model, id)`` index is used
     (a row-value ``IN (VALUES …)`` makes SQLite scan the whole store).
@@ -134,16 +135,22 @@ def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) ->
     by_model: dict[str, list[str]] = {}
     for model, record_id in keys:
         by_model.setdefault(model, []).append(record_id)
-    found: dict[tuple[str, str], Version] = {}
     for model, ids in by_model.items():
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ", ".join("?" * len(chunk))
             for row in conn.execute(
-                f"SELECT {_VERSION_COLUMNS} FROM bundlesync_store WHERE model = ? AND id IN ({marks})", [model, *chunk]
+                f"SELECT {columns} FROM bundlesync_store WHERE model = ? AND id IN ({marks})", [model, *chunk]
             ):
-                version = _row_to_version(row)
-                found[(version.model, version.id)] = version
+                yield model, row
+
+
+def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Version]:
+    """The stored versions of the given ``(model, id)`` keys that exist."""
+    found: dict[tuple[str, str], Version] = {}
+    for _, row in _rows_by_key(conn, _VERSION_COLUMNS, keys):
+        version = _row_to_version(row)
+        found[(version.model, version.id)] = version
     return found
 
 
@@ -157,20 +164,9 @@ def stored_lines(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> d
     A line received byte for byte as this store would write it carries nothing new (same
     version, vector, flags and data), so import can pass it by without parsing or decoding it.
     """
-    by_model: dict[str, list[str]] = {}
-    for model, record_id in keys:
-        by_model.setdefault(model, []).append(record_id)
-    found: dict[tuple[str, str], StoredLine] = {}
-    for model, ids in by_model.items():
-        for start in range(0, len(ids), 900):
-            chunk = ids[start : start + 900]
-            marks = ", ".join("?" * len(chunk))
-            for record_id, line, hlc, partition, purged in conn.execute(
-                f"SELECT id, {LINE_SQL}, hlc, partition, purged FROM bundlesync_store WHERE model = ? AND id IN ({marks})",
-                [model, *chunk],
-            ):
-                found[(model, record_id)] = (line, hlc, partition, purged)
-    return found
+    return {(model, record_id): (line, hlc, partition, purged)
+            for model, (record_id, line, hlc, partition, purged)
+            in _rows_by_key(conn, f"id, {LINE_SQL}, hlc, partition, purged", keys)}
 
 
 _UPSERT = (

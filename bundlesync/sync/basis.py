@@ -156,16 +156,16 @@ def _basis_without_receipts(
         if last is None:
             return Basis({}, "first export", skipped)
         return Basis(last.held, f"since last export {last.bundle_id[:8]}", skipped)
-    # Timestamps are ISO text, UTC: exports and what peers signed compare as text.
-    silent = [p for p in peers if last is not None and p.at <= last.at]
-    spoke = [p for p in peers if p not in silent]
-    assumed = [kn.join([kn.clip(p.knowledge, prefixes), last.held]) for p in silent if last is not None]
-    held = kn.meet([*assumed, *(kn.clip(p.knowledge, prefixes) for p in spoke)])
-    labels = []
-    if silent and last is not None:
-        labels.append(f"since last export {last.bundle_id[:8]}")
-    labels.append(_peer_label(peers))
-    return Basis(kn.clip(held, prefixes), ", and ".join(labels), skipped)
+    views = [kn.clip(p.knowledge, prefixes) for p in peers]
+    label = _peer_label(peers)
+    if last is not None:
+        # Timestamps are ISO text, UTC: exports and what peers signed compare as text.
+        silent = [p.at <= last.at for p in peers]
+        views = [kn.join([view, last.held]) if quiet else view for view, quiet in zip(views, silent)]
+        if any(silent):
+            label = f"since last export {last.bundle_id[:8]}, and {label}"
+    held = kn.meet(views)
+    return Basis(kn.clip(held, prefixes), label, skipped)
 
 
 def _learn_receipt(conn: sqlite3.Connection, receipt: Receipt) -> None:
