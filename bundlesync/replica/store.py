@@ -323,9 +323,12 @@ def _vector_text(vv: Mapping[str, int]) -> str:
         text = _encode_sorted(vv, order="sorted")
     except (TypeError, ValueError, OverflowError, msgspec.MsgspecError):
         text = b"\x80"  # not ASCII: take the reference below
-    # msgspec writes what json.dumps writes for ASCII keys and 64-bit counters (instance ids are hex);
-    # anything else takes the reference encoder, so stored vectors never change their text.
-    return text.decode("ascii") if text.isascii() else json.dumps(vv, separators=(",", ":"), sort_keys=True)
+    # msgspec writes what json.dumps writes for printable ASCII keys and 64-bit counters (instance ids
+    # are hex); anything else (DEL, which json.dumps escapes and msgspec does not, included) takes the
+    # reference encoder, so stored vectors never change their text.
+    if text.isascii() and b"\x7f" not in text:
+        return text.decode("ascii")
+    return json.dumps(vv, separators=(",", ":"), sort_keys=True)
 
 
 _encode_sorted = msgspec.json.encode
