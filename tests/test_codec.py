@@ -116,6 +116,22 @@ def test_parse_matches_the_reference(head: dict[str, object], tail: bytes) -> No
     assert parse_record(line) == want
 
 
+@settings(max_examples=400, deadline=None)
+@given(heads, st.sampled_from([b"\t{}\n", b"\t{\"a\":1}\n", b"\n", b"\t\xff\n", b"\t\t{}"]), st.integers(0, 3))
+def test_check_refuses_exactly_what_parse_refuses(head: dict[str, object], tail: bytes, at: int) -> None:
+    line = json.dumps(head, ensure_ascii=False).encode() + tail
+    good = b'{"m":"t","id":"r","p":"d:p","h":1,"i":"a","c":1,"v":{"a":1},"f":0}\t{}\n'
+    lines = [good] * at + [line] + [good]
+    try:
+        parse_record(line)
+    except FormatError as exc:
+        with pytest.raises(FormatError) as caught:
+            records.check_records(lines)
+        assert str(caught.value) == str(exc)
+        return
+    records.check_records(lines)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(st.one_of(st.text(), st.text(alphabet="0123456789abcdef", min_size=32, max_size=32)),
                        st.integers(min_value=-(1 << 70), max_value=1 << 70), max_size=5))

@@ -36,7 +36,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
@@ -51,6 +51,7 @@ __all__ = [
     "Version",
     "VersionVector",
     "WALL_MAX_MS",
+    "check_records",
     "decode_data",
     "encode_data",
     "lenient_text",
@@ -211,18 +212,21 @@ LINE_SQL = (
 """SQL over a ``bundlesync_store`` row that yields its record line (the store's data is already JSON)."""
 
 
+_Counter = Annotated[int, msgspec.Meta(ge=0, le=COUNTER_MAX)]
+
+
 class _Head(msgspec.Struct):
-    """A record head as a well-formed line has it (anything else takes the reference path)."""
+    """A record head as a well-formed line has it, clocks in range (anything else takes the reference path)."""
 
     m: str
     id: str
     p: str
-    h: int
+    h: Annotated[int, msgspec.Meta(ge=0, le=HLC_MAX)]
     i: str
-    c: int
-    v: dict[str, int]
+    c: _Counter
+    v: dict[str, _Counter]
     f: int
-    w: int | None = None
+    w: Annotated[int, msgspec.Meta(ge=0, le=WALL_MAX_MS)] | None = None
 
 
 _HEAD_DECODER = msgspec.json.Decoder(_Head)
@@ -233,18 +237,33 @@ def parse_record(line: bytes) -> Version:
     head, tab, data = line.rstrip(b"\n").partition(b"\t")
     if tab:
         try:
+            # The decoder checks the clock and counter ranges too (the reference path's _check_clocks).
             h = _HEAD_DECODER.decode(head)
-            version = Version(h.m, h.id, h.p, data.decode("utf-8"), bool(h.f & 1), bool(h.f & 2), h.h, h.i, h.c,
-                              h.v, h.w)
+            return Version(h.m, h.id, h.p, data.decode("utf-8"), bool(h.f & 1), bool(h.f & 2), h.h, h.i, h.c,
+                           h.v, h.w)
         except (msgspec.MsgspecError, UnicodeDecodeError):
             pass  # the reference parser below says what is wrong (or accepts what it accepted before)
-        else:
-            vv = version.vv
-            if (0 <= version.hlc <= HLC_MAX and 0 <= version.ctr <= COUNTER_MAX
-                    and (version.wall is None or 0 <= version.wall <= WALL_MAX_MS)
-                    and (not vv or (min(vv.values()) >= 0 and max(vv.values()) <= COUNTER_MAX))):
-                return version
     return _parse_reference(line)
+
+
+def check_records(lines: Sequence[bytes]) -> None:
+    """Raise what :func:`parse_record` raises for the first line it refuses, without building versions.
+
+    Import checks every line of a bundle before it writes anything, then parses each line it
+    applies again: this check costs a fifth of a parse. A line the fast decoder takes,
+    :func:`parse_record` takes too (same decoder); any other goes through :func:`parse_record`.
+    """
+    decode = _HEAD_DECODER.decode
+    for line in lines:
+        head, tab, data = line.partition(b"\t")
+        if tab:
+            try:
+                decode(head)
+                data.decode("utf-8")
+                continue
+            except (msgspec.MsgspecError, UnicodeDecodeError):
+                pass
+        parse_record(line)
 
 
 _KEY_START = b'{"m":"'

@@ -75,7 +75,7 @@ from bundlesync.device import Device
 from bundlesync.errors import EXIT_PARTIAL, BundlesyncError, CertError, FormatError, ProfileMismatchError, StateError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.manifest import Manifest
-from bundlesync.format.records import parse_record
+from bundlesync.format.records import check_records
 from bundlesync.plugins.operations import IMPORT_STAGES, LocalOperation, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.trust.receipts import make_receipt, write_receipt
@@ -245,8 +245,7 @@ def _require_file(path: Path) -> None:
 def _check_records(info: container.BundleInfo) -> None:
     """The payload pass with every record line parsed, exactly as import's DEQUEUING parses it."""
     for batch in container.iter_record_batches(info):
-        for line in batch:
-            parse_record(line)
+        check_records(batch)
 
 
 @contextlib.contextmanager
