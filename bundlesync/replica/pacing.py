@@ -24,6 +24,11 @@ changes when another connection commits):
 So an app writer's longest wait is about ``BURST_S + HOLD_S + REST_S`` (a writer that
 starts in the middle of a sync, or one of several that wait together), and about
 ``HOLD_S`` plus one busy-handler sleep while the app keeps writing.
+
+A rest need not be idle: the caller may hand the pacer work that needs no database
+(``meanwhile``, e.g. parsing the next record lines of an import), done while it rests
+instead of sleeping. The rest lasts as long either way (up to one small piece of work
+more): what matters to the app is that bundlesync holds no lock meanwhile.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from collections.abc import Callable, Iterator
 
 from bundlesync.replica.db import write_transaction
 
-__all__ = ["BURST_S", "HOLD_S", "Over", "PEEK_S", "REST_S", "Pacer"]
+__all__ = ["BURST_S", "HOLD_S", "Meanwhile", "Over", "PEEK_S", "REST_S", "Pacer"]
 
 HOLD_S = 0.1
 """How long one short write transaction keeps taking work before it commits."""
@@ -52,6 +57,10 @@ PEEK_S = 0.004
 Over = Callable[[], bool]
 """Says whether the current transaction has had its share of time."""
 
+Meanwhile = Callable[[float], bool]
+"""Work needing no database, done during rests: given a deadline (``time.monotonic()``), it works in
+small pieces until then and says True; False if it ran out of work first (the pacer sleeps the rest)."""
+
 
 class Pacer:
     """Hands out short write transactions on one connection, resting between them (see the module docstring)."""
@@ -63,6 +72,8 @@ class Pacer:
         self.transactions = 0
         self.rested = 0.0
         """Seconds spent resting so far."""
+        self.meanwhile: Meanwhile | None = None
+        """Work to do while resting instead of sleeping (set and cleared by the caller)."""
         self._held = 0.0  # write-lock time since the last full rest
         self._version = self._data_version()
         self._others_wrote = False
@@ -75,15 +86,23 @@ class Pacer:
             return
         start = time.monotonic()
         if self._held >= self.burst:
-            time.sleep(self.rest)
+            self._pause(start + self.rest)
             self._held = 0.0
         elif self._others_wrote:
             # The app is writing: rest until its waiting writer has had the lock (its commit shows).
             while time.monotonic() - start < self.rest:
-                time.sleep(PEEK_S)
+                self._pause(time.monotonic() + PEEK_S)
                 if self._data_version() != self._version:
                     break
         self.rested += time.monotonic() - start
+
+    def _pause(self, until: float) -> None:
+        """Hold no lock until ``until``: do the caller's work meanwhile if it has some, else sleep."""
+        if self.meanwhile is not None and self.meanwhile(until):
+            return
+        left = until - time.monotonic()
+        if left > 0:
+            time.sleep(left)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Over]:

@@ -36,6 +36,10 @@ SAMPLE = 5
 
 _ALREADY = Outcome.ALREADY.value
 
+Prepared = list[tuple[bytes, tuple[str, str] | None, tuple[Version, dict[str, Any] | None] | None]]
+"""A slice as :meth:`Dequeuer.prepare` leaves it: each line, its key, and its version and checked row
+(None where the line waits for the comparison with the store's copy)."""
+
 
 @dataclass
 class DequeueResult:
@@ -156,16 +160,12 @@ class Dequeuer:
         self.future = ahead_hlc()
         # A store that held nothing when the import began (a new device) cannot hold a line of the bundle.
         self.look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store)").fetchone()[0])
-        self.empty_before: dict[str, bool] = {}
-
-    def _worth_looking_up(self, key: tuple[str, str]) -> bool:
-        # Tables this store held nothing of when the import began cannot hold a line of this bundle (a hint
-        # only: a line found nowhere goes the long way, which is always right).
-        empty = self.empty_before.get(key[0])
-        if empty is None:
-            empty = self.empty_before[key[0]] = not self.conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE model = ?)", (key[0],)).fetchone()[0]
-        return not empty
+        # Neither can a table the store held nothing of (a hint only: a line found nowhere goes the long way,
+        # which is always right). Known up front, so that preparing a slice needs no database.
+        self.empty_before: dict[str, bool] = {
+            t.name: not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE model = ?)",
+                                     (t.name,)).fetchone()[0]
+            for t in profile.tables} if self.look_up else {}
 
     def new_transaction(self) -> None:
         """Forget what earlier transactions found in the app tables."""
@@ -173,36 +173,62 @@ class Dequeuer:
 
     def apply(self, lines: Sequence[bytes]) -> None:
         """Merge one slice of record lines and write the winners' app rows."""
+        self.merge_prepared(self.prepare(lines))
+
+    def prepare(self, lines: Sequence[bytes]) -> Prepared:
+        """The part of :meth:`apply` that needs no database: parse, decode and check the partition of each line.
+
+        Lines the store may hold (their table was not empty when the import began) are left for
+        :meth:`merge_prepared`, which first compares them with the stored copy. Pure: the import
+        prepares slices ahead while it rests, holding no lock.
+        """
+        look_up, empty_before, writable, profile = self.look_up, self.empty_before, self.writable, self.profile
+        out: Prepared = []
+        for line in lines:
+            key = line_key(line) if look_up else None
+            if key is not None and not empty_before.get(key[0], False):
+                out.append((line, key, None))
+                continue
+            version = parse_record(line)
+            out.append((line, key, (version, _decode_checked(profile, version) if writable(version.partition)
+                                    else None)))
+        return out
+
+    def merge_prepared(self, prepared: Prepared) -> None:
+        """Merge one prepared slice into the store and write the winners' app rows (in the caller's transaction)."""
         conn, result, writable, readable = self.conn, self.result, self.writable, self.readable
+        profile, future = self.profile, self.future
         incoming: dict[tuple[str, str], tuple[Version, dict[str, Any]]] = {}
         # A record held exactly as it comes (same version, vector, flags and data: the very line this store
         # would export) changes nothing: it is neither parsed, decoded nor merged. The checks that could
         # still refuse it or skip it are made on the stored copy; a purge goes the long way.
-        look_up = self.look_up
-        keys = [line_key(line) for line in lines] if look_up else [None] * len(lines)
-        held = stored_lines(conn, [k for k in keys if k is not None and self._worth_looking_up(k)]) if look_up else {}
-        for line, key in zip(lines, keys):
-            stored = held.get(key) if held and key is not None else None
-            if stored is not None and stored[0] == line and not stored[3] and writable(stored[2]) \
-                    and readable(stored[2]):
-                result.received += 1
-                if stored[1] > self.future:
-                    result.ahead += 1
-                    result.ahead_max_hlc = max(result.ahead_max_hlc, stored[1])
-                result.outcomes[_ALREADY] += 1
-                continue
-            version = parse_record(line)
+        wanted = [key for _, key, parsed in prepared if parsed is None and key is not None]
+        held = stored_lines(conn, wanted) if wanted else {}
+        for line, key, parsed in prepared:
+            if parsed is None:
+                stored = held.get(key) if key is not None else None
+                if stored is not None and stored[0] == line and not stored[3] and writable(stored[2]) \
+                        and readable(stored[2]):
+                    result.received += 1
+                    if stored[1] > future:
+                        result.ahead += 1
+                        result.ahead_max_hlc = max(result.ahead_max_hlc, stored[1])
+                    result.outcomes[_ALREADY] += 1
+                    continue
+                version = parse_record(line)
+                row = _decode_checked(profile, version) if writable(version.partition) else None
+            else:
+                version, row = parsed
             result.received += 1
-            if version.hlc > self.future:
+            if version.hlc > future:
                 result.ahead += 1
                 result.ahead_max_hlc = max(result.ahead_max_hlc, version.hlc)
             if not writable(version.partition):
                 result.refuse("out_of_scope", version, f"partition {version.partition} is outside the signer's write scope")
                 continue
-            row = _decode_checked(self.profile, version)
             if row is None:
                 result.refuse("bad_partition", version, f"data does not belong to partition {version.partition}")
-            elif not self.readable(version.partition):
+            elif not readable(version.partition):
                 result.not_for_us += 1
             else:
                 key = (version.model, version.id)
