@@ -25,6 +25,14 @@ So an app writer's longest wait is about ``BURST_S + HOLD_S + REST_S`` (a writer
 starts in the middle of a sync, or one of several that wait together), and about
 ``HOLD_S`` plus one busy-handler sleep while the app keeps writing.
 
+While the app is quiet (no commit of another connection seen for :data:`QUIET_S`), a burst
+is one transaction instead of several back to back: a waiting writer could not get the lock
+between those anyway (bundlesync takes it again at once), so its longest wait stays the
+same, and each commit saved is a journal sync saved (~15 ms on this project's test machine,
+with a transaction of 100 ms). The first commit of the app seen brings the short
+transactions back. A caller that passes ``between`` gets short transactions throughout: it
+means to act between them.
+
 A rest need not be idle: the caller may hand the pacer work that needs no database
 (``meanwhile``, e.g. parsing the next record lines of an import), done while it rests
 instead of sleeping. The rest lasts as long either way (up to one small piece of work
@@ -40,7 +48,7 @@ from collections.abc import Callable, Iterator
 
 from bundlesync.replica.db import write_transaction
 
-__all__ = ["BURST_S", "HOLD_S", "Meanwhile", "Over", "PEEK_S", "REST_S", "Pacer"]
+__all__ = ["BURST_S", "HOLD_S", "Meanwhile", "Over", "PEEK_S", "QUIET_S", "REST_S", "Pacer"]
 
 HOLD_S = 0.1
 """How long one short write transaction keeps taking work before it commits."""
@@ -54,6 +62,9 @@ BURST_S = 0.5
 PEEK_S = 0.004
 """How often a rest looks whether the app has committed."""
 
+QUIET_S = 3.0
+"""No commit of another connection seen for this long: the app counts as quiet (a burst is one transaction)."""
+
 Over = Callable[[], bool]
 """Says whether the current transaction has had its share of time."""
 
@@ -66,9 +77,14 @@ class Pacer:
     """Hands out short write transactions on one connection, resting between them (see the module docstring)."""
 
     def __init__(self, conn: sqlite3.Connection, *, hold: float = HOLD_S, rest: float = REST_S,
-                 burst: float = BURST_S, between: Callable[[], None] | None = None) -> None:
-        """``between`` is called after every commit, while this connection holds no lock."""
+                 burst: float = BURST_S, quiet: float | None = QUIET_S,
+                 between: Callable[[], None] | None = None) -> None:
+        """``between`` is called after every commit, while this connection holds no lock.
+
+        ``quiet``: see :data:`QUIET_S`; None keeps every transaction short (so does ``between``).
+        """
         self.conn, self.hold, self.rest, self.burst, self.between = conn, hold, rest, burst, between
+        self.quiet = None if between is not None else quiet
         self.transactions = 0
         self.rested = 0.0
         """Seconds spent resting so far."""
@@ -77,6 +93,7 @@ class Pacer:
         self._held = 0.0  # write-lock time since the last full rest
         self._version = self._data_version()
         self._others_wrote = False
+        self._app_seen = -float("inf")  # when another connection's commit was last seen (time.monotonic())
 
     def _data_version(self) -> int:
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
@@ -118,7 +135,12 @@ class Pacer:
             version = self._data_version()
             self._others_wrote, self._version = version != self._version, version
             start = time.monotonic()
-            deadline = start + self.hold
+            if self._others_wrote:
+                self._app_seen = start
+            share = self.hold
+            if self.quiet is not None and start - self._app_seen >= self.quiet:
+                share = max(self.hold, self.burst - self._held)  # the app is quiet: the burst in one transaction
+            deadline = start + share
             yield lambda: time.monotonic() >= deadline
         self._held += time.monotonic() - start
         self.transactions += 1
