@@ -20,7 +20,9 @@ Tracking triggers must be suppressed by the caller (:class:`~bundlesync.replica.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from itertools import chain
+from operator import itemgetter
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -58,7 +60,9 @@ def _present(conn: sqlite3.Connection, sql: str, head: Sequence[object], ids: se
     pending = list(ids)
     for start in range(0, len(pending), 900):
         chunk = pending[start : start + 900]
-        found.update(r[0] for r in conn.execute(sql.format(marks=", ".join("?" * len(chunk))), [*head, *chunk]))
+        # Rows of one column: flattened in C.
+        found.update(chain.from_iterable(conn.execute(sql.format(marks=", ".join("?" * len(chunk))),
+                                                      [*head, *chunk]).fetchall()))
     return found
 
 
@@ -90,6 +94,9 @@ class TableWriter:
         self.recompute = (f"SELECT {table.partition_sql(NEW)} FROM {incoming_row_sql(table)}"
                           if table.lookups else None)
         self.delete = f"DELETE FROM {q(table.name)} WHERE {pk} = ?"
+        # A row's values in column order, picked in C (a row lacking a column takes the slow path: None).
+        self._pick: Callable[[dict[str, Any]], tuple[Any, ...]] = (
+            itemgetter(*cols) if len(cols) > 1 else lambda r: (r[cols[0]],))
         # Parent ids already found in their app tables in this transaction (see forget()).
         self._seen: dict[str, set[str]] = {}
 
@@ -144,9 +151,16 @@ class TableWriter:
     def place(self, rows: Sequence[tuple[K, dict[str, Any], str]]) -> dict[K, str]:
         """Upsert rows ``(key, row, partition)`` whose parents are present; return the others with the reason."""
         errors = self._blocked([(key, r) for key, r, _ in rows])
-        cols = self.table.columns
-        prepared = [(key, (*map(r.get, cols), *((partition,) if self.with_partition else ())), partition)
-                    for key, r, partition in rows if key not in errors]
+        cols, pick, with_partition = self.table.columns, self._pick, self.with_partition
+        prepared: list[tuple[K, tuple[Any, ...], str]] = []
+        for key, r, partition in rows:
+            if key in errors:
+                continue
+            try:
+                picked = pick(r)
+            except KeyError:  # the sender's table lacks a column: NULL, as before
+                picked = tuple(map(r.get, cols))
+            prepared.append((key, picked + (partition,) if with_partition else picked, partition))
         errors.update(self._misplaced(prepared))
         ready = [(key, v) for key, v, _ in prepared if key not in errors]
         values = [v for _, v in ready]
@@ -164,6 +178,8 @@ class TableWriter:
 
     def _restore_raw_text(self, ready: Sequence[tuple[K, tuple[Any, ...]]], errors: dict[K, str]) -> None:
         """Give TEXT that is not valid UTF-8 back its storage class: the upsert bound it as a BLOB."""
+        if RawText not in set(map(type, chain.from_iterable(v for _, v in ready))):
+            return  # the common case, found in C
         cols, pk = self.table.columns, self.table.primary_key
         at_pk = cols.index(pk)
         for key, row_values in ready:
