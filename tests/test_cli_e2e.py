@@ -25,6 +25,14 @@ def test_two_devices_converge_both_ways(pair: Pair) -> None:
     again = run_cli(pair.b, "import", bundle)
     assert "already imported" in again.err
     assert dump_tables(pair.a_db) == dump_tables(pair.b_db)
+    # Recognised as imported without being copied, the file is still checked: a damaged copy is refused.
+    damaged = pair.usb / "damaged" / Path(bundle).name
+    damaged.parent.mkdir()
+    data = bytearray(Path(bundle).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    refused = run_cli(pair.b, "import", str(damaged), check=False)
+    assert refused.code == 4 and "already imported" not in refused.err, refused.err
 
     # Any SQLite client edits B: update, insert, delete.
     conn = sqlite3.connect(pair.b_db)

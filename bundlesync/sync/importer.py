@@ -45,7 +45,8 @@ and stops the import before the transfer is recorded: what earlier stages applie
 (a valid state), and importing the bundle again completes it.
 
 The copy and the checks happen before any plugin runs or anything is written. A bundle
-already imported is recognised after the checks and changes nothing.
+already imported is recognised by its id before the copy: it is checked where it lies
+(digest, signer), neither copied nor decrypted, and changes nothing.
 """
 
 from __future__ import annotations
@@ -314,6 +315,20 @@ class ImportWork(FacilityDataSyncHook):
     def _verified(self) -> VerifiedBundle:
         assert self.verified is not None
         return self.verified
+
+    def recognise_imported(self, conn: sqlite3.Connection) -> bool:
+        """True for a bundle this device has imported before, checked where it lies (nothing to copy or decrypt).
+
+        Its digest and signer are checked as for any bundle (the file must be the very bundle that was
+        imported); its records are not read: importing it again changes nothing.
+        """
+        info = container.read_info(self.source)
+        bundle_id = info.manifest.get("bundle_id")
+        if not isinstance(bundle_id, str) or not _already_imported(conn, bundle_id):
+            return False
+        container.verify_digest(info)
+        self.verified = check_trust(self.device, info, shown_as=self.source.name)
+        return True
 
     def stage_and_check(self) -> None:
         """Copy the bundle off the medium (digest checked on the way), then check its signer."""
@@ -667,7 +682,8 @@ def import_bundle(device: Device, path: Path, *, plugins: PluginSet | None = Non
     work = ImportWork(device, path, plugins, progress, between)
     try:
         # Integrity and signer are checked before plugins hear of the bundle (their hooks get its facility).
-        work.stage_and_check()
+        if not work.recognise_imported(conn):
+            work.stage_and_check()
         work.describe(ctx)
         work.result.own = work._verified().manifest.sender_instance == device.instance_id
         if work.result.own:
