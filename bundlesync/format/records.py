@@ -53,6 +53,7 @@ __all__ = [
     "WALL_MAX_MS",
     "decode_data",
     "encode_data",
+    "head_sql",
     "lenient_text",
     "line_key",
     "parse_record",
@@ -204,11 +205,21 @@ HLC_MAX: Final = (1 << 62) - 1
 COUNTER_MAX: Final = (1 << 62) - 1
 """Largest counter (``c`` and version-vector values) a record may carry."""
 
-LINE_SQL = (
-    "CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'w', coalesce(wall, hlc >> 16), "
-    "'i', inst, 'c', ctr, 'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB)"
-)
-"""SQL over a ``bundlesync_store`` row that yields its record line (the store's data is already JSON)."""
+def head_sql(model: str, record_id: str, partition: str, inst: str) -> str:
+    """SQL for the head JSON of a record line over a store row, given how its names are read.
+
+    The other fields are the store's own columns (``hlc``, ``wall``, ``ctr``, ``vv``, ``deleted``,
+    ``purged``); a NULL ``vv`` is the default vector ``{writer: counter}``, spelled out here exactly as
+    the store's vector text would have it (it is NULL only for writer ids made of ASCII letters and
+    digits).
+    """
+    return (f"json_object('m', {model}, 'id', {record_id}, 'p', {partition}, 'h', hlc, "
+            f"'w', coalesce(wall, hlc >> 16), 'i', {inst}, 'c', ctr, "
+            f"'v', coalesce(json(vv), json_object({inst}, ctr)), 'f', deleted + 2 * purged)")
+
+
+LINE_SQL = f"CAST({head_sql('model', 'id', 'partition', 'inst')} || char(9) || data || char(10) AS BLOB)"
+"""SQL over a row of the ``bundlesync_store`` view that yields its record line, where the store keeps its data."""
 
 
 class _Head(msgspec.Struct):

@@ -16,14 +16,14 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
 from bundlesync.replica.db import fetch_all, q
 from bundlesync.errors import ProfileError, StateError
 from bundlesync.format.records import Version
-from bundlesync.format.records import HLC_MAX, LINE_SQL, MAX_DATA_BYTES, WALL_MAX_MS, RawText, encode_data
+from bundlesync.format.records import HLC_MAX, MAX_DATA_BYTES, WALL_MAX_MS, RawText, encode_data, head_sql
 from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
@@ -33,17 +33,23 @@ __all__ = [
     "fetch_versions",
     "held_rows",
     "held_warning",
+    "holds_model",
     "instance_id",
     "last_change",
     "new_identity",
     "log_conflicts",
     "loser_json",
+    "mark_waiting",
+    "name_id",
+    "name_ids",
     "next_counter",
+    "read_vector",
     "reconcile_table",
     "record_transfer",
     "serialize_changes",
     "StoredLine",
     "stored_lines",
+    "stored_vector",
     "upsert_versions",
 ]
 
@@ -115,19 +121,76 @@ def next_counter(conn: sqlite3.Connection) -> int:
 
 # --- reading and writing versions ---------------------------------------------------
 
-_VERSION_COLUMNS = "model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, wall"
+_NAME_TABLES: Final = {"model": "bundlesync_models", "part": "bundlesync_partitions", "inst": "bundlesync_writers",
+                       "bundle": "bundlesync_bundles"}
+"""The store's name tables: it keeps a small integer id for each name it repeats."""
+
+FROM_STORE: Final = ("bundlesync_versions s JOIN bundlesync_models m ON m.n = s.model "
+                     "JOIN bundlesync_partitions p ON p.n = s.part JOIN bundlesync_writers w ON w.n = s.inst")
+"""The store with its names, as bundlesync's statements read it (``s`` the row, ``m``/``p``/``w`` names)."""
+
+STORE_LINE_SQL: Final = f"CAST({head_sql('m.name', 's.id', 'p.name', 'w.name')} || char(9) || s.data || char(10) AS BLOB)"
+"""A store row's record line over :data:`FROM_STORE` (where the row keeps its data)."""
 
 
-def _row_to_version(row: Sequence[Any]) -> Version:
+def _lookup_names(conn: sqlite3.Connection, table: str, names: Sequence[str]) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for start in range(0, len(names), 900):
+        chunk = names[start : start + 900]
+        found.update(conn.execute(f"SELECT name, n FROM {table} WHERE name IN ({', '.join('?' * len(chunk))})",
+                                  chunk).fetchall())
+    return found
+
+
+def name_ids(conn: sqlite3.Connection, kind: str, names: Iterable[str]) -> dict[str, int]:
+    """The ids of ``names`` in one of the store's name tables (``model``, ``part``, ``inst``, ``bundle``),
+    adding the names it lacks (inside a write transaction). Names are never removed, so an id stays valid."""
+    table = _NAME_TABLES[kind]
+    wanted = list(dict.fromkeys(names))
+    found = _lookup_names(conn, table, wanted)
+    missing = [n for n in wanted if n not in found]
+    if missing:
+        conn.executemany(f"INSERT INTO {table} (name) VALUES (?) ON CONFLICT (name) DO NOTHING", [(n,) for n in missing])
+        found.update(_lookup_names(conn, table, missing))
+    return found
+
+
+def name_id(conn: sqlite3.Connection, kind: str, name: str) -> int | None:
+    """The id of ``name`` in one of the store's name tables, None if the store never used it."""
+    row = conn.execute(f"SELECT n FROM {_NAME_TABLES[kind]} WHERE name = ?", (name,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def stored_vector(vv: Mapping[str, int], inst: str, ctr: int) -> str | None:
+    """A version vector as the store keeps it: NULL (None) for the default ``{inst: ctr}``, else its text.
+
+    Only writer ids of ASCII letters and digits (every instance id bundlesync makes) are left out, so
+    that SQLite's ``json_object(inst, ctr)`` spells the default exactly as :func:`_vector_text` would.
+    """
+    if len(vv) == 1 and vv.get(inst) == ctr and inst.isascii() and inst.isalnum():
+        return None
+    return _vector_text(vv)
+
+
+def read_vector(text: str | None, inst: str, ctr: int) -> dict[str, int]:
+    """A stored version vector back (NULL: the default ``{inst: ctr}``)."""
+    return {inst: ctr} if text is None else dict(json.loads(text))
+
+
+_VERSION_COLUMNS = "s.id, p.name, s.data, s.deleted, s.purged, s.hlc, w.name, s.ctr, s.vv, s.wall"
+
+
+def _row_to_version(model: str, row: Sequence[Any]) -> Version:
     return Version(
-        model=row[0], id=row[1], partition=row[2], data=row[3], deleted=bool(row[4]), purged=bool(row[5]),
-        hlc=row[6], inst=row[7], ctr=row[8], vv=json.loads(row[9]), wall=row[10],
+        model=model, id=row[0], partition=row[1], data=row[2], deleted=bool(row[3]), purged=bool(row[4]),
+        hlc=row[5], inst=row[6], ctr=row[7], vv=read_vector(row[8], row[6], row[7]), wall=row[9],
     )
 
 
 def _rows_by_key(conn: sqlite3.Connection, columns: str,
                  keys: Iterable[tuple[str, str]]) -> Iterator[tuple[str, tuple[Any, ...]]]:
-    """``(model, row)`` of the store rows of the given ``(model, id)`` keys that exist; ``columns`` are selected.
+    """``(model, row)`` of the store rows of the given ``(model, id)`` keys that exist; ``columns`` are selected
+    over :data:`FROM_STORE`.
 
     Looked up per model with ``id IN (…)`` so the ``(model, id)`` index is used
     (a row-value ``IN (VALUES …)`` makes SQLite scan the whole store).
@@ -136,11 +199,14 @@ def _rows_by_key(conn: sqlite3.Connection, columns: str,
     for model, record_id in keys:
         by_model.setdefault(model, []).append(record_id)
     for model, ids in by_model.items():
+        model_n = name_id(conn, "model", model)
+        if model_n is None:
+            continue
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ", ".join("?" * len(chunk))
             for row in conn.execute(
-                f"SELECT {columns} FROM bundlesync_store WHERE model = ? AND id IN ({marks})", [model, *chunk]
+                f"SELECT {columns} FROM {FROM_STORE} WHERE s.model = ? AND s.id IN ({marks})", [model_n, *chunk]
             ):
                 yield model, row
 
@@ -148,8 +214,8 @@ def _rows_by_key(conn: sqlite3.Connection, columns: str,
 def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Version]:
     """The stored versions of the given ``(model, id)`` keys that exist."""
     found: dict[tuple[str, str], Version] = {}
-    for _, row in _rows_by_key(conn, _VERSION_COLUMNS, keys):
-        version = _row_to_version(row)
+    for model, row in _rows_by_key(conn, _VERSION_COLUMNS, keys):
+        version = _row_to_version(model, row)
         found[(version.model, version.id)] = version
     return found
 
@@ -166,41 +232,70 @@ def stored_lines(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> d
     """
     return {(model, record_id): (line, hlc, partition, purged)
             for model, (record_id, line, hlc, partition, purged)
-            in _rows_by_key(conn, f"id, {LINE_SQL}, hlc, partition, purged", keys)}
+            in _rows_by_key(conn, f"s.id, {STORE_LINE_SQL}, s.hlc, p.name, s.purged", keys)}
 
 
 _UPSERT = (
-    "INSERT INTO bundlesync_store (model, id, partition, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, "
-    "bundle_id, wall) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) "
-    "ON CONFLICT (model, id) DO UPDATE SET partition = excluded.partition, data = excluded.data, "
+    "INSERT INTO bundlesync_versions (model, id, part, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, "
+    "bundle, wall) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) "
+    "ON CONFLICT (model, id) DO UPDATE SET part = excluded.part, data = excluded.data, "
     "deleted = excluded.deleted, purged = excluded.purged, hlc = excluded.hlc, inst = excluded.inst, "
-    "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle_id = excluded.bundle_id, "
+    "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle = excluded.bundle, "
     "wall = excluded.wall"
 )
+
+_Write = tuple[str, str, str, str, int, int, int, str, int, Mapping[str, int], int, "str | None", "int | None"]
+"""A version to write, with its names: model, id, partition, data, deleted, purged, hlc, writer, counter,
+vector, dirty, bundle id, wall."""
+
+
+def _write(conn: sqlite3.Connection, rows: Sequence[_Write]) -> None:
+    """Upsert versions given with their names (ids looked up, or added, per call)."""
+    if not rows:
+        return
+    models = name_ids(conn, "model", (r[0] for r in rows))
+    parts = name_ids(conn, "part", (r[2] for r in rows))
+    insts = name_ids(conn, "inst", (r[7] for r in rows))
+    bundles = name_ids(conn, "bundle", (r[11] for r in rows if r[11] is not None))
+    conn.executemany(_UPSERT, [
+        (models[m], i, parts[p], data, deleted, purged, hlc, insts[inst], ctr, stored_vector(vv, inst, ctr), dirty,
+         None if bundle is None else bundles[bundle], wall)
+        for m, i, p, data, deleted, purged, hlc, inst, ctr, vv, dirty, bundle, wall in rows])
 
 
 def upsert_versions(
     conn: sqlite3.Connection, versions: Iterable[tuple[Version, bool]], bundle_id: str | None
 ) -> None:
     """Write versions; the flag says whether the app table must be updated (``dirty``)."""
-    conn.executemany(
-        _UPSERT,
-        (
-            (
-                v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr,
-                _vector_text(v.vv), int(dirty), bundle_id, v.wall,
-            )
-            for v, dirty in versions
-        ),
-    )
+    _write(conn, [(v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr, v.vv,
+                   int(dirty), bundle_id, v.wall) for v, dirty in versions])
 
 
 def update_vectors(conn: sqlite3.Connection, versions: Iterable[Version]) -> None:
     """Store merged version vectors of records whose data did not change."""
+    pending = list(versions)
+    if not pending:
+        return
+    models = name_ids(conn, "model", (v.model for v in pending))
     conn.executemany(
-        "UPDATE bundlesync_store SET vv = ? WHERE model = ? AND id = ?",
-        ((_vector_text(v.vv), v.model, v.id) for v in versions),
+        "UPDATE bundlesync_versions SET vv = ? WHERE model = ? AND id = ?",
+        ((stored_vector(v.vv, v.inst, v.ctr), models[v.model], v.id) for v in pending),
     )
+
+
+def holds_model(conn: sqlite3.Connection, model: str) -> bool:
+    """Whether the store holds any record of table ``model``."""
+    model_n = name_id(conn, "model", model)
+    return model_n is not None and bool(conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM bundlesync_versions WHERE model = ?)", (model_n,)).fetchone()[0])
+
+
+def mark_waiting(conn: sqlite3.Connection, rows: Sequence[tuple[str, str, str]]) -> None:
+    """Mark records ``(reason, model, id)`` as not written to their app table yet (``dirty``), with the reason."""
+    if rows:
+        models = name_ids(conn, "model", (m for _, m, _ in rows))
+        conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = ? WHERE model = ? AND id = ?",
+                         [(reason, models[m], i) for reason, m, i in rows])
 
 
 # --- serialization ---------------------------------------------------------------------
@@ -235,19 +330,23 @@ def last_change(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT coalesce(max(seq), 0) FROM bundlesync_changes").fetchone()[0])
 
 
-def _changed_rows(conn: sqlite3.Connection, table: TableSpec, up_to: int, batch: int) -> Iterator[list[Any]]:
+def _changed_rows(conn: sqlite3.Connection, table: TableSpec, model_n: int, up_to: int,
+                  batch: int) -> Iterator[list[Any]]:
     """Chunks of (change, app row, stored version) for one table, in change order, up to change ``up_to``."""
     pk = q(table.primary_key)
     columns = ", ".join(f"t.{q(c)}" for c in table.columns)
     sql = (
         f"SELECT c.seq, c.pk, c.at_ms, t.{pk} IS NOT NULL, {table.partition_sql('t')}, "
-        f"s.partition, s.data, s.deleted, s.purged, s.hlc, s.vv, s.dirty, s.inst, s.ctr, s.bundle_id, {columns} "
+        "p.name, s.data, s.deleted, s.purged, s.hlc, s.vv, s.dirty, w.name, s.ctr, b.name, s.rowid IS NOT NULL, "
+        f"{columns} "
         f"FROM bundlesync_changes c LEFT JOIN {q(table.name)} t ON t.{pk} = c.pk "
-        "LEFT JOIN bundlesync_store s ON s.model = c.model AND s.id = c.pk "
+        "LEFT JOIN bundlesync_versions s ON s.model = ? AND s.id = c.pk "
+        "LEFT JOIN bundlesync_partitions p ON p.n = s.part LEFT JOIN bundlesync_writers w ON w.n = s.inst "
+        "LEFT JOIN bundlesync_bundles b ON b.n = s.bundle "
         f"WHERE c.model = ? AND c.seq > ? AND c.seq <= ? ORDER BY c.seq LIMIT {int(batch)}"
     )
     last = 0
-    while rows := fetch_all(conn, sql, (table.name, last, up_to)):
+    while rows := fetch_all(conn, sql, (model_n, table.name, last, up_to)):
         last = rows[-1][0]
         yield rows
 
@@ -366,25 +465,26 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
         return result
     me = instance_id(conn)
     counter = result.counter = next_counter(conn)
-    fresh_vv = _vector_text({me: counter})
+    fresh_vv = {me: counter}
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     lost: list[tuple[object, ...]] = []
     released: list[tuple[object, ...]] = []
     for table in profile.tables:
         name, columns = table.name, table.columns
+        model_n = name_ids(conn, "model", [name])[name]
         written = 0
         # Rows held back earlier are let go as soon as a later change of theirs serializes.
         any_held = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_held WHERE model = ?)", (name,)).fetchone()[0]
-        for rows in _changed_rows(conn, table, up_to, batch):
-            writes: list[tuple[object, ...]] = []
-            redo: list[tuple[str, str]] = []
+        for rows in _changed_rows(conn, table, model_n, up_to, batch):
+            writes: list[_Write] = []
+            redo: list[tuple[int, str]] = []
             held: list[tuple[object, ...]] = []
             for row in rows:
                 _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
-                s_dirty, s_inst, s_ctr, s_bundle = row[11:15]
+                s_dirty, s_inst, s_ctr, s_bundle, stored = row[11:16]
                 if present and partition is None:
                     raise ProfileError(_no_partition(table, pk))
-                data = encode_data(columns, row[15:]) if present else None
+                data = encode_data(columns, row[16:]) if present else None
                 reason = _why_held(table, pk, partition, data) if present or isinstance(pk, RawText) else None
                 if reason is not None:
                     # It cannot travel in a bundle: peers keep its last good version; the rest goes on.
@@ -396,7 +496,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                 if not 0 <= at_ms <= WALL_MAX_MS:
                     result.clamped += 1
                     at_ms = min(max(at_ms, 0), WALL_MAX_MS)
-                if s_data is None:  # not in the store yet
+                if not stored:  # not in the store yet
                     if present:
                         assert data is not None
                         writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None,
@@ -405,7 +505,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                 if s_purged:
                     # A purge is final: the app row is erased again rather than revived.
                     if present:
-                        redo.append((name, pk))
+                        redo.append((model_n, pk))
                     continue
                 if present:
                     assert data is not None
@@ -431,12 +531,11 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                                  "version can be stamped; see `bundlesync status` for the device with a wrong clock",
                                  now))
                     continue
-                vv = json.loads(s_vv)
+                vv = read_vector(s_vv, s_inst, s_ctr)
                 vv[me] = counter
-                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, _vector_text(vv), 0, None,
-                               at_ms))
-            conn.executemany(_UPSERT, writes)
-            conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = NULL WHERE model = ? AND id = ?", redo)
+                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, vv, 0, None, at_ms))
+            _write(conn, writes)
+            conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = NULL WHERE model = ? AND id = ?", redo)
             conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
             conn.executemany("INSERT INTO bundlesync_held (model, pk, reason, at) VALUES (?, ?, ?, ?) "
                              "ON CONFLICT (model, pk) DO UPDATE SET reason = excluded.reason, at = excluded.at", held)
@@ -471,25 +570,27 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
     Must run inside a write transaction.
     """
     name, columns, pk = table.name, table.columns, q(table.primary_key)
+    model_n = name_id(conn, "model", name)
     select = (
-        f"SELECT t.{pk}, {table.partition_sql('t')}, s.data, s.partition, s.deleted, s.purged, s.dirty, "
+        f"SELECT t.{pk}, {table.partition_sql('t')}, s.data, p.name, s.deleted, s.purged, s.dirty, s.rowid IS NOT NULL, "
         + ", ".join(f"t.{q(c)}" for c in columns)
-        + f" FROM {q(name)} t LEFT JOIN bundlesync_store s ON s.model = ? AND s.id = t.{pk} "
+        + f" FROM {q(name)} t LEFT JOIN bundlesync_versions s ON s.model = ? AND s.id = t.{pk} "
+        "LEFT JOIN bundlesync_partitions p ON p.n = s.part "
     )
     log = (f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, {_NOW_MS}) "
            "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms")
     logged = 0
     # fetch_all: a value that is not valid UTF-8 must not stop the comparison (it comes back as RawText).
-    rows = fetch_all(conn, select + f"WHERE t.{pk} IS NOT NULL ORDER BY t.{pk} LIMIT {BATCH}", (name,))
+    rows = fetch_all(conn, select + f"WHERE t.{pk} IS NOT NULL ORDER BY t.{pk} LIMIT {BATCH}", (model_n,))
     while rows:
         changed = []
         for row in rows:
-            record_id, partition, s_data, s_part, s_deleted, s_purged, s_dirty = row[:7]
-            if s_data is not None:
+            record_id, partition, s_data, s_part, s_deleted, s_purged, s_dirty, stored = row[:8]
+            if stored:
                 if s_dirty:
                     continue
                 if not s_deleted and not s_purged:
-                    data = encode_data(columns, row[7:])
+                    data = encode_data(columns, row[8:])
                     if data != s_data:
                         data = _keep_unknown_keys(s_data, data, columns)
                     if data == s_data and partition == s_part:
@@ -499,13 +600,15 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
         logged += len(changed)
         # CAST: a RawText key is bound as a BLOB, which would compare above every TEXT key.
         rows = fetch_all(conn, select + f"WHERE t.{pk} > CAST(? AS TEXT) ORDER BY t.{pk} LIMIT {BATCH}",
-                         (name, rows[-1][0]))
+                         (model_n, rows[-1][0]))
+    if model_n is None:
+        return logged
     gone = conn.execute(
-        f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT s.model, s.id, {_NOW_MS} FROM bundlesync_store s "
+        f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT ?, s.id, {_NOW_MS} FROM bundlesync_versions s "
         "WHERE s.model = ? AND NOT s.deleted AND NOT s.purged AND NOT s.dirty "
         f"AND NOT EXISTS (SELECT 1 FROM {q(name)} t WHERE t.{pk} = s.id) "
         "ON CONFLICT (model, pk) DO NOTHING",
-        (name,),
+        (name, model_n),
     )
     return logged + max(gone.rowcount, 0)
 

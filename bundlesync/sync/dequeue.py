@@ -27,7 +27,8 @@ from bundlesync.replica.merge import MergeResult, Outcome, merge
 from bundlesync.profile import Profile
 from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
-from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, stored_lines, update_vectors, upsert_versions
+from bundlesync.replica.store import (fetch_versions, holds_model, log_conflicts, loser_json, mark_waiting, stored_lines,
+                                      update_vectors, upsert_versions)
 
 __all__ = ["DequeueResult", "Dequeuer", "dequeue"]
 
@@ -131,7 +132,7 @@ class _AppWriter:
             result.written += len(items) - len(removals) - len(errors)
             result.by_model[model] = result.by_model.get(model, 0) + len(items) - len(errors)
         # Rows not placed stay dirty in the store; DESERIALIZING retries them (their parent may come later).
-        self.conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = ? WHERE model = ? AND id = ?", waiting)
+        mark_waiting(self.conn, waiting)
 
 
 class Dequeuer:
@@ -155,7 +156,7 @@ class Dequeuer:
         self.readable = _Cached(lambda p: within(p, local_read))
         self.future = ahead_hlc()
         # A store that held nothing when the import began (a new device) cannot hold a line of the bundle.
-        self.look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store)").fetchone()[0])
+        self.look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_versions)").fetchone()[0])
         self.empty_before: dict[str, bool] = {}
 
     def _worth_looking_up(self, key: tuple[str, str]) -> bool:
@@ -163,8 +164,7 @@ class Dequeuer:
         # only: a line found nowhere goes the long way, which is always right).
         empty = self.empty_before.get(key[0])
         if empty is None:
-            empty = self.empty_before[key[0]] = not self.conn.execute(
-                "SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE model = ?)", (key[0],)).fetchone()[0]
+            empty = self.empty_before[key[0]] = not holds_model(self.conn, key[0])
         return not empty
 
     def new_transaction(self) -> None:

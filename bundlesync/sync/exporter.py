@@ -51,14 +51,13 @@ from bundlesync.errors import BundlesyncError, StateError, SyncError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.envelope import check_recipient
 from bundlesync.format.manifest import Manifest
-from bundlesync.format.records import LINE_SQL
 from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.profile import Profile
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
-from bundlesync.replica.store import (SerializeResult, current_counter, held_warning, last_change, record_transfer,
-                                      serialize_changes)
+from bundlesync.replica.store import (FROM_STORE, STORE_LINE_SQL, SerializeResult, current_counter, held_warning,
+                                      last_change, name_id, record_transfer, serialize_changes)
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -108,17 +107,18 @@ def _carries(basis: Mapping[str, Mapping[str, int]], result: Mapping[str, Mappin
                             kn.flat(other_result, (p,))) for p in prefixes)
 
 
-def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
-    """Distinct writers of one table's records, by index skip-scan (cost follows their number)."""
-    row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE model = ?", (model,)).fetchone()
+def _writers(conn: sqlite3.Connection, model: int) -> Iterator[tuple[int, str]]:
+    """Distinct writers (id, name) of one table's records, by index skip-scan (cost follows their number)."""
+    row = conn.execute("SELECT min(inst) FROM bundlesync_versions WHERE model = ?", (model,)).fetchone()
     while row is not None and row[0] is not None:
-        yield row[0]
-        row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE model = ? AND inst > ?",
-                           (model, row[0])).fetchone()
+        inst = int(row[0])
+        yield inst, conn.execute("SELECT name FROM bundlesync_writers WHERE n = ?", (inst,)).fetchone()[0]
+        row = conn.execute("SELECT min(inst) FROM bundlesync_versions WHERE model = ? AND inst > ?",
+                           (model, inst)).fetchone()
 
 
-_LINE_SQL = (f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr = ? AND rowid > ? "
-             "AND rowid <= ? AND {prefixes}{held} ORDER BY rowid")
+_LINE_SQL = (f"SELECT {STORE_LINE_SQL} FROM {FROM_STORE} WHERE s.model = ? AND s.inst = ? AND s.ctr = ? "
+             "AND s.rowid > ? AND s.rowid <= ? AND {prefixes}{held} ORDER BY s.rowid")
 
 STRETCH = 2000
 """Versions (of one table and writer) one read statement looks at: every read stays short."""
@@ -126,18 +126,18 @@ STRETCH = 2000
 _ROWID_MIN, _ROWID_MAX = -(2**63), 2**63 - 1
 
 
-def _stretches(conn: sqlite3.Connection, model: str, inst: str, floor: int) -> Iterator[tuple[int, int, int]]:
+def _stretches(conn: sqlite3.Connection, model: int, inst: int, floor: int) -> Iterator[tuple[int, int, int]]:
     """``(counter, after rowid, up to rowid)``: one writer's versions above ``floor``, :data:`STRETCH` at a time.
 
     In index order (counter, then rowid), each found by a short statement on the
     ``(model, inst, ctr)`` index, so no statement holds a read lock for long.
     """
-    row = conn.execute("SELECT min(ctr) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+    row = conn.execute("SELECT min(ctr) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
                        (model, inst, floor)).fetchone()
     while row[0] is not None:
         ctr, after = int(row[0]), _ROWID_MIN
         while True:
-            end = conn.execute("SELECT rowid FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr = ? AND "
+            end = conn.execute("SELECT rowid FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr = ? AND "
                                "rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
                                (model, inst, ctr, after, STRETCH - 1)).fetchone()
             upto = _ROWID_MAX if end is None else int(end[0])
@@ -145,7 +145,7 @@ def _stretches(conn: sqlite3.Connection, model: str, inst: str, floor: int) -> I
             if end is None:
                 break
             after = upto
-        row = conn.execute("SELECT min(ctr) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+        row = conn.execute("SELECT min(ctr) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
                            (model, inst, ctr)).fetchone()
 
 
@@ -155,8 +155,8 @@ def _held_sql(floor: int, finer: Sequence[tuple[str, int]]) -> tuple[str, list[o
     params: list[object] = []
     for prefix, ctr in finer:
         if ctr > floor:
-            where, args = prefix_sql([prefix])
-            terms.append(f"({where} AND ctr <= ?)")
+            where, args = prefix_sql([prefix], column="p.name")
+            terms.append(f"({where} AND s.ctr <= ?)")
             params += [*args, ctr]
     return (" AND NOT (" + " OR ".join(terms) + ")") if terms else "", params
 
@@ -178,19 +178,22 @@ def outgoing_lines(
     :func:`_stretches`): the store only changes under the home's run lock (serialization,
     import, purge), which the export holds, so reading it piecewise reads one state of it.
     """
-    where, params = prefix_sql(prefixes)
+    where, params = prefix_sql(prefixes, column="p.name")
     at_filter = [kn.effective(basis, p) for p in prefixes]
     finer: dict[str, list[tuple[str, int]]] = {}
     for prefix, counters in sorted(basis.items()):
-        for inst, ctr in counters.items():
-            finer.setdefault(inst, []).append((prefix, ctr))
+        for writer, ctr in counters.items():
+            finer.setdefault(writer, []).append((prefix, ctr))
     for table in profile.tables:
-        for inst in list(_writers(conn, table.name)):
-            floor = min(view.get(inst, 0) for view in at_filter)
-            held, held_params = _held_sql(floor, finer.get(inst, []))
+        model = name_id(conn, "model", table.name)
+        if model is None:
+            continue
+        for inst, inst_name in list(_writers(conn, model)):
+            floor = min(view.get(inst_name, 0) for view in at_filter)
+            held, held_params = _held_sql(floor, finer.get(inst_name, []))
             sql = _LINE_SQL.format(prefixes=where, held=held)
-            for ctr, after, upto in _stretches(conn, table.name, inst, floor):
-                rows = conn.execute(sql, [table.name, inst, ctr, after, upto, *params, *held_params]).fetchall()
+            for ctr, after, upto in _stretches(conn, model, inst, floor):
+                rows = conn.execute(sql, [model, inst, ctr, after, upto, *params, *held_params]).fetchall()
                 if rows:
                     counts[table.name] = counts.get(table.name, 0) + len(rows)
                     yield [line for (line,) in rows]
@@ -214,12 +217,15 @@ def estimate(conn: sqlite3.Connection, profile: Profile, basis: Mapping[str, int
     records = raw = 0
     for table in profile.tables:
         count = 0
-        for inst in list(_writers(conn, table.name)):
-            count += conn.execute("SELECT count(*) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
-                                  (table.name, inst, basis.get(inst, 0))).fetchone()[0]
+        model = name_id(conn, "model", table.name)
+        if model is None:
+            continue
+        for inst, inst_name in list(_writers(conn, model)):
+            count += conn.execute("SELECT count(*) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
+                                  (model, inst, basis.get(inst_name, 0))).fetchone()[0]
         if count:
-            avg = conn.execute("SELECT avg(length(CAST(data AS BLOB))) FROM (SELECT data FROM bundlesync_store "
-                               "WHERE model = ? LIMIT 256)", (table.name,)).fetchone()[0] or 0
+            avg = conn.execute("SELECT avg(length(CAST(data AS BLOB))) FROM (SELECT data FROM bundlesync_versions "
+                               "WHERE model = ? LIMIT 256)", (model,)).fetchone()[0] or 0
             records += count
             raw += int(count * (avg + _HEAD_BYTES))
     return records, raw
