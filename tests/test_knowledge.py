@@ -14,6 +14,8 @@ from bundlesync.partitions import within
 from bundlesync.profile import load_profile
 from bundlesync.replica import db
 from bundlesync.replica import knowledge as kn
+from bundlesync.format.records import Version
+from bundlesync.replica.store import upsert_versions
 from bundlesync.sync.exporter import outgoing_lines
 
 D = "d"
@@ -79,10 +81,8 @@ def test_export_selects_exactly_what_the_basis_does_not_hold(
     db.migrate(conn)
     profile = load_profile(PROFILE)
     model = profile.tables[0].name
-    conn.executemany(
-        "INSERT INTO bundlesync_store (model, id, partition, data, hlc, inst, ctr, vv) VALUES (?, ?, ?, '{}', 0, ?, ?, '{}')",
-        [(model, str(n), p, i, c) for n, (p, i, c) in enumerate(records)],
-    )
+    upsert_versions(conn, [(Version(model, str(n), p, "{}", False, False, 0, i, c, {}), False)
+                           for n, (p, i, c) in enumerate(records)], None)
     clipped = kn.clip(basis, prefixes)
     lines = [line for batch in outgoing_lines(conn, profile, prefixes, clipped, {}) for line in batch]
     conn.close()
