@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from conftest import PROFILE, make_db
+from conftest import PROFILE, make_db, store_rows
 
 from bundlesync.replica.db import write_transaction
 from bundlesync.device import Device, init_device
@@ -25,8 +25,7 @@ def _device(tmp_path: Path) -> tuple[Device, Path]:
 def _versions(dev: Device) -> dict[str, tuple[int, str]]:
     with write_transaction(dev.conn):
         serialize_changes(dev.conn, dev.profile)
-    return {i: (d, data) for i, d, data in dev.conn.execute(
-        "SELECT id, deleted, data FROM bundlesync_store WHERE model = 'kolibriauth_facilityuser'")}
+    return {r["id"]: (r["deleted"], r["data"]) for r in store_rows(dev.conn, "model = 'kolibriauth_facilityuser'")}
 
 
 def _sql(db: Path, statement: str, params: tuple[object, ...] = ()) -> None:

@@ -32,6 +32,7 @@ documents the encoding for other implementations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -52,6 +53,7 @@ __all__ = [
     "VersionVector",
     "WALL_MAX_MS",
     "decode_data",
+    "data_hash",
     "encode_data",
     "head_sql",
     "lenient_text",
@@ -204,6 +206,19 @@ HLC_MAX: Final = (1 << 62) - 1
 
 COUNTER_MAX: Final = (1 << 62) - 1
 """Largest counter (``c`` and version-vector values) a record may carry."""
+
+def data_hash(data: str | bytes) -> int:
+    """The 64-bit hash (signed, as SQLite keeps integers) of a record's data JSON (text, or its UTF-8 bytes).
+
+    The store keeps it for every record, so it can tell a changed row or line from an unchanged one
+    without keeping the data itself (BLAKE2b: a peer cannot make another line match a stored one).
+    """
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    return int.from_bytes(_blake2b(raw, digest_size=8).digest(), "little", signed=True)
+
+
+_blake2b = hashlib.blake2b
+
 
 def head_sql(model: str, record_id: str, partition: str, inst: str) -> str:
     """SQL for the head JSON of a record line over a store row, given how its names are read.

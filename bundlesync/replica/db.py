@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bundlesync.errors import BusyError, ConfigError, SyncError
-from bundlesync.format.records import lenient_text
+from bundlesync.format.records import data_hash, lenient_text
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
@@ -262,8 +262,11 @@ def m007_compact_store(db: Database) -> None:
     """The store keeps small integer ids for its repeated names, and a version vector only where it is not
     the default ``{writer: counter}``; ``bundlesync_store`` becomes a view that spells the names out.
 
-    Existing rows are copied in rowid order with their rowids (the export's order within a counter).
+    Existing rows are copied in rowid order with their rowids (the export's order within a counter), every
+    one keeping its data; which of them the store may leave to their app rows is found with the profile
+    when the device is next opened (``compact_store`` in ``bundlesync_meta``, see the health check).
     """
+    db.conn.create_function("bundlesync_data_hash", 1, data_hash, deterministic=True)
     _run_script(db.conn, """
         CREATE TABLE bundlesync_models (n INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
         CREATE TABLE bundlesync_partitions (n INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
@@ -295,11 +298,11 @@ def m007_compact_store(db: Database) -> None:
         INSERT INTO bundlesync_bundles (name) SELECT DISTINCT bundle_id FROM bundlesync_store
             WHERE bundle_id IS NOT NULL ORDER BY bundle_id;
         INSERT INTO bundlesync_versions (rowid, model, id, part, inst, ctr, hlc, wall, deleted, purged, dirty,
-                                         bundle, vv, error, data)
+                                         bundle, vv, hash, error, data)
             SELECT s.rowid, m.n, s.id, p.n, w.n, s.ctr, s.hlc, s.wall, s.deleted, s.purged, s.dirty, b.n,
                    CASE WHEN s.inst NOT GLOB '*[^0-9A-Za-z]*' AND s.inst <> ''
                              AND s.vv = '{"' || s.inst || '":' || s.ctr || '}' THEN NULL ELSE s.vv END,
-                   s.error, s.data
+                   bundlesync_data_hash(s.data), s.error, s.data
             FROM bundlesync_store s
             JOIN bundlesync_models m ON m.name = s.model
             JOIN bundlesync_partitions p ON p.name = s.partition
@@ -308,7 +311,9 @@ def m007_compact_store(db: Database) -> None:
             ORDER BY s.rowid;
         DROP TABLE bundlesync_store;
         CREATE INDEX bundlesync_versions_version ON bundlesync_versions (model, inst, ctr);
-        CREATE INDEX bundlesync_versions_dirty ON bundlesync_versions (model) WHERE dirty = 1
+        CREATE INDEX bundlesync_versions_dirty ON bundlesync_versions (model) WHERE dirty = 1;
+        INSERT INTO bundlesync_meta (key, value) SELECT 'compact_store', '1'
+            WHERE EXISTS (SELECT 1 FROM bundlesync_versions)
         """)
     _run_script(db.conn, STORE_VIEW_SQL)
 

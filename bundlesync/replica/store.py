@@ -23,12 +23,15 @@ import msgspec
 from bundlesync.replica.db import fetch_all, q
 from bundlesync.errors import ProfileError, StateError
 from bundlesync.format.records import Version
-from bundlesync.format.records import HLC_MAX, MAX_DATA_BYTES, WALL_MAX_MS, RawText, encode_data, head_sql
+from bundlesync.format.records import (HLC_MAX, MAX_DATA_BYTES, WALL_MAX_MS, RawText, data_hash, encode_data,
+                                       head_sql)
+from bundlesync.replica.tracking import PRIOR_ID, prior_table
 from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
     "BATCH",
     "SerializeResult",
+    "compact_table",
     "ensure_identity",
     "fetch_versions",
     "held_rows",
@@ -43,6 +46,7 @@ __all__ = [
     "name_id",
     "name_ids",
     "next_counter",
+    "read_records",
     "read_vector",
     "reconcile_table",
     "record_transfer",
@@ -129,8 +133,35 @@ FROM_STORE: Final = ("bundlesync_versions s JOIN bundlesync_models m ON m.n = s.
                      "JOIN bundlesync_partitions p ON p.n = s.part JOIN bundlesync_writers w ON w.n = s.inst")
 """The store with its names, as bundlesync's statements read it (``s`` the row, ``m``/``p``/``w`` names)."""
 
-STORE_LINE_SQL: Final = f"CAST({head_sql('m.name', 's.id', 'p.name', 'w.name')} || char(9) || s.data || char(10) AS BLOB)"
-"""A store row's record line over :data:`FROM_STORE` (where the row keeps its data)."""
+HEAD_SQL: Final = f"CAST({head_sql('m.name', 's.id', 'p.name', 'w.name')} AS BLOB)"
+"""A store row's record head (JSON, UTF-8) over :data:`FROM_STORE`."""
+
+
+def app_data_sql(table: TableSpec, record_id: str, when: str = "") -> tuple[str, str]:
+    """Columns and joins that give a record's data where the store leaves it to the app row.
+
+    The data is the prior row's encoding if the app changed the row since (the prior table keeps
+    it as it was), else the app row's. ``record_id``: the SQL of the record's id; ``when``: a
+    condition that must hold for the rows to be looked up at all (e.g. ``s.data IS NULL``).
+    Read the selected values with :func:`app_data`.
+    """
+    pk = q(table.primary_key)
+    when = f"{when} AND " if when else ""
+    columns = (f"pr.{PRIOR_ID} IS NOT NULL, " + "".join(f"pr.{q(c)}, " for c in table.columns)
+               + f"t.{pk} IS NOT NULL" + "".join(f", t.{q(c)}" for c in table.columns))
+    joins = (f"LEFT JOIN {q(prior_table(table))} pr ON {when}pr.{PRIOR_ID} = {record_id} "
+             f"LEFT JOIN {q(table.name)} t ON {when}t.{pk} = {record_id}")
+    return columns, joins
+
+
+def app_data(columns: Sequence[str], values: Sequence[Any]) -> str | None:
+    """The data JSON from the values :func:`app_data_sql` selected (None: neither row exists)."""
+    n = len(columns)
+    if values[0]:
+        return encode_data(columns, values[1 : n + 1])
+    if values[n + 1]:
+        return encode_data(columns, values[n + 2 :])
+    return None
 
 
 def _lookup_names(conn: sqlite3.Connection, table: str, names: Sequence[str]) -> dict[str, int]:
@@ -180,15 +211,19 @@ def read_vector(text: str | None, inst: str, ctr: int) -> dict[str, int]:
 _VERSION_COLUMNS = "s.id, p.name, s.data, s.deleted, s.purged, s.hlc, w.name, s.ctr, s.vv, s.wall"
 
 
-def _row_to_version(model: str, row: Sequence[Any]) -> Version:
+def _row_to_version(model: str, row: Sequence[Any], columns: Sequence[str] | None) -> Version:
+    data = row[2]
+    if data is None:
+        # Left to the app row; a record whose rows are both gone (tracking was off) has lost its data.
+        data = (app_data(columns, row[10:]) if columns is not None else None) or "{}"
     return Version(
-        model=model, id=row[0], partition=row[1], data=row[2], deleted=bool(row[3]), purged=bool(row[4]),
+        model=model, id=row[0], partition=row[1], data=data, deleted=bool(row[3]), purged=bool(row[4]),
         hlc=row[5], inst=row[6], ctr=row[7], vv=read_vector(row[8], row[6], row[7]), wall=row[9],
     )
 
 
-def _rows_by_key(conn: sqlite3.Connection, columns: str,
-                 keys: Iterable[tuple[str, str]]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+def _rows_by_key(conn: sqlite3.Connection, columns: str, keys: Iterable[tuple[str, str]],
+                 joins: str = "") -> Iterator[tuple[str, tuple[Any, ...]]]:
     """``(model, row)`` of the store rows of the given ``(model, id)`` keys that exist; ``columns`` are selected
     over :data:`FROM_STORE`.
 
@@ -205,48 +240,74 @@ def _rows_by_key(conn: sqlite3.Connection, columns: str,
         for start in range(0, len(ids), 900):
             chunk = ids[start : start + 900]
             marks = ", ".join("?" * len(chunk))
-            for row in conn.execute(
-                f"SELECT {columns} FROM {FROM_STORE} WHERE s.model = ? AND s.id IN ({marks})", [model_n, *chunk]
+            for row in fetch_all(
+                conn, f"SELECT {columns} FROM {FROM_STORE} {joins} WHERE s.model = ? AND s.id IN ({marks})",
+                [model_n, *chunk]
             ):
                 yield model, row
 
 
-def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Version]:
-    """The stored versions of the given ``(model, id)`` keys that exist."""
+def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]],
+                   profile: Profile | None = None) -> dict[tuple[str, str], Version]:
+    """The stored versions of the given ``(model, id)`` keys that exist.
+
+    A version whose data the store leaves to the app row gets it from there (the profile's tables);
+    without ``profile``, or for a table it lacks, such data reads as ``{}``.
+    """
+    tables = {t.name: t for t in profile.tables} if profile is not None else {}
+    by_model: dict[str, list[tuple[str, str]]] = {}
+    for key in keys:
+        by_model.setdefault(key[0], []).append(key)
     found: dict[tuple[str, str], Version] = {}
-    for model, row in _rows_by_key(conn, _VERSION_COLUMNS, keys):
-        version = _row_to_version(model, row)
-        found[(version.model, version.id)] = version
+    for model, model_keys in by_model.items():
+        table = tables.get(model)
+        if table is None:
+            rows = _rows_by_key(conn, _VERSION_COLUMNS, model_keys)
+        else:
+            columns, joins = app_data_sql(table, "s.id", "s.data IS NULL")
+            rows = _rows_by_key(conn, f"{_VERSION_COLUMNS}, {columns}", model_keys, joins)
+        for _, row in rows:
+            version = _row_to_version(model, row, None if table is None else table.columns)
+            found[(version.model, version.id)] = version
     return found
 
 
-StoredLine = tuple[bytes, int, str, int]
-"""A stored record as :func:`stored_lines` gives it: its line, ``hlc``, partition and purged flag."""
+StoredLine = tuple[bytes, int, str, int, int]
+"""A stored record as :func:`stored_lines` gives it: its line's head, ``hlc``, partition, purged flag and the hash
+of its data."""
 
 
 def stored_lines(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], StoredLine]:
-    """The record lines this store would export for the given ``(model, id)`` keys, where it holds them.
+    """What this store would export for the given ``(model, id)`` keys, where it holds them (see :func:`same_line`).
 
     A line received byte for byte as this store would write it carries nothing new (same
     version, vector, flags and data), so import can pass it by without parsing or decoding it.
     """
-    return {(model, record_id): (line, hlc, partition, purged)
-            for model, (record_id, line, hlc, partition, purged)
-            in _rows_by_key(conn, f"s.id, {STORE_LINE_SQL}, s.hlc, p.name, s.purged", keys)}
+    return {(model, record_id): (head, hlc, partition, purged, digest)
+            for model, (record_id, head, hlc, partition, purged, digest)
+            in _rows_by_key(conn, f"s.id, {HEAD_SQL}, s.hlc, p.name, s.purged, s.hash", keys)}
+
+
+def same_line(stored: StoredLine, line: bytes) -> bool:
+    """Whether ``line`` is the line this store would export for a record (its head byte for byte, its data by hash)."""
+    head = stored[0]
+    size = len(head)
+    return (line.startswith(head) and line[size : size + 1] == b"\t" and line[-1:] == b"\n"
+            and data_hash(line[size + 1 : -1]) == stored[4])
 
 
 _UPSERT = (
-    "INSERT INTO bundlesync_versions (model, id, part, data, deleted, purged, hlc, inst, ctr, vv, dirty, error, "
-    "bundle, wall) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) "
-    "ON CONFLICT (model, id) DO UPDATE SET part = excluded.part, data = excluded.data, "
+    "INSERT INTO bundlesync_versions (model, id, part, data, hash, deleted, purged, hlc, inst, ctr, vv, dirty, error, "
+    "bundle, wall) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?) "
+    "ON CONFLICT (model, id) DO UPDATE SET part = excluded.part, data = excluded.data, hash = excluded.hash, "
     "deleted = excluded.deleted, purged = excluded.purged, hlc = excluded.hlc, inst = excluded.inst, "
     "ctr = excluded.ctr, vv = excluded.vv, dirty = excluded.dirty, error = NULL, bundle = excluded.bundle, "
     "wall = excluded.wall"
 )
 
-_Write = tuple[str, str, str, str, int, int, int, str, int, Mapping[str, int], int, "str | None", "int | None"]
+_Write = tuple[str, str, str, str, int, int, int, str, int, Mapping[str, int], int, "str | None", "int | None", bool]
 """A version to write, with its names: model, id, partition, data, deleted, purged, hlc, writer, counter,
-vector, dirty, bundle id, wall."""
+vector, dirty, bundle id, wall, and whether the app row encodes to the data (then the store leaves it out)."""
 
 
 def _write(conn: sqlite3.Connection, rows: Sequence[_Write]) -> None:
@@ -258,9 +319,9 @@ def _write(conn: sqlite3.Connection, rows: Sequence[_Write]) -> None:
     insts = name_ids(conn, "inst", (r[7] for r in rows))
     bundles = name_ids(conn, "bundle", (r[11] for r in rows if r[11] is not None))
     conn.executemany(_UPSERT, [
-        (models[m], i, parts[p], data, deleted, purged, hlc, insts[inst], ctr, stored_vector(vv, inst, ctr), dirty,
-         None if bundle is None else bundles[bundle], wall)
-        for m, i, p, data, deleted, purged, hlc, inst, ctr, vv, dirty, bundle, wall in rows])
+        (models[m], i, parts[p], None if app_holds else data, data_hash(data), deleted, purged, hlc, insts[inst], ctr,
+         stored_vector(vv, inst, ctr), dirty, None if bundle is None else bundles[bundle], wall)
+        for m, i, p, data, deleted, purged, hlc, inst, ctr, vv, dirty, bundle, wall, app_holds in rows])
 
 
 def upsert_versions(
@@ -268,7 +329,34 @@ def upsert_versions(
 ) -> None:
     """Write versions; the flag says whether the app table must be updated (``dirty``)."""
     _write(conn, [(v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr, v.vv,
-                   int(dirty), bundle_id, v.wall) for v, dirty in versions])
+                   int(dirty), bundle_id, v.wall, False) for v, dirty in versions])
+
+
+def settle(conn: sqlite3.Connection, table: TableSpec, written: Iterable[tuple[str, str]]) -> int:
+    """Leave out the stored data of records ``(id, data)`` just written to their app rows, where a row encodes to it.
+
+    Called after an import wrote app rows (tracking suppressed): a row the app table changed on the
+    way in (a type affinity, a column it lacks) keeps its data in the store. Returns how many
+    records the store now leaves to their app rows.
+    """
+    want = dict(written)
+    if not want:
+        return 0
+    model_n = name_id(conn, "model", table.name)
+    pk, columns = q(table.primary_key), table.columns
+    select = f"SELECT t.{pk}, " + ", ".join(f"t.{q(c)}" for c in columns) + f" FROM {q(table.name)} t WHERE t.{pk} IN "
+    ids = list(want)
+    same: list[tuple[int | None, str]] = []
+    for start in range(0, len(ids), 900):
+        chunk = ids[start : start + 900]
+        for row in fetch_all(conn, select + f"({', '.join('?' * len(chunk))})", chunk):
+            key = row[0] if type(row[0]) is str else str(row[0])
+            if want.get(key) == encode_data(columns, row[1:]):
+                same.append((model_n, key))
+    prior = q(prior_table(table))
+    conn.executemany(f"DELETE FROM {prior} WHERE {PRIOR_ID} = ?", [(key,) for _, key in same])
+    conn.executemany("UPDATE bundlesync_versions SET data = NULL WHERE model = ? AND id = ? AND dirty = 0", same)
+    return len(same)
 
 
 def update_vectors(conn: sqlite3.Connection, versions: Iterable[Version]) -> None:
@@ -281,6 +369,24 @@ def update_vectors(conn: sqlite3.Connection, versions: Iterable[Version]) -> Non
         "UPDATE bundlesync_versions SET vv = ? WHERE model = ? AND id = ?",
         ((stored_vector(v.vv, v.inst, v.ctr), models[v.model], v.id) for v in pending),
     )
+
+
+def read_records(conn: sqlite3.Connection, profile: Profile, where: str = "1",
+                 params: Sequence[object] = ()) -> list[dict[str, Any]]:
+    """Rows of the ``bundlesync_store`` view matching ``where``, each record's data spelled out (for people and tests).
+
+    The view shows ``data`` NULL where the store leaves it to the app row; here it is read from there.
+    """
+    cursor = conn.execute(f"SELECT * FROM bundlesync_store WHERE {where}", params)
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    missing = [(r["model"], r["id"]) for r in rows if r["data"] is None]
+    if missing:
+        found = fetch_versions(conn, missing, profile)
+        for r in rows:
+            if r["data"] is None:
+                r["data"] = found[(r["model"], r["id"])].data
+    return rows
 
 
 def holds_model(conn: sqlite3.Connection, model: str) -> bool:
@@ -335,11 +441,13 @@ def _changed_rows(conn: sqlite3.Connection, table: TableSpec, model_n: int, up_t
     """Chunks of (change, app row, stored version) for one table, in change order, up to change ``up_to``."""
     pk = q(table.primary_key)
     columns = ", ".join(f"t.{q(c)}" for c in table.columns)
+    prior = "".join(f", pr.{q(c)}" for c in table.columns)
     sql = (
         f"SELECT c.seq, c.pk, c.at_ms, t.{pk} IS NOT NULL, {table.partition_sql('t')}, "
         "p.name, s.data, s.deleted, s.purged, s.hlc, s.vv, s.dirty, w.name, s.ctr, b.name, s.rowid IS NOT NULL, "
-        f"{columns} "
+        f"s.hash, pr.{PRIOR_ID} IS NOT NULL{prior}, {columns} "
         f"FROM bundlesync_changes c LEFT JOIN {q(table.name)} t ON t.{pk} = c.pk "
+        f"LEFT JOIN {q(prior_table(table))} pr ON pr.{PRIOR_ID} = c.pk "
         "LEFT JOIN bundlesync_versions s ON s.model = ? AND s.id = c.pk "
         "LEFT JOIN bundlesync_partitions p ON p.n = s.part LEFT JOIN bundlesync_writers w ON w.n = s.inst "
         "LEFT JOIN bundlesync_bundles b ON b.n = s.bundle "
@@ -434,6 +542,19 @@ _encode_sorted = msgspec.json.encode
 _decode = msgspec.json.decode
 
 
+def _lost_data(table: TableSpec, partition: str) -> str:
+    """The data of a deletion whose app row vanished while tracking was off, with the store leaving its data to it.
+
+    The row's values are gone; the values its partition is made of are not, and with them the
+    deletion still proves its partition to receivers (``{}`` where the partition needs a lookup).
+    """
+    row = table.row_for_partition(partition)
+    if row is None:
+        return "{}"
+    names = [c for c in table.columns if c in row]
+    return encode_data(names, [row[c] for c in names])
+
+
 def _no_partition(table: TableSpec, pk: object) -> str:
     why = (f"its lookup ({', '.join(table.lookups)}) finds no row" if table.lookups
            else f"every template of {list(table.partitions)} uses a NULL column")
@@ -472,6 +593,8 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
     for table in profile.tables:
         name, columns = table.name, table.columns
         model_n = name_ids(conn, "model", [name])[name]
+        n_columns = len(columns)
+        forget_prior = f"DELETE FROM {q(prior_table(table))} WHERE {PRIOR_ID} = ?"
         written = 0
         # Rows held back earlier are let go as soon as a later change of theirs serializes.
         any_held = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_held WHERE model = ?)", (name,)).fetchone()[0]
@@ -479,17 +602,26 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
             writes: list[_Write] = []
             redo: list[tuple[int, str]] = []
             held: list[tuple[object, ...]] = []
+            # Prior rows (the app row as the stored version has it) of changes that are done with here; a change
+            # held back keeps its prior row, since its stored version stays.
+            priors: list[tuple[str]] = []
             for row in rows:
                 _, pk, at_ms, present, partition, s_part, s_data, s_deleted, s_purged, s_hlc, s_vv = row[:11]
-                s_dirty, s_inst, s_ctr, s_bundle, stored = row[11:16]
+                s_dirty, s_inst, s_ctr, s_bundle, stored, s_hash, had_prior = row[11:18]
                 if present and partition is None:
                     raise ProfileError(_no_partition(table, pk))
-                data = encode_data(columns, row[16:]) if present else None
+                fresh = data = encode_data(columns, row[18 + n_columns :]) if present else None
                 reason = _why_held(table, pk, partition, data) if present or isinstance(pk, RawText) else None
                 if reason is not None:
                     # It cannot travel in a bundle: peers keep its last good version; the rest goes on.
                     held.append((name, pk, reason, now))
                     continue
+                if had_prior:
+                    priors.append((pk,))
+                if stored and s_data is None and not present:
+                    # The store left the data to the app row, which is gone now: the prior table kept it.
+                    s_data = (encode_data(columns, row[18 : 18 + n_columns]) if had_prior
+                              else _lost_data(table, s_part))
                 if any_held:
                     released.append((name, pk))
                 # The edit time is the device clock's reading; one far outside real time is kept in range.
@@ -500,7 +632,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                     if present:
                         assert data is not None
                         writes.append((name, pk, partition, data, 0, 0, at_ms << 16, me, counter, fresh_vv, 0, None,
-                                       at_ms))
+                                       at_ms, True))
                     continue
                 if s_purged:
                     # A purge is final: the app row is erased again rather than revived.
@@ -509,9 +641,13 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                     continue
                 if present:
                     assert data is not None
-                    if data != s_data:
-                        data = _keep_unknown_keys(s_data, data, columns)
-                    if not s_deleted and s_data == data and s_part == partition:
+                    if s_data is None:  # the store left the data to the app row: its hash tells an edit
+                        unchanged = data_hash(data) == s_hash
+                    else:
+                        if data != s_data:
+                            data = _keep_unknown_keys(s_data, data, columns)
+                        unchanged = s_data == data
+                    if not s_deleted and unchanged and s_part == partition:
                         continue
                     deleted = 0
                 elif not s_deleted:
@@ -521,7 +657,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                 if s_dirty:
                     # The stored version never reached the app table (it waits for a parent or was refused),
                     # so this edit did not see it: it loses to the edit, and is kept where operators look.
-                    lost.append((name, pk, loser_json(s_inst, s_ctr, s_hlc, bool(s_deleted), s_part, s_data),
+                    lost.append((name, pk, loser_json(s_inst, s_ctr, s_hlc, bool(s_deleted), s_part, s_data or "{}"),
                                  me, counter, s_bundle, now))
                 hlc = max(at_ms << 16, s_hlc + 1)
                 if hlc > HLC_MAX:
@@ -530,10 +666,14 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                     held.append((name, pk, f"its stored clock {s_hlc} is at the limit ({HLC_MAX}), so no later "
                                  "version can be stamped; see `bundlesync status` for the device with a wrong clock",
                                  now))
+                    if had_prior:
+                        priors.pop()
                     continue
                 vv = read_vector(s_vv, s_inst, s_ctr)
                 vv[me] = counter
-                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, vv, 0, None, at_ms))
+                writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, vv, 0, None, at_ms,
+                               data == fresh))
+            conn.executemany(forget_prior, priors)
             _write(conn, writes)
             conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = NULL WHERE model = ? AND id = ?", redo)
             conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
@@ -573,6 +713,7 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
     model_n = name_id(conn, "model", name)
     select = (
         f"SELECT t.{pk}, {table.partition_sql('t')}, s.data, p.name, s.deleted, s.purged, s.dirty, s.rowid IS NOT NULL, "
+        "s.hash, "
         + ", ".join(f"t.{q(c)}" for c in columns)
         + f" FROM {q(name)} t LEFT JOIN bundlesync_versions s ON s.model = ? AND s.id = t.{pk} "
         "LEFT JOIN bundlesync_partitions p ON p.n = s.part "
@@ -585,15 +726,19 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
     while rows:
         changed = []
         for row in rows:
-            record_id, partition, s_data, s_part, s_deleted, s_purged, s_dirty, stored = row[:8]
+            record_id, partition, s_data, s_part, s_deleted, s_purged, s_dirty, stored, s_hash = row[:9]
             if stored:
                 if s_dirty:
                     continue
                 if not s_deleted and not s_purged:
-                    data = encode_data(columns, row[8:])
-                    if data != s_data:
-                        data = _keep_unknown_keys(s_data, data, columns)
-                    if data == s_data and partition == s_part:
+                    data = encode_data(columns, row[9:])
+                    if s_data is None:  # the store left the data to the app row: its hash tells an edit
+                        unchanged = data_hash(data) == s_hash
+                    else:
+                        if data != s_data:
+                            data = _keep_unknown_keys(s_data, data, columns)
+                        unchanged = data == s_data
+                    if unchanged and partition == s_part:
                         continue
             changed.append((name, record_id))
         conn.executemany(log, changed)
@@ -611,6 +756,31 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
         (name, model_n),
     )
     return logged + max(gone.rowcount, 0)
+
+
+def compact_table(conn: sqlite3.Connection, table: TableSpec) -> int:
+    """Leave out the stored data of every record of ``table`` whose app row encodes to it; return how many.
+
+    For a store that kept every record's data (a device upgraded from that shape). Records that wait
+    for their app row (``dirty``), deletions and rows with a pending change keep theirs. Must run
+    inside a write transaction, with the table's tracking triggers (which keep prior rows) in place.
+    """
+    model_n = name_id(conn, "model", table.name)
+    if model_n is None:
+        return 0
+    pk, columns = q(table.primary_key), table.columns
+    sql = (f"SELECT s.rowid, s.data, " + ", ".join(f"t.{q(c)}" for c in columns) + " FROM bundlesync_versions s "
+           f"JOIN {q(table.name)} t ON t.{pk} = s.id WHERE s.model = ? AND s.rowid > ? AND s.data IS NOT NULL "
+           "AND NOT s.dirty AND NOT s.deleted AND NOT s.purged "
+           "AND NOT EXISTS (SELECT 1 FROM bundlesync_changes c WHERE c.model = ? AND c.pk = s.id) "
+           f"ORDER BY s.rowid LIMIT {BATCH}")
+    compacted, last = 0, -(2**63)
+    while rows := fetch_all(conn, sql, (model_n, last, table.name)):
+        last = rows[-1][0]
+        same = [(rowid,) for rowid, data, *values in rows if encode_data(columns, values) == data]
+        conn.executemany("UPDATE bundlesync_versions SET data = NULL WHERE rowid = ?", same)
+        compacted += len(same)
+    return compacted
 
 
 def record_transfer(conn: sqlite3.Connection, *, bundle_id: str, direction: str, dataset_id: str,

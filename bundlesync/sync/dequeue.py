@@ -27,8 +27,8 @@ from bundlesync.replica.merge import MergeResult, Outcome, merge
 from bundlesync.profile import Profile
 from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
-from bundlesync.replica.store import (fetch_versions, holds_model, log_conflicts, loser_json, mark_waiting, stored_lines,
-                                      update_vectors, upsert_versions)
+from bundlesync.replica.store import (fetch_versions, holds_model, log_conflicts, loser_json, mark_waiting, same_line,
+                                      settle, stored_lines, update_vectors, upsert_versions)
 
 __all__ = ["DequeueResult", "Dequeuer", "dequeue"]
 
@@ -128,6 +128,8 @@ class _AppWriter:
             writer.remove(removals)
             errors = writer.place([(v.id, row, v.partition) for v, row in items if not (v.deleted or v.purged)])
             waiting.extend((reason, model, record_id) for record_id, reason in errors.items())
+            settle(self.conn, writer.table, [(v.id, v.data) for v, _ in items
+                                             if not (v.deleted or v.purged or v.id in errors)])
             result.deleted += len(removals)
             result.written += len(items) - len(removals) - len(errors)
             result.by_model[model] = result.by_model.get(model, 0) + len(items) - len(errors)
@@ -183,7 +185,7 @@ class Dequeuer:
         held = stored_lines(conn, [k for k in keys if k is not None and self._worth_looking_up(k)]) if look_up else {}
         for line, key in zip(lines, keys):
             stored = held.get(key) if held and key is not None else None
-            if stored is not None and stored[0] == line and not stored[3] and writable(stored[2]) \
+            if stored is not None and same_line(stored, line) and not stored[3] and writable(stored[2]) \
                     and readable(stored[2]):
                 result.received += 1
                 if stored[1] > self.future:
@@ -211,7 +213,7 @@ class Dequeuer:
                     both = merge(earlier[0], version)
                     version, row = both.result, (row if both.incoming_won else earlier[1])
                 incoming[key] = (version, row)
-        local = fetch_versions(conn, incoming)
+        local = fetch_versions(conn, incoming, self.profile)
         won: list[tuple[Version, dict[str, Any]]] = []
         vectors: list[Version] = []
         losers: list[tuple[str, str, str, str, int, str, str]] = []

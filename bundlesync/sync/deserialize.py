@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from bundlesync.format.records import RawText, decode_data
 from bundlesync.replica.db import q
 from bundlesync.profile import NEW, Profile, TableSpec, incoming_row_sql
-from bundlesync.replica.store import BATCH, name_id
+from bundlesync.replica.store import BATCH, name_id, settle
 
 __all__ = ["DeserializeResult", "TableWriter", "count_unplaced", "deserialize", "placing"]
 
@@ -199,6 +199,8 @@ def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, model: int,
                  "AND rowid BETWEEN ? AND ?", (model, batch[0][0], batch[-1][0]))
     conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = ? WHERE rowid = ?",
                      [(reason, rowid) for rowid, reason in errors.items()])
+    settle(conn, writer.table, [(pk, data) for rowid, pk, data, deleted, purged, _ in batch
+                                if not (deleted or purged or rowid in errors)])
     placed = len(batch) - len(errors)
     result.deleted += len(removals)
     result.written += placed - len(removals)

@@ -42,7 +42,7 @@ from bundlesync.replica import knowledge as kn
 from bundlesync.replica.knowledge import Knowledge
 from bundlesync.sync.basis import choose_basis
 from bundlesync.trust.crypto import SigningKey, verify
-from bundlesync.replica.db import read_transaction, write_transaction
+from bundlesync.replica.db import fetch_all, q, read_transaction, write_transaction
 from bundlesync.replica.pacing import Pacer
 from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.revocation import check_not_revoked
@@ -53,11 +53,12 @@ from bundlesync.format.envelope import check_recipient
 from bundlesync.format.manifest import Manifest
 from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
-from bundlesync.profile import Profile
+from bundlesync.format.records import data_hash
+from bundlesync.profile import Profile, TableSpec
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
-from bundlesync.replica.store import (FROM_STORE, STORE_LINE_SQL, SerializeResult, current_counter, held_warning,
-                                      last_change, name_id, record_transfer, serialize_changes)
+from bundlesync.replica.store import (FROM_STORE, HEAD_SQL, SerializeResult, app_data, app_data_sql, current_counter,
+                                      held_warning, last_change, name_id, record_transfer, serialize_changes)
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -117,8 +118,34 @@ def _writers(conn: sqlite3.Connection, model: int) -> Iterator[tuple[int, str]]:
                            (model, inst)).fetchone()
 
 
-_LINE_SQL = (f"SELECT {STORE_LINE_SQL} FROM {FROM_STORE} WHERE s.model = ? AND s.inst = ? AND s.ctr = ? "
-             "AND s.rowid > ? AND s.rowid <= ? AND {prefixes}{held} ORDER BY s.rowid")
+def _line_sql(table: TableSpec) -> str:
+    """One stretch of a table's record heads with their data, or the values their data is encoded from."""
+    columns, joins = app_data_sql(table, "s.id", "s.data IS NULL")
+    return (f"SELECT {HEAD_SQL}, s.data, s.hash, s.id, {columns} FROM {FROM_STORE} {joins} "
+            "WHERE s.model = ? AND s.inst = ? AND s.ctr = ? AND s.rowid > ? AND s.rowid <= ? AND {prefixes}{held} "
+            "ORDER BY s.rowid")
+
+
+def _lines(conn: sqlite3.Connection, table: TableSpec, rows: Sequence[Sequence[Any]]) -> list[bytes]:
+    """Record lines from :func:`_line_sql` rows: a line's data is the store's, or its app row's encoding.
+
+    A record whose app row no longer encodes to the stored hash was changed while tracking was off
+    (nothing else changes it without keeping the prior row): it is logged as a change, so the next
+    export sends it as a new version, and this export stops rather than send wrong data.
+    """
+    lines = []
+    columns = table.columns
+    for head, data, digest, record_id, *app in rows:
+        if data is None:
+            data = app_data(columns, app)
+            if data is None or data_hash(data) != digest:
+                conn.execute("INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, ?) "
+                             "ON CONFLICT (model, pk) DO NOTHING",
+                             (table.name, record_id, int(datetime.datetime.now().timestamp() * 1000)))
+                raise SyncError(f"record {table.name} {record_id} no longer matches its stored version (its app row "
+                                "changed while bundlesync's tracking was off); it is queued again: export again")
+        lines.append(b"%s\t%s\n" % (head, data.encode("utf-8", "surrogatepass")))
+    return lines
 
 STRETCH = 2000
 """Versions (of one table and writer) one read statement looks at: every read stays short."""
@@ -188,15 +215,16 @@ def outgoing_lines(
         model = name_id(conn, "model", table.name)
         if model is None:
             continue
+        line_sql = _line_sql(table)
         for inst, inst_name in list(_writers(conn, model)):
             floor = min(view.get(inst_name, 0) for view in at_filter)
             held, held_params = _held_sql(floor, finer.get(inst_name, []))
-            sql = _LINE_SQL.format(prefixes=where, held=held)
+            sql = line_sql.format(prefixes=where, held=held)
             for ctr, after, upto in _stretches(conn, model, inst, floor):
-                rows = conn.execute(sql, [model, inst, ctr, after, upto, *params, *held_params]).fetchall()
+                rows = fetch_all(conn, sql, [model, inst, ctr, after, upto, *params, *held_params])
                 if rows:
                     counts[table.name] = counts.get(table.name, 0) + len(rows)
-                    yield [line for (line,) in rows]
+                    yield _lines(conn, table, rows)
 
 
 Progress = Callable[[int, int], None]
@@ -224,8 +252,12 @@ def estimate(conn: sqlite3.Connection, profile: Profile, basis: Mapping[str, int
             count += conn.execute("SELECT count(*) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
                                   (model, inst, basis.get(inst_name, 0))).fetchone()[0]
         if count:
-            avg = conn.execute("SELECT avg(length(CAST(data AS BLOB))) FROM (SELECT data FROM bundlesync_versions "
-                               "WHERE model = ? LIMIT 256)", (model,)).fetchone()[0] or 0
+            # Data the store leaves to the app row is sized from that row: each value, its key and quotes.
+            pk = q(table.primary_key)
+            app_size = " + ".join(f"coalesce(length(CAST(t.{q(c)} AS BLOB)), 4) + {len(c) + 4}" for c in table.columns)
+            avg = conn.execute(f"SELECT avg(coalesce(length(CAST(s.data AS BLOB)), {app_size or '2'})) FROM "
+                               f"(SELECT id, data FROM bundlesync_versions WHERE model = ? LIMIT 256) s "
+                               f"LEFT JOIN {q(table.name)} t ON t.{pk} = s.id", (model,)).fetchone()[0] or 0
             records += count
             raw += int(count * (avg + _HEAD_BYTES))
     return records, raw

@@ -26,7 +26,7 @@ from bundlesync.replica.db import q, write_transaction
 from bundlesync.sync.deserialize import deserialize
 from bundlesync.device import Device
 from bundlesync.errors import StateError
-from bundlesync.format.records import WALL_MAX_MS
+from bundlesync.format.records import WALL_MAX_MS, data_hash
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
 from bundlesync.replica.store import FROM_STORE, name_ids, next_counter, read_vector, serialize_changes, stored_vector
@@ -54,6 +54,10 @@ class PurgePlan:
     facility_id: str
     user_id: str
     partitions: tuple[str, ...]
+
+
+EMPTY_HASH = data_hash("{}")
+"""The hash of a purged record's data (``{}``: nothing of the user's is kept)."""
 
 
 def user_partitions(profile: Profile, dataset_id: str, user_id: str) -> tuple[str, ...]:
@@ -136,9 +140,9 @@ def purge_user(device: Device, facility: str, user_id: str, plan: PurgePlan | No
                          stored_vector(vv, me, counter), model_n, record_id))
         # The purge is a new edit: its wall-clock time is now, not that of the version it replaces.
         conn.executemany(
-            "UPDATE bundlesync_versions SET data = '{}', deleted = 1, purged = 1, hlc = ?, wall = ?, inst = ?, "
-            "ctr = ?, vv = ?, dirty = 1, error = NULL, bundle = NULL WHERE model = ? AND id = ?",
-            rows,
+            "UPDATE bundlesync_versions SET data = '{}', hash = ?, deleted = 1, purged = 1, hlc = ?, wall = ?, "
+            "inst = ?, ctr = ?, vv = ?, dirty = 1, error = NULL, bundle = NULL WHERE model = ? AND id = ?",
+            [(EMPTY_HASH, *row) for row in rows],
         )
         conn.executemany("DELETE FROM bundlesync_conflicts WHERE model = ? AND record_id = ?",
                          [(model, record_id) for _, model, record_id, *_ in targets])
