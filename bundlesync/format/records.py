@@ -3,8 +3,8 @@
 A bundle's payload is a sequence of record lines ``<head JSON>\t<data JSON>\n``. The head
 holds the version (``m`` table, ``id``, ``p`` partition, ``h`` hybrid logical clock, ``i``
 writer instance, ``c`` writer counter, ``v`` version vector, ``f`` flags: 1 deleted,
-2 purged); the data is the row's values as a JSON object. :data:`LINE_SQL` builds a line
-from a ``bundlesync_store`` row inside SQLite (export), :func:`parse_record` reads one back
+2 purged); the data is the row's values as a JSON object. :func:`head_sql` builds a line's head
+from a store row inside SQLite (export adds the data), :func:`parse_record` reads one back
 (import); :func:`encode_data` / :func:`decode_data` turn a row's values into the data JSON
 that the store keeps and the line carries.
 

@@ -1,7 +1,14 @@
 """The store: bundlesync's serialized copy of every syncable row, and the device identity.
 
-``bundlesync_store`` holds one row per app record: its JSON data and its winning
-version (see :mod:`bundlesync.replica.merge`). *Serialization* (the SERIALIZING stage)
+``bundlesync_versions`` holds one row per app record: its winning version (see
+:mod:`bundlesync.replica.merge`) with small integer ids for the names it repeats (table,
+partition, writer, bundle: the name tables), its version vector only where it is not the
+default ``{writer: counter}``, and its data JSON only where the app row does not give it (a
+row waiting or refused, a deletion or purge, fields this app table lacks). Elsewhere ``data``
+is NULL: the data is the app row's encoding, or, once the app changed the row, the prior row
+the tracking triggers kept (:func:`~bundlesync.replica.tracking.prior_table`); ``hash`` (of the
+data JSON, every record) tells edits from no-op updates and held lines from new ones. The
+view ``bundlesync_store`` spells the names out. *Serialization* (the SERIALIZING stage)
 turns the change log the triggers filled into new versions stamped with this
 device's instance id and a fresh counter; everything else (export, import,
 status) reads and writes versions here, never app rows directly, except
