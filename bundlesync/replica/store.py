@@ -332,19 +332,27 @@ def _write(conn: sqlite3.Connection, rows: Sequence[_Write]) -> None:
 
 
 def upsert_versions(
-    conn: sqlite3.Connection, versions: Iterable[tuple[Version, bool]], bundle_id: str | None
+    conn: sqlite3.Connection, versions: Iterable[tuple[Version, bool]], bundle_id: str | None, *,
+    to_app: bool = False,
 ) -> None:
-    """Write versions; the flag says whether the app table must be updated (``dirty``)."""
+    """Write versions; the flag says whether the app table must be updated (``dirty``).
+
+    ``to_app``: the caller writes the app rows of these versions next, in this transaction, and then
+    calls :func:`settle` (``stored=False``) for those written and :func:`mark_waiting` for the others,
+    so their data is written without it (each store row is written once at its final size: a row that
+    shrank afterwards would leave its page mostly empty).
+    """
     _write(conn, [(v.model, v.id, v.partition, v.data, int(v.deleted), int(v.purged), v.hlc, v.inst, v.ctr, v.vv,
-                   int(dirty), bundle_id, v.wall, False) for v, dirty in versions])
+                   int(dirty), bundle_id, v.wall, to_app and not (v.deleted or v.purged)) for v, dirty in versions])
 
 
-def settle(conn: sqlite3.Connection, table: TableSpec, written: Iterable[tuple[str, str]]) -> int:
-    """Leave out the stored data of records ``(id, data)`` just written to their app rows, where a row encodes to it.
+def settle(conn: sqlite3.Connection, table: TableSpec, written: Iterable[tuple[str, str]], *, stored: bool) -> int:
+    """After an import wrote records ``(id, data)`` to their app rows: the store keeps the data only where a row
+    does not encode to it (the app table changed a value on the way in: a type affinity, a column it lacks).
 
-    Called after an import wrote app rows (tracking suppressed): a row the app table changed on the
-    way in (a type affinity, a column it lacks) keeps its data in the store. Returns how many
-    records the store now leaves to their app rows.
+    ``stored``: whether the store holds their data now (it is left out where the row gives it) or was
+    written without it (:func:`upsert_versions` ``to_app``: it is put back where the row does not give
+    it). Tracking must be suppressed. Returns how many records the store leaves to their app rows.
     """
     want = dict(written)
     if not want:
@@ -353,16 +361,25 @@ def settle(conn: sqlite3.Connection, table: TableSpec, written: Iterable[tuple[s
     pk, columns = q(table.primary_key), table.columns
     select = f"SELECT t.{pk}, " + ", ".join(f"t.{q(c)}" for c in columns) + f" FROM {q(table.name)} t WHERE t.{pk} IN "
     ids = list(want)
-    same: list[tuple[int | None, str]] = []
+    same: list[str] = []
     for start in range(0, len(ids), 900):
         chunk = ids[start : start + 900]
         for row in fetch_all(conn, select + f"({', '.join('?' * len(chunk))})", chunk):
             key = row[0] if type(row[0]) is str else str(row[0])
             if want.get(key) == encode_data(columns, row[1:]):
-                same.append((model_n, key))
+                same.append(key)
     prior = q(prior_table(table))
-    conn.executemany(f"DELETE FROM {prior} WHERE {PRIOR_ID} = ?", [(key,) for _, key in same])
-    conn.executemany("UPDATE bundlesync_versions SET data = NULL WHERE model = ? AND id = ? AND dirty = 0", same)
+    if conn.execute(f"SELECT EXISTS (SELECT 1 FROM {prior})").fetchone()[0]:
+        # Left to the app row from now on: a row kept for an earlier version must not stand for this one.
+        conn.executemany(f"DELETE FROM {prior} WHERE {PRIOR_ID} = ?", [(key,) for key in same])
+    if stored:
+        conn.executemany("UPDATE bundlesync_versions SET data = NULL WHERE model = ? AND id = ? AND dirty = 0",
+                         [(model_n, key) for key in same])
+    else:
+        for key in same:
+            del want[key]
+        conn.executemany("UPDATE bundlesync_versions SET data = ? WHERE model = ? AND id = ?",
+                         [(data, model_n, key) for key, data in want.items()])
     return len(same)
 
 
@@ -403,12 +420,13 @@ def holds_model(conn: sqlite3.Connection, model: str) -> bool:
         "SELECT EXISTS (SELECT 1 FROM bundlesync_versions WHERE model = ?)", (model_n,)).fetchone()[0])
 
 
-def mark_waiting(conn: sqlite3.Connection, rows: Sequence[tuple[str, str, str]]) -> None:
-    """Mark records ``(reason, model, id)`` as not written to their app table yet (``dirty``), with the reason."""
+def mark_waiting(conn: sqlite3.Connection, rows: Sequence[tuple[str, str, str, str]]) -> None:
+    """Mark records ``(reason, model, id, data)`` as not written to their app table yet (``dirty``), with the reason
+    (and their data, which the store keeps while the app row does not hold it)."""
     if rows:
-        models = name_ids(conn, "model", (m for _, m, _ in rows))
-        conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = ? WHERE model = ? AND id = ?",
-                         [(reason, models[m], i) for reason, m, i in rows])
+        models = name_ids(conn, "model", (m for _, m, _, _ in rows))
+        conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = ?, data = ? WHERE model = ? AND id = ?",
+                         [(reason, data, models[m], i) for reason, m, i, data in rows])
 
 
 # --- serialization ---------------------------------------------------------------------

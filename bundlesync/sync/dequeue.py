@@ -118,7 +118,7 @@ class _AppWriter:
         by_model: dict[str, list[tuple[Version, dict[str, Any]]]] = {}
         for version, row in won:
             by_model.setdefault(version.model, []).append((version, row))
-        waiting: list[tuple[str, str, str]] = []
+        waiting: list[tuple[str, str, str, str]] = []
         for model in sorted(by_model, key=self.order.__getitem__):
             writer = self.writers.get(model)
             if writer is None:
@@ -127,9 +127,10 @@ class _AppWriter:
             removals = [v.id for v, _ in items if v.deleted or v.purged]
             writer.remove(removals)
             errors = writer.place([(v.id, row, v.partition) for v, row in items if not (v.deleted or v.purged)])
-            waiting.extend((reason, model, record_id) for record_id, reason in errors.items())
+            data = {v.id: v.data for v, _ in items}
+            waiting.extend((reason, model, record_id, data[record_id]) for record_id, reason in errors.items())
             settle(self.conn, writer.table, [(v.id, v.data) for v, _ in items
-                                             if not (v.deleted or v.purged or v.id in errors)])
+                                             if not (v.deleted or v.purged or v.id in errors)], stored=False)
             result.deleted += len(removals)
             result.written += len(items) - len(removals) - len(errors)
             result.by_model[model] = result.by_model.get(model, 0) + len(items) - len(errors)
@@ -238,7 +239,7 @@ class Dequeuer:
                 vectors.append(merged.result)
             if merged.loser is not None and not merged.result.purged:
                 losers.append(_loser_entry(merged, self.bundle_id, self.detected_at))
-        upsert_versions(conn, [(v, False) for v, _ in won], self.bundle_id)
+        upsert_versions(conn, [(v, False) for v, _ in won], self.bundle_id, to_app=True)
         self.app.write(won, self.written)
         update_vectors(conn, vectors)
         log_conflicts(conn, losers)

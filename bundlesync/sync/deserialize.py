@@ -200,7 +200,7 @@ def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, model: int,
     conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = ? WHERE rowid = ?",
                      [(reason, rowid) for rowid, reason in errors.items()])
     settle(conn, writer.table, [(pk, data) for rowid, pk, data, deleted, purged, _ in batch
-                                if not (deleted or purged or rowid in errors)])
+                                if not (deleted or purged or rowid in errors)], stored=True)
     placed = len(batch) - len(errors)
     result.deleted += len(removals)
     result.written += placed - len(removals)

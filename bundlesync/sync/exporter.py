@@ -54,6 +54,7 @@ from bundlesync.format.manifest import Manifest
 from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
 from bundlesync.format.records import data_hash
+from bundlesync.replica.tracking import NOW_MS_SQL
 from bundlesync.profile import Profile, TableSpec
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
@@ -139,13 +140,13 @@ def _lines(conn: sqlite3.Connection, table: TableSpec, rows: Sequence[Sequence[A
         if data is None:
             data = app_data(columns, app)
             if data is None or data_hash(data) != digest:
-                conn.execute("INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, ?) "
-                             "ON CONFLICT (model, pk) DO NOTHING",
-                             (table.name, record_id, int(datetime.datetime.now().timestamp() * 1000)))
+                conn.execute(f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, {NOW_MS_SQL}) "
+                             "ON CONFLICT (model, pk) DO NOTHING", (table.name, record_id))
                 raise SyncError(f"record {table.name} {record_id} no longer matches its stored version (its app row "
                                 "changed while bundlesync's tracking was off); it is queued again: export again")
         lines.append(b"%s\t%s\n" % (head, data.encode("utf-8", "surrogatepass")))
     return lines
+
 
 STRETCH = 2000
 """Versions (of one table and writer) one read statement looks at: every read stays short."""
