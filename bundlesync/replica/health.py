@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from bundlesync.profile import Profile
 from bundlesync.replica.db import q, write_transaction
-from bundlesync.replica.store import compact_table, reconcile_table
+from bundlesync.replica.store import compact_store, reconcile_table
 from bundlesync.replica.tracking import expected_triggers, install_table_triggers, installed_triggers, trigger_names
 
 __all__ = ["ADDED", "MISSING", "REMOVED", "STALE", "Drift", "Repair", "check_tracking", "ensure_tracking",
@@ -157,8 +157,7 @@ def ensure_tracking(conn: sqlite3.Connection, profile: Profile, *, record: bool 
         # ones keep prior rows) without noting a repair, then the data its app rows hold is left out.
         done = _repair(conn, profile, drift, record=record and not upgraded) if drift else []
         if upgraded and _compaction_pending(conn):
-            for table in profile.tables:
-                compact_table(conn, table)
+            compact_store(conn, profile)
             conn.execute("DELETE FROM bundlesync_meta WHERE key = ?", (_COMPACT,))
         return done
 

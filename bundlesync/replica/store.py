@@ -38,7 +38,7 @@ from bundlesync.profile import Profile, TableSpec
 __all__ = [
     "BATCH",
     "SerializeResult",
-    "compact_table",
+    "compact_store",
     "ensure_identity",
     "fetch_versions",
     "held_rows",
@@ -783,28 +783,43 @@ def reconcile_table(conn: sqlite3.Connection, table: TableSpec) -> int:
     return logged + max(gone.rowcount, 0)
 
 
-def compact_table(conn: sqlite3.Connection, table: TableSpec) -> int:
-    """Leave out the stored data of every record of ``table`` whose app row encodes to it; return how many.
+def compact_store(conn: sqlite3.Connection, profile: Profile) -> int:
+    """Leave out the stored data of every record whose app row encodes to it; return how many.
 
     For a store that kept every record's data (a device upgraded from that shape). Records that wait
-    for their app row (``dirty``), deletions and rows with a pending change keep theirs. Must run
-    inside a write transaction, with the table's tracking triggers (which keep prior rows) in place.
+    for their app row (``dirty``), deletions and rows with a pending change keep theirs. The table is
+    then written anew, so that its rows sit in full pages (rows shrunk in place would leave their pages
+    mostly empty; the pages freed are reused as the store grows). Must run inside a write transaction,
+    with the tracking triggers (which keep prior rows) in place.
     """
-    model_n = name_id(conn, "model", table.name)
-    if model_n is None:
-        return 0
-    pk, columns = q(table.primary_key), table.columns
-    sql = (f"SELECT s.rowid, s.data, " + ", ".join(f"t.{q(c)}" for c in columns) + " FROM bundlesync_versions s "
-           f"JOIN {q(table.name)} t ON t.{pk} = s.id WHERE s.model = ? AND s.rowid > ? AND s.data IS NOT NULL "
-           "AND NOT s.dirty AND NOT s.deleted AND NOT s.purged "
-           "AND NOT EXISTS (SELECT 1 FROM bundlesync_changes c WHERE c.model = ? AND c.pk = s.id) "
-           f"ORDER BY s.rowid LIMIT {BATCH}")
-    compacted, last = 0, -(2**63)
-    while rows := fetch_all(conn, sql, (model_n, last, table.name)):
-        last = rows[-1][0]
-        same = [(rowid,) for rowid, data, *values in rows if encode_data(columns, values) == data]
-        conn.executemany("UPDATE bundlesync_versions SET data = NULL WHERE rowid = ?", same)
-        compacted += len(same)
+    conn.execute("CREATE TEMP TABLE bundlesync_settled (r INTEGER PRIMARY KEY)")
+    compacted = 0
+    for table in profile.tables:
+        model_n = name_id(conn, "model", table.name)
+        if model_n is None:
+            continue
+        pk, columns = q(table.primary_key), table.columns
+        sql = (f"SELECT s.rowid, s.data, " + ", ".join(f"t.{q(c)}" for c in columns) + " FROM bundlesync_versions s "
+               f"JOIN {q(table.name)} t ON t.{pk} = s.id WHERE s.model = ? AND s.rowid > ? AND s.data IS NOT NULL "
+               "AND NOT s.dirty AND NOT s.deleted AND NOT s.purged "
+               "AND NOT EXISTS (SELECT 1 FROM bundlesync_changes c WHERE c.model = ? AND c.pk = s.id) "
+               f"ORDER BY s.rowid LIMIT {BATCH}")
+        last = -(2**63)
+        while rows := fetch_all(conn, sql, (model_n, last, table.name)):
+            last = rows[-1][0]
+            same = [(rowid,) for rowid, data, *values in rows if encode_data(columns, values) == data]
+            conn.executemany("INSERT INTO temp.bundlesync_settled (r) VALUES (?)", same)
+            compacted += len(same)
+    names = [r[1] for r in conn.execute("PRAGMA table_info(bundlesync_versions)")]
+    listed = ", ".join(names)
+    picked = ", ".join("CASE WHEN s.rowid IN (SELECT r FROM temp.bundlesync_settled) THEN NULL ELSE s.data END AS data"
+                       if n == "data" else f"s.{n} AS {n}" for n in names)
+    conn.execute(f"CREATE TEMP TABLE bundlesync_copy AS SELECT s.rowid AS r, {picked} FROM bundlesync_versions s")
+    conn.execute("DELETE FROM bundlesync_versions")
+    conn.execute(f"INSERT INTO bundlesync_versions (rowid, {listed}) SELECT r, {listed} FROM temp.bundlesync_copy "
+                 "ORDER BY r")
+    conn.execute("DROP TABLE temp.bundlesync_copy")
+    conn.execute("DROP TABLE temp.bundlesync_settled")
     return compacted
 
 
