@@ -154,21 +154,27 @@ def app_data_sql(table: TableSpec, record_id: str, when: str = "") -> tuple[str,
     """
     pk = q(table.primary_key)
     when = f"{when} AND " if when else ""
-    columns = (f"pr.{PRIOR_ID} IS NOT NULL, " + "".join(f"pr.{q(c)}, " for c in table.columns)
-               + f"t.{pk} IS NOT NULL" + "".join(f", t.{q(c)}" for c in table.columns))
+    # Only whether a prior row exists: it is rare, and its values are read on their own (prior_data).
+    columns = f"pr.{PRIOR_ID} IS NOT NULL, t.{pk} IS NOT NULL" + "".join(f", t.{q(c)}" for c in table.columns)
     joins = (f"LEFT JOIN {q(prior_table(table))} pr ON {when}pr.{PRIOR_ID} = {record_id} "
              f"LEFT JOIN {q(table.name)} t ON {when}t.{pk} = {record_id}")
     return columns, joins
 
 
-def app_data(columns: Sequence[str], values: Sequence[Any]) -> str | None:
+def app_data(conn: sqlite3.Connection, table: TableSpec, record_id: str, values: Sequence[Any]) -> str | None:
     """The data JSON from the values :func:`app_data_sql` selected (None: neither row exists)."""
-    n = len(columns)
     if values[0]:
-        return encode_data(columns, values[1 : n + 1])
-    if values[n + 1]:
-        return encode_data(columns, values[n + 2 :])
+        return prior_data(conn, table, record_id)
+    if values[1]:
+        return encode_data(table.columns, values[2:])
     return None
+
+
+def prior_data(conn: sqlite3.Connection, table: TableSpec, record_id: str) -> str | None:
+    """The data JSON of the row the prior table keeps for a record (None: it keeps none)."""
+    rows = fetch_all(conn, f"SELECT {', '.join(q(c) for c in table.columns)} FROM {q(prior_table(table))} "
+                           f"WHERE {PRIOR_ID} = ?", (record_id,))
+    return encode_data(table.columns, rows[0]) if rows else None
 
 
 def _lookup_names(conn: sqlite3.Connection, table: str, names: Sequence[str]) -> dict[str, int]:
@@ -218,11 +224,11 @@ def read_vector(text: str | None, inst: str, ctr: int) -> dict[str, int]:
 _VERSION_COLUMNS = "s.id, p.name, s.data, s.deleted, s.purged, s.hlc, w.name, s.ctr, s.vv, s.wall"
 
 
-def _row_to_version(model: str, row: Sequence[Any], columns: Sequence[str] | None) -> Version:
+def _row_to_version(conn: sqlite3.Connection, model: str, row: Sequence[Any], table: TableSpec | None) -> Version:
     data = row[2]
     if data is None:
         # Left to the app row; a record whose rows are both gone (tracking was off) has lost its data.
-        data = (app_data(columns, row[10:]) if columns is not None else None) or "{}"
+        data = (app_data(conn, table, row[0], row[10:]) if table is not None else None) or "{}"
     return Version(
         model=model, id=row[0], partition=row[1], data=data, deleted=bool(row[3]), purged=bool(row[4]),
         hlc=row[5], inst=row[6], ctr=row[7], vv=read_vector(row[8], row[6], row[7]), wall=row[9],
@@ -274,7 +280,7 @@ def fetch_versions(conn: sqlite3.Connection, keys: Iterable[tuple[str, str]],
             columns, joins = app_data_sql(table, "s.id", "s.data IS NULL")
             rows = _rows_by_key(conn, f"{_VERSION_COLUMNS}, {columns}", model_keys, joins)
         for _, row in rows:
-            version = _row_to_version(model, row, None if table is None else table.columns)
+            version = _row_to_version(conn, model, row, table)
             found[(version.model, version.id)] = version
     return found
 
@@ -466,11 +472,10 @@ def _changed_rows(conn: sqlite3.Connection, table: TableSpec, model_n: int, up_t
     """Chunks of (change, app row, stored version) for one table, in change order, up to change ``up_to``."""
     pk = q(table.primary_key)
     columns = ", ".join(f"t.{q(c)}" for c in table.columns)
-    prior = "".join(f", pr.{q(c)}" for c in table.columns)
     sql = (
         f"SELECT c.seq, c.pk, c.at_ms, t.{pk} IS NOT NULL, {table.partition_sql('t')}, "
         "p.name, s.data, s.deleted, s.purged, s.hlc, s.vv, s.dirty, w.name, s.ctr, b.name, s.rowid IS NOT NULL, "
-        f"s.hash, pr.{PRIOR_ID} IS NOT NULL{prior}, {columns} "
+        f"s.hash, pr.{PRIOR_ID} IS NOT NULL, {columns} "
         f"FROM bundlesync_changes c LEFT JOIN {q(table.name)} t ON t.{pk} = c.pk "
         f"LEFT JOIN {q(prior_table(table))} pr ON pr.{PRIOR_ID} = c.pk "
         "LEFT JOIN bundlesync_versions s ON s.model = ? AND s.id = c.pk "
@@ -618,7 +623,6 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
     for table in profile.tables:
         name, columns = table.name, table.columns
         model_n = name_ids(conn, "model", [name])[name]
-        n_columns = len(columns)
         forget_prior = f"DELETE FROM {q(prior_table(table))} WHERE {PRIOR_ID} = ?"
         written = 0
         # Rows held back earlier are let go as soon as a later change of theirs serializes.
@@ -635,7 +639,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                 s_dirty, s_inst, s_ctr, s_bundle, stored, s_hash, had_prior = row[11:18]
                 if present and partition is None:
                     raise ProfileError(_no_partition(table, pk))
-                fresh = data = encode_data(columns, row[18 + n_columns :]) if present else None
+                fresh = data = encode_data(columns, row[18:]) if present else None
                 reason = _why_held(table, pk, partition, data) if present or isinstance(pk, RawText) else None
                 if reason is not None:
                     # It cannot travel in a bundle: peers keep its last good version; the rest goes on.
@@ -645,8 +649,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                     priors.append((pk,))
                 if stored and s_data is None and not present:
                     # The store left the data to the app row, which is gone now: the prior table kept it.
-                    s_data = (encode_data(columns, row[18 : 18 + n_columns]) if had_prior
-                              else _lost_data(table, s_part))
+                    s_data = (prior_data(conn, table, pk) if had_prior else None) or _lost_data(table, s_part)
                 if any_held:
                     released.append((name, pk))
                 # The edit time is the device clock's reading; one far outside real time is kept in range.

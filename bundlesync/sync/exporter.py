@@ -135,10 +135,9 @@ def _lines(conn: sqlite3.Connection, table: TableSpec, rows: Sequence[Sequence[A
     export sends it as a new version, and this export stops rather than send wrong data.
     """
     lines = []
-    columns = table.columns
     for head, data, digest, record_id, *app in rows:
         if data is None:
-            data = app_data(columns, app)
+            data = app_data(conn, table, record_id, app)
             if data is None or data_hash(data) != digest:
                 conn.execute(f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, {NOW_MS_SQL}) "
                              "ON CONFLICT (model, pk) DO NOTHING", (table.name, record_id))
