@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 from conftest import PROFILE, make_db, store_rows
 
 from bundlesync.replica.db import write_transaction
 from bundlesync.device import Device, init_device
+from bundlesync.profile import TableSpec
 from bundlesync.replica.store import serialize_changes
+from bundlesync.replica.tracking import expected_triggers, install_table_triggers, installed_triggers, suppressed
 
 
 def _device(tmp_path: Path) -> tuple[Device, Path]:
@@ -81,3 +84,83 @@ def test_floats_blobs_and_non_finite_values_round_trip(tmp_path: Path) -> None:
     values = [0.1 + 0.2, 1e-310, -0.0, float("inf"), b"\x00\xff", "é\t\"x\"", None, 2**62]
     text = encode_data([str(i) for i in range(len(values))], values)
     assert list(decode_data(text).values()) == values
+
+
+# --------------------------------------------------------------------------- the triggers themselves
+
+
+def _scratch(conn: sqlite3.Connection, name: str) -> TableSpec:
+    """A bare table with bundlesync's own tables beside it, and the spec tracking needs of it."""
+    conn.executescript("CREATE TABLE bundlesync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, "
+                       "pk TEXT NOT NULL, at_ms INTEGER NOT NULL, UNIQUE (model, pk));"
+                       "CREATE TABLE bundlesync_applying (since TEXT NOT NULL);")
+    t = '"' + name.replace('"', '""') + '"'
+    conn.executescript(f"CREATE TABLE {t} (id TEXT PRIMARY KEY, code TEXT, site TEXT, note TEXT, gone INTEGER);"
+                       f"CREATE UNIQUE INDEX code_site ON {t} (code, site);"
+                       f"CREATE UNIQUE INDEX note_live ON {t} (note) WHERE gone IS NULL;"
+                       f"CREATE INDEX plain_site ON {t} (site);"
+                       f"CREATE UNIQUE INDEX by_id ON {t} (id);")
+    return TableSpec(name=name, primary_key="id", partitions=("${dataset_id}",), dataset_column="site",
+                     foreign_keys={}, self_reference=None, exclude=frozenset())
+
+
+def _logged(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    return conn.execute("SELECT model, pk FROM bundlesync_changes ORDER BY seq").fetchall()
+
+
+def test_expected_triggers_follow_the_tables_plain_unique_indexes_only() -> None:
+    conn = sqlite3.connect(":memory:")
+    table = _scratch(conn, "app_thing")
+    names = set(expected_triggers(conn, table))
+    # Insert, update, delete, and a displacement trigger per event for the one plain multi-column
+    # UNIQUE index; none for the partial index, the plain index or a unique index on the key alone.
+    assert names == {"bundlesync_app_thing_ins", "bundlesync_app_thing_upd", "bundlesync_app_thing_del",
+                     "bundlesync_app_thing_ins_code_site", "bundlesync_app_thing_upd_code_site"}
+    with write_transaction(conn):
+        install_table_triggers(conn, table)
+    installed = installed_triggers(conn)
+    assert set(installed) == names and {tbl for tbl, _ in installed.values()} == {"app_thing"}
+    assert {n: sql for n, (_, sql) in installed.items()} == expected_triggers(conn, table)
+    # Installing again replaces rather than duplicates; an app trigger is never taken for one of ours.
+    conn.execute("CREATE TRIGGER bundlesyncish AFTER INSERT ON app_thing BEGIN SELECT 1; END")
+    with write_transaction(conn):
+        install_table_triggers(conn, table)
+    assert set(installed_triggers(conn)) == names
+
+
+def test_triggers_log_every_write_with_its_time_and_stay_silent_while_suppressed() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    table = _scratch(conn, "it's")
+    conn.execute("BEGIN")
+    install_table_triggers(conn, table)
+    conn.execute("COMMIT")
+    t = "\"it's\""
+    conn.execute(f"INSERT INTO {t} (id, code, site) VALUES ('a', 'x', 's1'), ('b', 'y', 's1')")
+    assert _logged(conn) == [("it's", "a"), ("it's", "b")]
+    first_ms = conn.execute("SELECT at_ms FROM bundlesync_changes WHERE pk = 'a'").fetchone()[0]
+    time.sleep(0.005)
+    conn.execute(f"UPDATE {t} SET note = 'n' WHERE id = 'a'")
+    again_ms = conn.execute("SELECT at_ms FROM bundlesync_changes WHERE pk = 'a'").fetchone()[0]
+    assert again_ms > first_ms and abs(again_ms - time.time() * 1000) < 5_000
+    conn.execute("DELETE FROM bundlesync_changes")
+    # OR REPLACE colliding on (code, site) removes 'b' without a DELETE trigger: logged before the write.
+    conn.execute(f"INSERT OR REPLACE INTO {t} (id, code, site) VALUES ('c', 'y', 's1')")
+    assert sorted(_logged(conn)) == [("it's", "b"), ("it's", "c")]
+    conn.execute("DELETE FROM bundlesync_changes")
+    conn.execute(f"UPDATE {t} SET id = 'd' WHERE id = 'c'")
+    conn.execute(f"DELETE FROM {t} WHERE id = 'a'")
+    assert sorted(_logged(conn)) == [("it's", "a"), ("it's", "c"), ("it's", "d")]
+    conn.execute("DELETE FROM bundlesync_changes")
+    conn.execute("BEGIN")
+    with suppressed(conn):
+        conn.execute(f"INSERT INTO {t} (id, code, site) VALUES ('e', 'z', 's2')")
+        conn.execute(f"UPDATE {t} SET note = 'quiet' WHERE id = 'd'")
+    conn.execute(f"INSERT INTO {t} (id, code, site) VALUES ('f', 'w', 's2')")  # after the block: tracked again
+    conn.execute("COMMIT")
+    assert _logged(conn) == [("it's", "f")]
+    assert conn.execute("SELECT count(*) FROM bundlesync_applying").fetchone()[0] == 0
+    # Leaving the block outside a transaction (its work rolled back) does not fail.
+    conn.execute("BEGIN")
+    with suppressed(conn):
+        conn.execute("ROLLBACK")
+    assert conn.execute("SELECT count(*) FROM bundlesync_applying").fetchone()[0] == 0

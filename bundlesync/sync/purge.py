@@ -8,7 +8,8 @@ merge (:mod:`bundlesync.replica.merge`). The app rows are deleted, the conflict 
 entries of those records are dropped, and the purge travels in the next bundle
 like any other change. Because a purged version beats every other version, an
 older bundle imported later cannot bring the data back, and a later local edit
-of a purged record is undone rather than exported.
+of a purged record is never exported: serialization marks it, and the next import
+erases the app row again.
 
 :func:`plan_purge` checks a purge without writing anything, so the command line can
 ask for confirmation first; a user id in whose partitions no record lies is refused.
