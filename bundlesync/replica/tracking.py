@@ -84,10 +84,10 @@ def _keep_prior(table: TableSpec, row: str, source: str = "", where: str = "") -
     what it was until serialization replaces it (and a deletion can carry the data it deleted).
     """
     pk = f"{row}.{q(table.primary_key)}"
-    values = ", ".join(f"{row}.{q(c)}" for c in table.columns)
+    values = "".join(f", {row}.{q(c)}" for c in table.columns)
     return (
         f"INSERT OR IGNORE INTO {q(prior_table(table))} ({PRIOR_ID}{''.join(f', {q(c)}' for c in table.columns)}) "
-        f"SELECT {pk}, {values}{source} WHERE {where}EXISTS (SELECT 1 FROM bundlesync_versions s "
+        f"SELECT {pk}{values}{source} WHERE {where}EXISTS (SELECT 1 FROM bundlesync_versions s "
         f"JOIN bundlesync_models m ON m.n = s.model WHERE m.name = {_literal(table.name)} "
         f"AND s.id = CAST({pk} AS TEXT) AND s.data IS NULL);"
     )
