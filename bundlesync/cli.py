@@ -455,7 +455,7 @@ def _still_incomplete(device: Device, done: list[ImportResult]) -> bool:
     if any(r.dequeue.refused for r in done):
         return True
     conn = device.conn
-    waiting = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE dirty = 1)").fetchone()[0]
+    waiting = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_versions WHERE dirty = 1)").fetchone()[0]
     gaps = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_gaps)").fetchone()[0]
     return bool(waiting or gaps)
 

@@ -240,6 +240,30 @@ class TableSpec:
             return re.fullmatch(regex, claimed, re.DOTALL) is not None
         return False
 
+    def row_for_partition(self, partition: str) -> dict[str, object] | None:
+        """Values of the partition's columns that give ``partition`` (the others None), or None if none can.
+
+        For a deletion whose row is gone and whose data is unknown: a row with just these values still
+        proves its partition to a receiver. Alternatives that need a lookup are not inverted.
+        """
+        variables = self.template_variables()
+        for literals, names in self._split:
+            if any(n in self.lookups for n in names) or any(n in self.lookups for n in variables):
+                continue
+            regex = re.escape(literals[0]) + "".join("(.*?)" + re.escape(literal) for literal in literals[1:])
+            found = re.fullmatch(regex, partition, re.DOTALL)
+            if found is None:
+                continue
+            row: dict[str, object] = dict.fromkeys(variables)
+            for name, value in zip(names, found.groups()):
+                if row[name] not in (None, value):
+                    break
+                row[name] = value
+            else:
+                if self.partition_matches(row, partition):
+                    return row
+        return None
+
     def partition_sql(self, alias: str | None = None) -> str:
         """An SQL expression equal to :meth:`partition_of` (NULL where it raises), columns qualified by ``alias``.
 

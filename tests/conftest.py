@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +113,22 @@ def dump_tables(path: Path) -> dict[str, list[tuple[object, ...]]]:
         return {n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
     finally:
         conn.close()
+
+
+def store_rows(db: Path | sqlite3.Connection, where: str = "1", params: tuple[object, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of the ``bundlesync_store`` view of a device made with :data:`PROFILE`, each record's data spelled out.
+
+    The store leaves out the data of records whose app row encodes to it; this reads it from there.
+    """
+    from bundlesync.profile import bind_profile, load_profile
+    from bundlesync.replica.store import read_records
+
+    conn = sqlite3.connect(db) if isinstance(db, Path) else db
+    try:
+        return read_records(conn, bind_profile(load_profile(PROFILE), conn), where, params)
+    finally:
+        if conn is not db:
+            conn.close()
 
 
 @dataclass
@@ -242,7 +259,7 @@ def app_matches_store(db: Path) -> list[str]:
     the store holds it (absent if deleted or purged); every app row is the store's or
     a local edit still in the change log.
     """
-    from bundlesync.format.records import encode_data
+    from bundlesync.format.records import data_hash, encode_data
     from bundlesync.profile import bind_profile, load_profile
 
     problems: list[str] = []
@@ -255,13 +272,16 @@ def app_matches_store(db: Path) -> list[str]:
             cols = ", ".join(f'"{c}"' for c in table.columns)
             app = {str(r[0]): encode_data(table.columns, r[1:]) for r in conn.execute(
                 f'SELECT "{table.primary_key}", {cols} FROM "{table.name}"')}
-            for record_id, data, gone, dirty in conn.execute(
-                    "SELECT id, data, deleted OR purged, dirty FROM bundlesync_store WHERE model = ?", (table.name,)):
+            for record_id, data, digest, gone, dirty in conn.execute(
+                    "SELECT id, data, hash, deleted OR purged, dirty FROM bundlesync_store WHERE model = ?",
+                    (table.name,)):
                 if (table.name, record_id) in changed or dirty:
                     app.pop(record_id, None)
                     continue
                 mine = app.pop(record_id, None)
-                if (mine is not None) if gone else (mine != data):
+                # Data the store leaves to the app row (NULL) must still be what the stored hash says.
+                differs = mine != data if data is not None else mine is None or data_hash(mine) != digest
+                if (mine is not None) if gone else differs:
                     problems.append(f"{table.name} {record_id}: app row {mine!r} but store {data!r} (gone={gone})")
             problems += [f"{table.name} {i}: app row neither in the store nor a logged edit"
                          for i in app if (table.name, i) not in changed]

@@ -8,7 +8,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import PROFILE, make_db
+from conftest import PROFILE, make_db, store_rows
 
 from bundlesync.device import Device, init_device
 from bundlesync.sync.exporter import export_bundle
@@ -113,8 +113,8 @@ class World:
         return self.devices[i].conn.execute(sql, params).fetchone()[0]
 
     def store(self, i: int) -> list[tuple[object, ...]]:
-        return self.devices[i].conn.execute(
-            "SELECT model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id").fetchall()
+        return [(r["model"], r["id"], r["data"], r["deleted"], r["purged"], r["inst"], r["ctr"])
+                for r in store_rows(self.devices[i].conn, "1 ORDER BY model, id")]
 
 
 def random_edit(world: World, i: int, rnd: random.Random) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Pair, dump_tables, make_db, run_cli
+from conftest import Pair, dump_tables, make_db, run_cli, store_rows
 from sim import World, edit
 
 from bundlesync.errors import EXIT_PARTIAL
@@ -26,9 +26,7 @@ def _within_read(world: World, i: int) -> list[tuple[object, ...]]:
     dataset_id, _ = dev.resolve_facility(world.facility)
     scope = f"user:{world.users[i]}" if i in world.users else "full"
     read = scope_filters(dev.profile, dataset_id, scope).read
-    return [r[1:] for r in dev.conn.execute(
-        "SELECT partition, model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id")
-        if within(str(r[0]), read)]
+    return [_row(r) for r in store_rows(dev.conn, "1 ORDER BY model, id") if within(str(r["partition"]), read)]
 
 
 def _reference_for(world: World, i: int) -> list[tuple[object, ...]]:
@@ -37,9 +35,12 @@ def _reference_for(world: World, i: int) -> list[tuple[object, ...]]:
     dataset_id, _ = dev.resolve_facility(world.facility)
     scope = f"user:{world.users[i]}" if i in world.users else "full"
     read = scope_filters(dev.profile, dataset_id, scope).read
-    return [r[1:] for r in world.devices[0].conn.execute(
-        "SELECT partition, model, id, data, deleted, purged, inst, ctr FROM bundlesync_store ORDER BY model, id")
-        if within(str(r[0]), read)]
+    return [_row(r) for r in store_rows(world.devices[0].conn, "1 ORDER BY model, id")
+            if within(str(r["partition"]), read)]
+
+
+def _row(r: dict[str, object]) -> tuple[object, ...]:
+    return (r["model"], r["id"], r["data"], r["deleted"], r["purged"], r["inst"], r["ctr"])
 
 
 RECEIPTLESS_ROUNDS = 3
@@ -292,7 +293,7 @@ def test_purged_user_never_reappears(tmp_path: Path) -> None:
             conn = world.devices[dev].conn
             assert conn.execute("SELECT count(*) FROM kolibriauth_facilityuser WHERE id = ?", (user,)).fetchone()[0] == 0
             assert conn.execute("SELECT count(*) FROM logger_contentsessionlog WHERE user_id = ?", (user,)).fetchone()[0] == 0
-            assert conn.execute("SELECT count(*) FROM bundlesync_store WHERE instr(data, ?) > 0", (user,)).fetchone()[0] == 0
+            assert [r["id"] for r in store_rows(conn) if user in str(r["data"])] == []
             assert conn.execute("SELECT count(*) FROM bundlesync_conflicts WHERE instr(loser, ?) > 0",
                                 (user,)).fetchone()[0] == 0
         assert world.app_rows(0) == world.app_rows(1) == world.app_rows(2)

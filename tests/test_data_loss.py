@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from conftest import PROFILE, ROOT, CliResult, Pair, dump_tables, make_db, run_cli, state
+from conftest import PROFILE, ROOT, CliResult, Pair, dump_tables, make_db, run_cli, state, store_rows
 
 from bundlesync.trust.crypto import SigningKey, save_private_key
 
@@ -245,8 +245,7 @@ def test_table_removed_from_the_profile_stops_piling_up(pair: Pair) -> None:
 def _versions(db: Path) -> dict[tuple[str, str, str, int], str]:
     conn = sqlite3.connect(db)
     try:
-        return {(m, i, inst, ctr): data for m, i, inst, ctr, data in conn.execute(
-            "SELECT model, id, inst, ctr, data FROM bundlesync_store")}
+        return {(r["model"], r["id"], r["inst"], r["ctr"]): r["data"] for r in store_rows(conn)}
     finally:
         conn.close()
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from conftest import Pair, dump_tables, run_cli
+from conftest import Pair, dump_tables, run_cli, store_rows
 from forge import record_line, resign, versions_of
 from trio import LOGS, USERS, Trio, trio_template  # noqa: F401  (fixture)
 
@@ -125,7 +125,8 @@ def scene(trio_template: Trio) -> Scene:
                           (f"model = '{USERS}' AND id IN (?, ?)", (t.user, t.other)),
                           ("model = 'kolibriauth_collection'", ()),
                           ("partition LIKE '%:anonymous'", ())):
-        for row in conn.execute(f"SELECT {columns} FROM bundlesync_store WHERE {where} ORDER BY id LIMIT 4", params):
+        for r in store_rows(conn, f"{where} ORDER BY id LIMIT 4", params):
+            row = [r[c] for c in columns.split(", ")]
             bases.append(Version(model=row[0], id=row[1], partition=row[2], data=row[3], deleted=bool(row[4]),
                                  purged=bool(row[5]), hlc=row[6], inst=row[7], ctr=row[8], vv=json.loads(row[9])))
     conn.close()
@@ -198,8 +199,8 @@ def _expected(scene: Scene, version: Version, local: dict[str, tuple[str, int]])
 def _store(db: Path) -> dict[str, tuple[str, int, str, int, int]]:
     conn = sqlite3.connect(db)
     try:
-        return {r[0]: (r[1], r[2], r[3], r[4], r[5]) for r in conn.execute(
-            "SELECT model || ' ' || id, partition, hlc, data, purged, dirty FROM bundlesync_store")}
+        return {f"{r['model']} {r['id']}": (r["partition"], r["hlc"], r["data"], r["purged"], r["dirty"])
+                for r in store_rows(conn)}
     finally:
         conn.close()
 
@@ -211,8 +212,9 @@ def _store_matches_app(db: Path, device: Device) -> None:
     try:
         for table in device.profile.tables:
             rows = {r[table.primary_key]: dict(r) for r in conn.execute(f'SELECT * FROM "{table.name}"')}
-            for record_id, data, deleted, dirty, partition in conn.execute(
-                    "SELECT id, data, deleted, dirty, partition FROM bundlesync_store WHERE model = ?", (table.name,)):
+            for record_id, data, deleted, dirty, partition in [
+                    (r["id"], r["data"], r["deleted"], r["dirty"], r["partition"])
+                    for r in store_rows(conn, "model = ?", (table.name,))]:
                 if dirty:
                     continue
                 if deleted:

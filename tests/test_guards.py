@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROFILE, make_db
+from conftest import PROFILE, make_db, store_rows
 from forge import record_line
 from sim import World
 
 from bundlesync.device import Device, init_device
 from bundlesync.errors import ReceiptError, StateError
 from bundlesync.format.container import canonical_json
-from bundlesync.format.records import LINE_SQL, Version, parse_record
+from bundlesync.format.records import Version
 from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
 from bundlesync.replica.db import write_transaction
@@ -53,8 +53,9 @@ class Scene:
 
     def versions(self, sql_where: str = "1", params: tuple[object, ...] = ()) -> list[Version]:
         """The source's store versions matching ``sql_where``, as a bundle would carry them."""
-        return [parse_record(r[0]) for r in self.source.conn.execute(
-            f"SELECT {LINE_SQL} FROM bundlesync_store WHERE {sql_where} ORDER BY model, id", params)]
+        return [Version(r["model"], r["id"], r["partition"], r["data"], bool(r["deleted"]), bool(r["purged"]), r["hlc"],
+                        r["inst"], r["ctr"], json.loads(r["vv"]), r["hlc"] >> 16 if r["wall"] is None else r["wall"])
+                for r in store_rows(self.source.conn, f"{sql_where} ORDER BY model, id", params)]
 
     def scope(self, scope: str) -> ScopeFilters:
         return scope_filters(self.target.profile, self.dataset, scope)
@@ -74,7 +75,7 @@ class Scene:
         return result, written
 
     def stored(self, model: str, record_id: str) -> Version | None:
-        return fetch_versions(self.target.conn, [(model, record_id)]).get((model, record_id))
+        return fetch_versions(self.target.conn, [(model, record_id)], self.target.profile).get((model, record_id))
 
     def app_count(self, table: str, where: str = "1", params: tuple[object, ...] = ()) -> int:
         return int(self.target.conn.execute(f'SELECT count(*) FROM "{table}" WHERE {where}', params).fetchone()[0])

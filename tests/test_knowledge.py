@@ -8,12 +8,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import PROFILE
+from conftest import PROFILE, make_db
 
 from bundlesync.partitions import within
-from bundlesync.profile import load_profile
+from bundlesync.profile import bind_profile, load_profile
 from bundlesync.replica import db
 from bundlesync.replica import knowledge as kn
+from bundlesync.format.records import Version
+from bundlesync.replica.store import upsert_versions
+from bundlesync.replica.tracking import install_table_triggers
 from bundlesync.sync.exporter import outgoing_lines
 
 D = "d"
@@ -75,14 +78,15 @@ def test_export_selects_exactly_what_the_basis_does_not_hold(
     tmp_path_factory: pytest.TempPathFactory, basis: kn.Knowledge, prefixes: list[str], records: list[tuple[str, str, int]]
 ) -> None:
     path = tmp_path_factory.mktemp("sel") / "s.db"
+    make_db(path, schema_only=True)
     conn = sqlite3.connect(path, isolation_level=None)
     db.migrate(conn)
-    profile = load_profile(PROFILE)
+    profile = bind_profile(load_profile(PROFILE), conn)
+    for table in profile.tables:  # as `init` does: the prior tables its triggers keep rows in
+        install_table_triggers(conn, table)
     model = profile.tables[0].name
-    conn.executemany(
-        "INSERT INTO bundlesync_store (model, id, partition, data, hlc, inst, ctr, vv) VALUES (?, ?, ?, '{}', 0, ?, ?, '{}')",
-        [(model, str(n), p, i, c) for n, (p, i, c) in enumerate(records)],
-    )
+    upsert_versions(conn, [(Version(model, str(n), p, "{}", False, False, 0, i, c, {}), False)
+                           for n, (p, i, c) in enumerate(records)], None)
     clipped = kn.clip(basis, prefixes)
     lines = [line for batch in outgoing_lines(conn, profile, prefixes, clipped, {}) for line in batch]
     conn.close()

@@ -19,8 +19,8 @@ from bundlesync.errors import ProfileError
 from bundlesync.format.records import Version
 from bundlesync.profile import bind_profile, builtin_profiles, load_profile, parse_profile
 from bundlesync.replica.db import migrate
-from bundlesync.replica.store import upsert_versions
-from bundlesync.replica.tracking import suppressed
+from bundlesync.replica.store import read_records, upsert_versions
+from bundlesync.replica.tracking import install_table_triggers, suppressed
 from bundlesync.sync.deserialize import deserialize
 
 COURSES = ("courses_coursesession", "courses_coursesessionassignment", "courses_unittestassignment")
@@ -180,7 +180,7 @@ def test_received_columns_are_set_on_the_receiving_side(devices: Devices) -> Non
             assert {k: v for k, v in row.items() if k != "_morango_dirty_bit"} == {
                 k: v for k, v in a_rows[key].items() if k != "_morango_dirty_bit"}
     # Neither column travels: the store (what bundles carry) has no trace of them.
-    for (data,) in conn.execute("SELECT data FROM bundlesync_store"):
+    for data in [r["data"] for r in read_records(conn, profile)]:
         assert not {"_morango_dirty_bit", "_morango_partition"} & json.loads(data).keys()
     conn.close()
 
@@ -201,6 +201,8 @@ def test_a_lookup_partition_is_recomputed_before_the_row_is_written(kolibri_db: 
     conn = sqlite3.connect(target, isolation_level=None)
     migrate(conn)
     profile = bind_profile(load_profile("kolibri"), conn)
+    for table in profile.tables:  # as `init` does: the prior tables its triggers keep rows in
+        install_table_triggers(conn, table)
     assignment = _rows(source, "courses_unittestassignment", "WHERE collection_id = ?", (f.adhoc,))[0]
     session = _rows(source, "courses_coursesession", "WHERE id = ?", (assignment["course_session_id"],))[0]
     forged = dict(assignment, id="f" * 32)

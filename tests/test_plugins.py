@@ -76,7 +76,7 @@ def traced(pair: Pair, tmp_path: Path) -> tuple[Pair, dict[str, str], Path]:
 
 def _state(db: Path) -> dict[str, list[tuple[object, ...]]]:
     conn = sqlite3.connect(db)
-    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') ORDER BY name")]
     out = {n: sorted(conn.execute(f'SELECT * FROM "{n}"').fetchall(), key=repr) for n in names}
     conn.close()
     return out

@@ -46,7 +46,7 @@ def world(tmp_path: Path) -> Iterator[World]:
 
 def _all_versions(dev: Device) -> dict[tuple[str, str], Version]:
     keys = [(m, i) for m, i in dev.conn.execute("SELECT model, id FROM bundlesync_store")]
-    return fetch_versions(dev.conn, keys)
+    return fetch_versions(dev.conn, keys, dev.profile)
 
 
 def _serialized(dev: Device) -> dict[tuple[str, str], Version]:
@@ -84,7 +84,8 @@ def test_a_purge_writes_one_new_version_over_every_record_of_the_user_and_nothin
     # ran fast): the purge must still be stamped above it.
     ahead_key = next(k for k in mine if k[0] == LOGS)
     ahead_hlc = (int(time.time() * 1000) + 3_600_000) << 16
-    a.conn.execute("UPDATE bundlesync_store SET hlc = ? WHERE model = ? AND id = ?", (ahead_hlc, *ahead_key))
+    a.conn.execute("UPDATE bundlesync_versions SET hlc = ? WHERE model = (SELECT n FROM bundlesync_models "
+                   "WHERE name = ?) AND id = ?", (ahead_hlc, *ahead_key))
     a.conn.commit()
     mine[ahead_key] = _all_versions(a)[ahead_key]
     start_ms = int(time.time() * 1000)
@@ -140,7 +141,8 @@ def test_a_purge_stays_inside_the_users_partitions_even_for_an_id_that_prefixes_
     _serialized(a)
     result = purge_user(a, world.facility, user)
     assert result.records > 0
-    assert int(str(world.one(0, f"SELECT count(*) FROM {LOGS} WHERE user_id = ?", (other,)))) > 0
+    kept = world.one(0, f"SELECT count(*) FROM {LOGS} WHERE user_id = ?", (other,))
+    assert isinstance(kept, int) and kept > 0
     assert world.one(0, f"SELECT count(*) FROM {USERS} WHERE id = ?", (other,)) == 1
     # A prefix of a real id names no user: refused, nothing written.
     with pytest.raises(StateError, match="is not a user of facility"):

@@ -6,7 +6,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from conftest import PROFILE, make_db, run_cli
+from conftest import PROFILE, make_db, run_cli, store_rows
 
 from bundlesync.format import container as container
 from bundlesync.device import Device
@@ -69,10 +69,11 @@ def test_out_of_scope_records_are_refused_and_the_rest_applies(tmp_path: Path) -
         with dev.conn:
             from bundlesync.replica.store import serialize_changes
             serialize_changes(dev.conn, dev.profile)
+        data = {r["id"]: r["data"] for r in store_rows(dev.conn, "model = 'kolibriauth_collection'")}
         forged_lines = [
-            row[0] for row in dev.conn.execute(
+            row[0] + b"\t" + data[row[1]].encode() + b"\n" for row in dev.conn.execute(
                 "SELECT CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'i', inst, 'c', ctr, "
-                "'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB) "
+                "'v', json(vv), 'f', deleted + 2 * purged) AS BLOB), id "
                 "FROM bundlesync_store WHERE model = 'kolibriauth_collection' AND inst = ?", (dev.instance_id,))
         ]
     assert forged_lines

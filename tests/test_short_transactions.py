@@ -29,7 +29,7 @@ from bundlesync.format.records import parse_record
 from bundlesync.sync.importer import import_bundle, read_records
 from bundlesync.trust.keystore import KeyStore
 from conftest import (Pair, app_matches_store, build_pair, clone_device, copy_pair, dump_tables, masked_state,
-                      run_cli, state)
+                      run_cli, state, store_rows)
 
 LOGS = 8_000
 UPDATED = ("logger_contentsessionlog", "logger_contentsummarylog", "logger_attemptlog")
@@ -125,8 +125,8 @@ def test_app_edit_between_transactions_meets_the_incoming_version_in_the_merge(s
 
     conn = sqlite3.connect(p.b_db)
     row = conn.execute(f"SELECT time_spent FROM {last.model} WHERE id = ?", (last.id,)).fetchone()
-    inst, data = conn.execute("SELECT inst, data FROM bundlesync_store WHERE model = ? AND id = ?",
-                              (last.model, last.id)).fetchone()
+    [stored] = store_rows(conn, "model = ? AND id = ?", (last.model, last.id))
+    inst, data = stored["inst"], stored["data"]
     losers = [json.loads(text) for (text,) in conn.execute(
         "SELECT loser FROM bundlesync_conflicts WHERE model = ? AND record_id = ?", (last.model, last.id))]
     me = conn.execute("SELECT value FROM bundlesync_meta WHERE key = 'instance_id'").fetchone()[0]

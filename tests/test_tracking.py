@@ -6,7 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from conftest import PROFILE, make_db
+from conftest import PROFILE, make_db, store_rows
 
 from bundlesync.replica.db import write_transaction
 from bundlesync.device import Device, init_device
@@ -28,8 +28,7 @@ def _device(tmp_path: Path) -> tuple[Device, Path]:
 def _versions(dev: Device) -> dict[str, tuple[int, str]]:
     with write_transaction(dev.conn):
         serialize_changes(dev.conn, dev.profile)
-    return {i: (d, data) for i, d, data in dev.conn.execute(
-        "SELECT id, deleted, data FROM bundlesync_store WHERE model = 'kolibriauth_facilityuser'")}
+    return {r["id"]: (r["deleted"], r["data"]) for r in store_rows(dev.conn, "model = 'kolibriauth_facilityuser'")}
 
 
 def _sql(db: Path, statement: str, params: tuple[object, ...] = ()) -> None:
@@ -94,7 +93,11 @@ def _scratch(conn: sqlite3.Connection, name: str) -> TableSpec:
     """A bare table with bundlesync's own tables beside it, and the spec tracking needs of it."""
     conn.executescript("CREATE TABLE bundlesync_changes (seq INTEGER PRIMARY KEY AUTOINCREMENT, model TEXT NOT NULL, "
                        "pk TEXT NOT NULL, at_ms INTEGER NOT NULL, UNIQUE (model, pk));"
-                       "CREATE TABLE bundlesync_applying (since TEXT NOT NULL);")
+                       "CREATE TABLE bundlesync_applying (since TEXT NOT NULL);"
+                       # What the triggers read to decide whether to keep a prior row (the store's shape, in brief).
+                       "CREATE TABLE bundlesync_models (n INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);"
+                       "CREATE TABLE bundlesync_versions (model INTEGER NOT NULL, id TEXT NOT NULL, data TEXT, "
+                       "UNIQUE (model, id));")
     t = '"' + name.replace('"', '""') + '"'
     conn.executescript(f"CREATE TABLE {t} (id TEXT PRIMARY KEY, code TEXT, site TEXT, note TEXT, gone INTEGER);"
                        f"CREATE UNIQUE INDEX code_site ON {t} (code, site);"

@@ -3,8 +3,8 @@
 A bundle's payload is a sequence of record lines ``<head JSON>\t<data JSON>\n``. The head
 holds the version (``m`` table, ``id``, ``p`` partition, ``h`` hybrid logical clock, ``i``
 writer instance, ``c`` writer counter, ``v`` version vector, ``f`` flags: 1 deleted,
-2 purged); the data is the row's values as a JSON object. :data:`LINE_SQL` builds a line
-from a ``bundlesync_store`` row inside SQLite (export), :func:`parse_record` reads one back
+2 purged); the data is the row's values as a JSON object. :func:`head_sql` builds a line's head
+from a store row inside SQLite (export adds the data), :func:`parse_record` reads one back
 (import); :func:`encode_data` / :func:`decode_data` turn a row's values into the data JSON
 that the store keeps and the line carries.
 
@@ -32,6 +32,7 @@ documents the encoding for other implementations.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -53,7 +54,9 @@ __all__ = [
     "WALL_MAX_MS",
     "check_records",
     "decode_data",
+    "data_hash",
     "encode_data",
+    "head_sql",
     "lenient_text",
     "line_key",
     "parse_record",
@@ -205,11 +208,34 @@ HLC_MAX: Final = (1 << 62) - 1
 COUNTER_MAX: Final = (1 << 62) - 1
 """Largest counter (``c`` and version-vector values) a record may carry."""
 
-LINE_SQL = (
-    "CAST(json_object('m', model, 'id', id, 'p', partition, 'h', hlc, 'w', coalesce(wall, hlc >> 16), "
-    "'i', inst, 'c', ctr, 'v', json(vv), 'f', deleted + 2 * purged) || char(9) || data || char(10) AS BLOB)"
-)
-"""SQL over a ``bundlesync_store`` row that yields its record line (the store's data is already JSON)."""
+def data_hash(data: str | bytes) -> int:
+    """The 64-bit hash (signed, as SQLite keeps integers) of a record's data JSON (text, or its UTF-8 bytes).
+
+    The store keeps it for every record, so it can tell a changed row or line from an unchanged one
+    without keeping the data itself (BLAKE2b: a peer cannot make another line match a stored one).
+    """
+    raw = data if isinstance(data, bytes) else data.encode("utf-8", "surrogatepass")
+    return int.from_bytes(_blake2b(raw, digest_size=8).digest(), "little", signed=True)
+
+
+_blake2b = hashlib.blake2b
+
+
+def head_sql(model: str, record_id: str, partition: str, inst: str) -> str:
+    """SQL for the head JSON of a record line over a store row, given how its names are read.
+
+    The other fields are the store's own columns (``hlc``, ``wall``, ``ctr``, ``vv``, ``deleted``,
+    ``purged``); a NULL ``vv`` is the default vector ``{writer: counter}``, spelled out here exactly as
+    the store's vector text would have it (it is NULL only for writer ids made of ASCII letters and
+    digits).
+    """
+    return (f"json_object('m', {model}, 'id', {record_id}, 'p', {partition}, 'h', hlc, "
+            f"'w', coalesce(wall, hlc >> 16), 'i', {inst}, 'c', ctr, "
+            f"'v', coalesce(json(vv), json_object({inst}, ctr)), 'f', deleted + 2 * purged)")
+
+
+LINE_SQL = f"CAST({head_sql('model', 'id', 'partition', 'inst')} || char(9) || data || char(10) AS BLOB)"
+"""SQL over a row of the ``bundlesync_store`` view that yields its record line, where the store keeps its data."""
 
 
 _Counter = Annotated[int, msgspec.Meta(ge=0, le=COUNTER_MAX)]

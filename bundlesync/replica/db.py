@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bundlesync.errors import BusyError, ConfigError, SyncError
-from bundlesync.format.records import lenient_text
+from bundlesync.format.records import data_hash, lenient_text
 
 if TYPE_CHECKING:
     from sqlite_utils import Database
@@ -239,6 +239,83 @@ def m005_held_rows(db: Database) -> None:
 def m006_edit_wall_clock(db: Database) -> None:
     """The wall-clock time of the edit that made each version (NULL: older versions, ``hlc >> 16``)."""
     db.conn.execute("ALTER TABLE bundlesync_store ADD COLUMN wall INTEGER")
+
+
+STORE_VIEW_SQL = """
+    CREATE VIEW bundlesync_store AS
+    SELECT m.name AS model, s.id AS id, p.name AS partition, s.data AS data, s.hash AS hash,
+           s.deleted AS deleted, s.purged AS purged, s.hlc AS hlc, w.name AS inst, s.ctr AS ctr,
+           coalesce(s.vv, json_object(w.name, s.ctr)) AS vv, s.dirty AS dirty, s.error AS error,
+           b.name AS bundle_id, s.wall AS wall
+    FROM bundlesync_versions s
+    JOIN bundlesync_models m ON m.n = s.model
+    JOIN bundlesync_partitions p ON p.n = s.part
+    JOIN bundlesync_writers w ON w.n = s.inst
+    LEFT JOIN bundlesync_bundles b ON b.n = s.bundle
+"""
+"""The store with its names spelled out, for reading by people, ``status`` and tests (bundlesync's
+own statements read ``bundlesync_versions`` and the name tables directly)."""
+
+
+@_migration
+def m007_compact_store(db: Database) -> None:
+    """The store keeps small integer ids for its repeated names, and a version vector only where it is not
+    the default ``{writer: counter}``; ``bundlesync_store`` becomes a view that spells the names out.
+
+    Existing rows are copied in rowid order with their rowids (the export's order within a counter), every
+    one keeping its data; which of them the store may leave to their app rows is found with the profile
+    when the device is next opened (``compact_store`` in ``bundlesync_meta``, see the health check).
+    """
+    db.conn.create_function("bundlesync_data_hash", 1, data_hash, deterministic=True)
+    _run_script(db.conn, """
+        CREATE TABLE bundlesync_models (n INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        CREATE TABLE bundlesync_partitions (n INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        CREATE TABLE bundlesync_writers (n INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        CREATE TABLE bundlesync_bundles (n INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+        -- One row per record: its winning version. `vv` NULL: the default {writer: counter}. `data` NULL:
+        -- the app row's encoding is the data (`hash` is the 64-bit hash of the data JSON either way).
+        CREATE TABLE bundlesync_versions (
+            model INTEGER NOT NULL,
+            id TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            inst INTEGER NOT NULL,
+            ctr INTEGER NOT NULL,
+            hlc INTEGER NOT NULL,
+            wall INTEGER,
+            deleted INTEGER NOT NULL DEFAULT 0,
+            purged INTEGER NOT NULL DEFAULT 0,
+            dirty INTEGER NOT NULL DEFAULT 0,
+            bundle INTEGER,
+            vv TEXT,
+            hash INTEGER,
+            error TEXT,
+            data TEXT,
+            UNIQUE (model, id)
+        );
+        INSERT INTO bundlesync_models (name) SELECT DISTINCT model FROM bundlesync_store ORDER BY model;
+        INSERT INTO bundlesync_partitions (name) SELECT DISTINCT partition FROM bundlesync_store ORDER BY partition;
+        INSERT INTO bundlesync_writers (name) SELECT DISTINCT inst FROM bundlesync_store ORDER BY inst;
+        INSERT INTO bundlesync_bundles (name) SELECT DISTINCT bundle_id FROM bundlesync_store
+            WHERE bundle_id IS NOT NULL ORDER BY bundle_id;
+        INSERT INTO bundlesync_versions (rowid, model, id, part, inst, ctr, hlc, wall, deleted, purged, dirty,
+                                         bundle, vv, hash, error, data)
+            SELECT s.rowid, m.n, s.id, p.n, w.n, s.ctr, s.hlc, s.wall, s.deleted, s.purged, s.dirty, b.n,
+                   CASE WHEN s.inst NOT GLOB '*[^0-9A-Za-z]*' AND s.inst <> ''
+                             AND s.vv = '{"' || s.inst || '":' || s.ctr || '}' THEN NULL ELSE s.vv END,
+                   bundlesync_data_hash(s.data), s.error, s.data
+            FROM bundlesync_store s
+            JOIN bundlesync_models m ON m.name = s.model
+            JOIN bundlesync_partitions p ON p.name = s.partition
+            JOIN bundlesync_writers w ON w.name = s.inst
+            LEFT JOIN bundlesync_bundles b ON b.name = s.bundle_id
+            ORDER BY s.rowid;
+        DROP TABLE bundlesync_store;
+        CREATE INDEX bundlesync_versions_version ON bundlesync_versions (model, inst, ctr);
+        CREATE INDEX bundlesync_versions_dirty ON bundlesync_versions (model) WHERE dirty = 1;
+        INSERT INTO bundlesync_meta (key, value) SELECT 'compact_store', '1'
+            WHERE EXISTS (SELECT 1 FROM bundlesync_versions)
+        """)
+    _run_script(db.conn, STORE_VIEW_SQL)
 
 
 def fetch_all(conn: sqlite3.Connection, sql: str, params: Sequence[object]) -> list[Any]:

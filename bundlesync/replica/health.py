@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from bundlesync.profile import Profile
 from bundlesync.replica.db import q, write_transaction
-from bundlesync.replica.store import reconcile_table
+from bundlesync.replica.store import compact_store, reconcile_table
 from bundlesync.replica.tracking import expected_triggers, install_table_triggers, installed_triggers, trigger_names
 
 __all__ = ["ADDED", "MISSING", "REMOVED", "STALE", "Drift", "Repair", "check_tracking", "ensure_tracking",
@@ -148,13 +148,26 @@ def ensure_tracking(conn: sqlite3.Connection, profile: Profile, *, record: bool 
     The check runs again under the write lock, so two runs that both found a problem
     repair it once. ``record=False`` (a database's first ``init``) keeps no repair rows.
     """
-    if not check_tracking(conn, profile):
+    upgraded = _compaction_pending(conn)
+    if not upgraded and not check_tracking(conn, profile):
         return []
     with write_transaction(conn):
         drift = check_tracking(conn, profile)
-        if not drift:
-            return []
-        return _repair(conn, profile, drift, record=record)
+        # A store upgraded from the shape that kept every record's data: its triggers are reinstalled (the new
+        # ones keep prior rows) without noting a repair, then the data its app rows hold is left out.
+        done = _repair(conn, profile, drift, record=record and not upgraded) if drift else []
+        if upgraded and _compaction_pending(conn):
+            compact_store(conn, profile)
+            conn.execute("DELETE FROM bundlesync_meta WHERE key = ?", (_COMPACT,))
+        return done
+
+
+_COMPACT = "compact_store"
+"""``bundlesync_meta`` key set by the store's reshaping migration: records' data not yet left to app rows."""
+
+
+def _compaction_pending(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM bundlesync_meta WHERE key = ?", (_COMPACT,)).fetchone() is not None
 
 
 def describe(repair: Repair) -> str:

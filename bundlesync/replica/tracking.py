@@ -24,9 +24,13 @@ from bundlesync.profile import Profile, TableSpec
 
 __all__ = [
     "NOW_MS_SQL",
+    "PRIOR_ID",
+    "ensure_prior_table",
     "expected_triggers",
     "install_table_triggers",
     "installed_triggers",
+    "prior_table",
+    "prior_table_sql",
     "suppressed",
     "trigger_names",
 ]
@@ -57,6 +61,38 @@ def _log(model: str, pk_ref: str) -> str:
     )
 
 
+def prior_table(table: TableSpec) -> str:
+    """The table that keeps an app row as it was before the app changed it, where the store relies on it."""
+    return f"bundlesync_prior_{table.name}"
+
+
+PRIOR_ID = "bundlesync_id"
+"""The prior table's key column: the record id (the primary key as TEXT, as the store keeps it)."""
+
+
+def prior_table_sql(table: TableSpec) -> str:
+    """``CREATE TABLE`` of :func:`prior_table`: the profile's columns without types (values kept as they were)."""
+    columns = "".join(f", {q(c)}" for c in table.columns)
+    return f"CREATE TABLE {q(prior_table(table))} ({PRIOR_ID} TEXT PRIMARY KEY{columns}) WITHOUT ROWID"
+
+
+def _keep_prior(table: TableSpec, row: str, source: str = "", where: str = "") -> str:
+    """Copy an app row into its prior table, once, if the store keeps no data of its own for it.
+
+    The store leaves out the data of a record whose app row encodes to it (``data`` NULL): before the
+    app changes or deletes such a row, its values are kept here, so that the version stays exactly
+    what it was until serialization replaces it (and a deletion can carry the data it deleted).
+    """
+    pk = f"{row}.{q(table.primary_key)}"
+    values = "".join(f", {row}.{q(c)}" for c in table.columns)
+    return (
+        f"INSERT OR IGNORE INTO {q(prior_table(table))} ({PRIOR_ID}{''.join(f', {q(c)}' for c in table.columns)}) "
+        f"SELECT {pk}{values}{source} WHERE {where}EXISTS (SELECT 1 FROM bundlesync_versions s "
+        f"JOIN bundlesync_models m ON m.n = s.model WHERE m.name = {_literal(table.name)} "
+        f"AND s.id = CAST({pk} AS TEXT) AND s.data IS NULL);"
+    )
+
+
 def _trigger_sql(table: TableSpec) -> Iterator[tuple[str, str]]:
     ins, upd, dele = trigger_names(table)
     t, pk = q(table.name), q(table.primary_key)
@@ -67,11 +103,11 @@ def _trigger_sql(table: TableSpec) -> Iterator[tuple[str, str]]:
     # An update that changes the primary key is a delete of the old row plus an insert.
     yield upd, (
         f"CREATE TRIGGER {q(upd)} AFTER UPDATE ON {t} WHEN {_QUIET} "
-        f"BEGIN {_log(table.name, f'NEW.{pk}')} {_log(table.name, f'OLD.{pk}')} END"
+        f"BEGIN {_keep_prior(table, 'OLD')} {_log(table.name, f'NEW.{pk}')} {_log(table.name, f'OLD.{pk}')} END"
     )
     yield dele, (
         f"CREATE TRIGGER {q(dele)} AFTER DELETE ON {t} WHEN {_QUIET} "
-        f"BEGIN {_log(table.name, f'OLD.{pk}')} END"
+        f"BEGIN {_keep_prior(table, 'OLD')} {_log(table.name, f'OLD.{pk}')} END"
     )
 
 
@@ -100,8 +136,10 @@ def _displacement_triggers(conn: sqlite3.Connection, table: TableSpec) -> Iterat
         for event in ("INSERT", "UPDATE"):
             name = f"bundlesync_{table.name}_{event[:3].lower()}_{index}"
             match = " AND ".join(f"{q(c)} = NEW.{q(c)}" for c in columns)
+            keep = _keep_prior(table, "d", f" FROM {t} d", " AND ".join(f"d.{q(c)} = NEW.{q(c)}" for c in columns)
+                               + f" AND d.{pk} IS NOT NEW.{pk} AND ")
             yield name, (
-                f"CREATE TRIGGER {q(name)} BEFORE {event} ON {t} WHEN {_QUIET} BEGIN "
+                f"CREATE TRIGGER {q(name)} BEFORE {event} ON {t} WHEN {_QUIET} BEGIN {keep} "
                 f"INSERT INTO bundlesync_changes (model, pk, at_ms) SELECT {_literal(table.name)}, {pk}, {NOW_MS_SQL} "
                 f"FROM {t} WHERE {match} AND {pk} IS NOT NEW.{pk} "
                 "ON CONFLICT (model, pk) DO UPDATE SET at_ms = excluded.at_ms; END"
@@ -128,10 +166,26 @@ def installed_triggers(conn: sqlite3.Connection) -> dict[str, tuple[str, str]]:
 
 
 def install_table_triggers(conn: sqlite3.Connection, table: TableSpec) -> None:
-    """(Re)create every tracking trigger of ``table`` as :func:`expected_triggers` says (in a write transaction)."""
+    """(Re)create every tracking trigger of ``table`` as :func:`expected_triggers` says (in a write transaction).
+
+    Its prior table is made first (the triggers write to it), or made again if the profile's columns
+    changed: rows it kept are for the old columns' encoding, so serialization falls back to the store.
+    """
+    ensure_prior_table(conn, table)
     for name, sql in expected_triggers(conn, table).items():
         conn.execute(f"DROP TRIGGER IF EXISTS {q(name)}")
         conn.execute(sql)
+
+
+def ensure_prior_table(conn: sqlite3.Connection, table: TableSpec) -> None:
+    """Create :func:`prior_table` of ``table``, or recreate it if its columns are not the profile's."""
+    name = prior_table(table)
+    found = [r[1] for r in conn.execute(f"PRAGMA table_info({q(name)})")]
+    if found == [PRIOR_ID, *table.columns]:
+        return
+    if found:
+        conn.execute(f"DROP TABLE {q(name)}")
+    conn.execute(prior_table_sql(table))
 
 
 class suppressed:

@@ -27,7 +27,8 @@ from bundlesync.replica.merge import MergeResult, Outcome, merge
 from bundlesync.profile import Profile
 from bundlesync.partitions import within
 from bundlesync.replica.clock import ahead_hlc
-from bundlesync.replica.store import fetch_versions, log_conflicts, loser_json, stored_lines, update_vectors, upsert_versions
+from bundlesync.replica.store import (fetch_versions, holds_model, log_conflicts, loser_json, mark_waiting, same_line,
+                                      settle, stored_lines, update_vectors, upsert_versions)
 
 __all__ = ["DequeueResult", "Dequeuer", "dequeue"]
 
@@ -122,7 +123,7 @@ class _AppWriter:
         by_model: dict[str, list[tuple[Version, dict[str, Any]]]] = {}
         for version, row in won:
             by_model.setdefault(version.model, []).append((version, row))
-        waiting: list[tuple[str, str, str]] = []
+        waiting: list[tuple[str, str, str, str]] = []
         for model in sorted(by_model, key=self.order.__getitem__):
             writer = self.writers.get(model)
             if writer is None:
@@ -131,12 +132,15 @@ class _AppWriter:
             removals = [v.id for v, _ in items if v.deleted or v.purged]
             writer.remove(removals)
             errors = writer.place([(v.id, row, v.partition) for v, row in items if not (v.deleted or v.purged)])
-            waiting.extend((reason, model, record_id) for record_id, reason in errors.items())
+            data = {v.id: v.data for v, _ in items}
+            waiting.extend((reason, model, record_id, data[record_id]) for record_id, reason in errors.items())
+            settle(self.conn, writer.table, [(v.id, v.data) for v, _ in items
+                                             if not (v.deleted or v.purged or v.id in errors)], stored=False)
             result.deleted += len(removals)
             result.written += len(items) - len(removals) - len(errors)
             result.by_model[model] = result.by_model.get(model, 0) + len(items) - len(errors)
         # Rows not placed stay dirty in the store; DESERIALIZING retries them (their parent may come later).
-        self.conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = ? WHERE model = ? AND id = ?", waiting)
+        mark_waiting(self.conn, waiting)
 
 
 class Dequeuer:
@@ -160,13 +164,11 @@ class Dequeuer:
         self.readable = _Cached(lambda p: within(p, local_read))
         self.future = ahead_hlc()
         # A store that held nothing when the import began (a new device) cannot hold a line of the bundle.
-        self.look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store)").fetchone()[0])
+        self.look_up = bool(conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_versions)").fetchone()[0])
         # Neither can a table the store held nothing of (a hint only: a line found nowhere goes the long way,
         # which is always right). Known up front, so that preparing a slice needs no database.
         self.empty_before: dict[str, bool] = {
-            t.name: not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE model = ?)",
-                                     (t.name,)).fetchone()[0]
-            for t in profile.tables} if self.look_up else {}
+            t.name: not holds_model(conn, t.name) for t in profile.tables} if self.look_up else {}
 
     def new_transaction(self) -> None:
         """Forget what earlier transactions found in the app tables."""
@@ -208,7 +210,7 @@ class Dequeuer:
         for line, key, parsed in prepared:
             if parsed is None:
                 stored = held.get(key) if key is not None else None
-                if stored is not None and stored[0] == line and not stored[3] and writable[stored[2]] \
+                if stored is not None and same_line(stored, line) and not stored[3] and writable[stored[2]] \
                         and readable[stored[2]]:
                     result.received += 1
                     if stored[1] > future:
@@ -238,7 +240,7 @@ class Dequeuer:
                     both = merge(earlier[0], version)
                     version, row = both.result, (row if both.incoming_won else earlier[1])
                 incoming[key] = (version, row)
-        local = fetch_versions(conn, incoming)
+        local = fetch_versions(conn, incoming, self.profile)
         won: list[tuple[Version, dict[str, Any]]] = []
         vectors: list[Version] = []
         losers: list[tuple[str, str, str, str, int, str, str]] = []
@@ -263,7 +265,7 @@ class Dequeuer:
                 vectors.append(merged.result)
             if merged.loser is not None and not merged.result.purged:
                 losers.append(_loser_entry(merged, self.bundle_id, self.detected_at))
-        upsert_versions(conn, [(v, False) for v, _ in won], self.bundle_id)
+        upsert_versions(conn, [(v, False) for v, _ in won], self.bundle_id, to_app=True)
         self.app.write(won, self.written)
         update_vectors(conn, vectors)
         log_conflicts(conn, losers)

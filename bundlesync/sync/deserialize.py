@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 from bundlesync.format.records import RawText, decode_data
 from bundlesync.replica.db import q
 from bundlesync.profile import NEW, Profile, TableSpec, incoming_row_sql
-from bundlesync.replica.store import BATCH
+from bundlesync.replica.store import BATCH, name_id, settle
 
 __all__ = ["DeserializeResult", "TableWriter", "count_unplaced", "deserialize", "placing"]
 
@@ -125,7 +125,8 @@ class TableWriter:
             if absent:
                 absent -= _present(
                     self.conn,
-                    "SELECT id FROM bundlesync_store WHERE model = ? AND id IN ({marks}) AND (deleted OR purged)",
+                    "SELECT s.id FROM bundlesync_versions s JOIN bundlesync_models m ON m.n = s.model "
+                    "WHERE m.name = ? AND s.id IN ({marks}) AND (s.deleted OR s.purged)",
                     (parent,), absent,
                 )
             for key, r in rows:
@@ -191,28 +192,31 @@ class TableWriter:
                                       f"WHERE {q(pk)} = ?", (bytes(value), row_values[at_pk]))
 
 
-def _dirty_batches(conn: sqlite3.Connection, model: str, size: int) -> Iterator[list[tuple[int, str, str, int, int, str]]]:
+def _dirty_batches(conn: sqlite3.Connection, model: int, size: int) -> Iterator[list[tuple[int, str, str, int, int, str]]]:
     last = 0
     while batch := conn.execute(
-        "SELECT rowid, id, data, deleted, purged, partition FROM bundlesync_store "
-        f"WHERE model = ? AND dirty = 1 AND rowid > ? ORDER BY rowid LIMIT {int(size)}",
+        "SELECT s.rowid, s.id, s.data, s.deleted, s.purged, p.name FROM bundlesync_versions s "
+        "JOIN bundlesync_partitions p ON p.n = s.part "
+        f"WHERE s.model = ? AND s.dirty = 1 AND s.rowid > ? ORDER BY s.rowid LIMIT {int(size)}",
         (model, last),
     ).fetchall():
         last = batch[-1][0]
         yield batch
 
 
-def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, batch: list[tuple[int, str, str, int, int, str]],
-                 result: DeserializeResult) -> int:
+def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, model: int,
+                 batch: list[tuple[int, str, str, int, int, str]], result: DeserializeResult) -> int:
     removals = [pk for _, pk, _, deleted, purged, _ in batch if deleted or purged]
     writer.remove(removals)
     errors = writer.place([(rowid, decode_data(data), partition) for rowid, _, data, deleted, purged, partition in batch
                            if not (deleted or purged)])
     # Every dirty row of this table between the batch's first and last rowid is in the batch.
-    conn.execute("UPDATE bundlesync_store SET dirty = 0, error = NULL WHERE model = ? AND dirty = 1 "
-                 "AND rowid BETWEEN ? AND ?", (writer.table.name, batch[0][0], batch[-1][0]))
-    conn.executemany("UPDATE bundlesync_store SET dirty = 1, error = ? WHERE rowid = ?",
+    conn.execute("UPDATE bundlesync_versions SET dirty = 0, error = NULL WHERE model = ? AND dirty = 1 "
+                 "AND rowid BETWEEN ? AND ?", (model, batch[0][0], batch[-1][0]))
+    conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = ? WHERE rowid = ?",
                      [(reason, rowid) for rowid, reason in errors.items()])
+    settle(conn, writer.table, [(pk, data) for rowid, pk, data, deleted, purged, _ in batch
+                                if not (deleted or purged or rowid in errors)], stored=True)
     placed = len(batch) - len(errors)
     result.deleted += len(removals)
     result.written += placed - len(removals)
@@ -222,7 +226,7 @@ def _apply_batch(conn: sqlite3.Connection, writer: TableWriter, batch: list[tupl
 def count_unplaced(conn: sqlite3.Connection, result: DeserializeResult) -> None:
     """Fill in how many rows wait for a parent and how many the database refused."""
     row = conn.execute(
-        f"SELECT count(*), sum(error LIKE '{WAITING}%') FROM bundlesync_store WHERE dirty = 1"
+        f"SELECT count(*), sum(error LIKE '{WAITING}%') FROM bundlesync_versions WHERE dirty = 1"
     ).fetchone()
     result.waiting = int(row[1] or 0)
     result.failed = int(row[0]) - result.waiting
@@ -245,12 +249,15 @@ def placing(conn: sqlite3.Connection, profile: Profile, result: DeserializeResul
     """
     for _ in range(PASSES):
         for table in profile.tables:
+            model = name_id(conn, "model", table.name)
+            if model is None:
+                continue
             writer = TableWriter(conn, profile, table)
             before = result.written + result.deleted
             while True:
                 placed = 0
-                for rows in _dirty_batches(conn, table.name, batch):
-                    placed += _apply_batch(conn, writer, rows, result)
+                for rows in _dirty_batches(conn, model, batch):
+                    placed += _apply_batch(conn, writer, model, rows, result)
                     yield
                     writer.forget()
                 # Self-references: a later round may place children whose parent came later in rowid order.
@@ -259,7 +266,7 @@ def placing(conn: sqlite3.Connection, profile: Profile, result: DeserializeResul
             if result.written + result.deleted > before:
                 result.by_model[table.name] = (result.by_model.get(table.name, 0) + result.written + result.deleted
                                                - before)
-        if not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE dirty = 1 AND error IS NULL)"
+        if not conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_versions WHERE dirty = 1 AND error IS NULL)"
                             ).fetchone()[0]:
             break
 

@@ -42,7 +42,7 @@ from bundlesync.replica import knowledge as kn
 from bundlesync.replica.knowledge import Knowledge
 from bundlesync.sync.basis import choose_basis
 from bundlesync.trust.crypto import SigningKey, verify
-from bundlesync.replica.db import read_transaction, write_transaction
+from bundlesync.replica.db import fetch_all, q, read_transaction, write_transaction
 from bundlesync.replica.pacing import Pacer
 from bundlesync.trust.certs import Certificate, verify_chain
 from bundlesync.trust.revocation import check_not_revoked
@@ -51,14 +51,15 @@ from bundlesync.errors import BundlesyncError, StateError, SyncError, TrustError
 from bundlesync.plugins.hooks import FacilityDataSyncHook
 from bundlesync.format.envelope import check_recipient
 from bundlesync.format.manifest import Manifest
-from bundlesync.format.records import LINE_SQL
 from bundlesync.plugins.operations import EXPORT_STAGES, Stage, Step, SyncContext
 from bundlesync.plugins.loader import PluginSet, Warn
-from bundlesync.profile import Profile
+from bundlesync.format.records import data_hash
+from bundlesync.replica.tracking import NOW_MS_SQL
+from bundlesync.profile import Profile, TableSpec
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
-from bundlesync.replica.store import (SerializeResult, current_counter, held_warning, last_change, record_transfer,
-                                      serialize_changes)
+from bundlesync.replica.store import (FROM_STORE, HEAD_SQL, SerializeResult, app_data, app_data_sql, current_counter,
+                                      held_warning, last_change, name_id, record_transfer, serialize_changes)
 
 __all__ = ["ExportResult", "ExportWork", "export_bundle", "outgoing_lines"]
 
@@ -108,17 +109,43 @@ def _carries(basis: Mapping[str, Mapping[str, int]], result: Mapping[str, Mappin
                             kn.flat(other_result, (p,))) for p in prefixes)
 
 
-def _writers(conn: sqlite3.Connection, model: str) -> Iterator[str]:
-    """Distinct writers of one table's records, by index skip-scan (cost follows their number)."""
-    row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE model = ?", (model,)).fetchone()
+def _writers(conn: sqlite3.Connection, model: int) -> Iterator[tuple[int, str]]:
+    """Distinct writers (id, name) of one table's records, by index skip-scan (cost follows their number)."""
+    row = conn.execute("SELECT min(inst) FROM bundlesync_versions WHERE model = ?", (model,)).fetchone()
     while row is not None and row[0] is not None:
-        yield row[0]
-        row = conn.execute("SELECT min(inst) FROM bundlesync_store WHERE model = ? AND inst > ?",
-                           (model, row[0])).fetchone()
+        inst = int(row[0])
+        yield inst, conn.execute("SELECT name FROM bundlesync_writers WHERE n = ?", (inst,)).fetchone()[0]
+        row = conn.execute("SELECT min(inst) FROM bundlesync_versions WHERE model = ? AND inst > ?",
+                           (model, inst)).fetchone()
 
 
-_LINE_SQL = (f"SELECT {LINE_SQL} FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr = ? AND rowid > ? "
-             "AND rowid <= ? AND {prefixes}{held} ORDER BY rowid")
+def _line_sql(table: TableSpec) -> str:
+    """One stretch of a table's record heads with their data, or the values their data is encoded from."""
+    columns, joins = app_data_sql(table, "s.id", "s.data IS NULL")
+    return (f"SELECT {HEAD_SQL}, s.data, s.hash, s.id, {columns} FROM {FROM_STORE} {joins} "
+            "WHERE s.model = ? AND s.inst = ? AND s.ctr = ? AND s.rowid > ? AND s.rowid <= ? AND {prefixes}{held} "
+            "ORDER BY s.rowid")
+
+
+def _lines(conn: sqlite3.Connection, table: TableSpec, rows: Sequence[Sequence[Any]]) -> list[bytes]:
+    """Record lines from :func:`_line_sql` rows: a line's data is the store's, or its app row's encoding.
+
+    A record whose app row no longer encodes to the stored hash was changed while tracking was off
+    (nothing else changes it without keeping the prior row): it is logged as a change, so the next
+    export sends it as a new version, and this export stops rather than send wrong data.
+    """
+    lines = []
+    for head, data, digest, record_id, *app in rows:
+        if data is None:
+            data = app_data(conn, table, record_id, app)
+            if data is None or data_hash(data) != digest:
+                conn.execute(f"INSERT INTO bundlesync_changes (model, pk, at_ms) VALUES (?, ?, {NOW_MS_SQL}) "
+                             "ON CONFLICT (model, pk) DO NOTHING", (table.name, record_id))
+                raise SyncError(f"record {table.name} {record_id} no longer matches its stored version (its app row "
+                                "changed while bundlesync's tracking was off); it is queued again: export again")
+        lines.append(b"%s\t%s\n" % (head, data.encode("utf-8", "surrogatepass")))
+    return lines
+
 
 STRETCH = 2000
 """Versions (of one table and writer) one read statement looks at: every read stays short."""
@@ -126,18 +153,18 @@ STRETCH = 2000
 _ROWID_MIN, _ROWID_MAX = -(2**63), 2**63 - 1
 
 
-def _stretches(conn: sqlite3.Connection, model: str, inst: str, floor: int) -> Iterator[tuple[int, int, int]]:
+def _stretches(conn: sqlite3.Connection, model: int, inst: int, floor: int) -> Iterator[tuple[int, int, int]]:
     """``(counter, after rowid, up to rowid)``: one writer's versions above ``floor``, :data:`STRETCH` at a time.
 
     In index order (counter, then rowid), each found by a short statement on the
     ``(model, inst, ctr)`` index, so no statement holds a read lock for long.
     """
-    row = conn.execute("SELECT min(ctr) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+    row = conn.execute("SELECT min(ctr) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
                        (model, inst, floor)).fetchone()
     while row[0] is not None:
         ctr, after = int(row[0]), _ROWID_MIN
         while True:
-            end = conn.execute("SELECT rowid FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr = ? AND "
+            end = conn.execute("SELECT rowid FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr = ? AND "
                                "rowid > ? ORDER BY rowid LIMIT 1 OFFSET ?",
                                (model, inst, ctr, after, STRETCH - 1)).fetchone()
             upto = _ROWID_MAX if end is None else int(end[0])
@@ -145,7 +172,7 @@ def _stretches(conn: sqlite3.Connection, model: str, inst: str, floor: int) -> I
             if end is None:
                 break
             after = upto
-        row = conn.execute("SELECT min(ctr) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
+        row = conn.execute("SELECT min(ctr) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
                            (model, inst, ctr)).fetchone()
 
 
@@ -155,8 +182,8 @@ def _held_sql(floor: int, finer: Sequence[tuple[str, int]]) -> tuple[str, list[o
     params: list[object] = []
     for prefix, ctr in finer:
         if ctr > floor:
-            where, args = prefix_sql([prefix])
-            terms.append(f"({where} AND ctr <= ?)")
+            where, args = prefix_sql([prefix], column="p.name")
+            terms.append(f"({where} AND s.ctr <= ?)")
             params += [*args, ctr]
     return (" AND NOT (" + " OR ".join(terms) + ")") if terms else "", params
 
@@ -178,22 +205,26 @@ def outgoing_lines(
     :func:`_stretches`): the store only changes under the home's run lock (serialization,
     import, purge), which the export holds, so reading it piecewise reads one state of it.
     """
-    where, params = prefix_sql(prefixes)
+    where, params = prefix_sql(prefixes, column="p.name")
     at_filter = [kn.effective(basis, p) for p in prefixes]
     finer: dict[str, list[tuple[str, int]]] = {}
     for prefix, counters in sorted(basis.items()):
-        for inst, ctr in counters.items():
-            finer.setdefault(inst, []).append((prefix, ctr))
+        for writer, ctr in counters.items():
+            finer.setdefault(writer, []).append((prefix, ctr))
     for table in profile.tables:
-        for inst in list(_writers(conn, table.name)):
-            floor = min(view.get(inst, 0) for view in at_filter)
-            held, held_params = _held_sql(floor, finer.get(inst, []))
-            sql = _LINE_SQL.format(prefixes=where, held=held)
-            for ctr, after, upto in _stretches(conn, table.name, inst, floor):
-                rows = conn.execute(sql, [table.name, inst, ctr, after, upto, *params, *held_params]).fetchall()
+        model = name_id(conn, "model", table.name)
+        if model is None:
+            continue
+        line_sql = _line_sql(table)
+        for inst, inst_name in list(_writers(conn, model)):
+            floor = min(view.get(inst_name, 0) for view in at_filter)
+            held, held_params = _held_sql(floor, finer.get(inst_name, []))
+            sql = line_sql.format(prefixes=where, held=held)
+            for ctr, after, upto in _stretches(conn, model, inst, floor):
+                rows = fetch_all(conn, sql, [model, inst, ctr, after, upto, *params, *held_params])
                 if rows:
                     counts[table.name] = counts.get(table.name, 0) + len(rows)
-                    yield [line for (line,) in rows]
+                    yield _lines(conn, table, rows)
 
 
 Progress = Callable[[int, int], None]
@@ -214,12 +245,19 @@ def estimate(conn: sqlite3.Connection, profile: Profile, basis: Mapping[str, int
     records = raw = 0
     for table in profile.tables:
         count = 0
-        for inst in list(_writers(conn, table.name)):
-            count += conn.execute("SELECT count(*) FROM bundlesync_store WHERE model = ? AND inst = ? AND ctr > ?",
-                                  (table.name, inst, basis.get(inst, 0))).fetchone()[0]
+        model = name_id(conn, "model", table.name)
+        if model is None:
+            continue
+        for inst, inst_name in list(_writers(conn, model)):
+            count += conn.execute("SELECT count(*) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
+                                  (model, inst, basis.get(inst_name, 0))).fetchone()[0]
         if count:
-            avg = conn.execute("SELECT avg(length(CAST(data AS BLOB))) FROM (SELECT data FROM bundlesync_store "
-                               "WHERE model = ? LIMIT 256)", (table.name,)).fetchone()[0] or 0
+            # Data the store leaves to the app row is sized from that row: each value, its key and quotes.
+            pk = q(table.primary_key)
+            app_size = " + ".join(f"coalesce(length(CAST(t.{q(c)} AS BLOB)), 4) + {len(c) + 4}" for c in table.columns)
+            avg = conn.execute(f"SELECT avg(coalesce(length(CAST(s.data AS BLOB)), {app_size or '2'})) FROM "
+                               f"(SELECT id, data FROM bundlesync_versions WHERE model = ? LIMIT 256) s "
+                               f"LEFT JOIN {q(table.name)} t ON t.{pk} = s.id", (model,)).fetchone()[0] or 0
             records += count
             raw += int(count * (avg + _HEAD_BYTES))
     return records, raw

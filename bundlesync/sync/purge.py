@@ -18,7 +18,6 @@ ask for confirmation first; a user id in whose partitions no record lies is refu
 from __future__ import annotations
 
 import datetime
-import json
 import sqlite3
 import string
 from dataclasses import dataclass
@@ -28,10 +27,10 @@ from bundlesync.replica.db import q, write_transaction
 from bundlesync.sync.deserialize import deserialize
 from bundlesync.device import Device
 from bundlesync.errors import StateError
-from bundlesync.format.records import WALL_MAX_MS
+from bundlesync.format.records import WALL_MAX_MS, data_hash
 from bundlesync.partitions import covered, prefix_sql
 from bundlesync.trust.scope import scope_filters
-from bundlesync.replica.store import next_counter, serialize_changes
+from bundlesync.replica.store import FROM_STORE, name_ids, next_counter, read_vector, serialize_changes, stored_vector
 from bundlesync.replica.tracking import suppressed
 
 __all__ = ["PurgePlan", "PurgeResult", "plan_purge", "purge_user", "user_partitions"]
@@ -58,6 +57,10 @@ class PurgePlan:
     partitions: tuple[str, ...]
 
 
+EMPTY_HASH = data_hash("{}")
+"""The hash of a purged record's data (``{}``: nothing of the user's is kept)."""
+
+
 def user_partitions(profile: Profile, dataset_id: str, user_id: str) -> tuple[str, ...]:
     """The partitions that belong to ``user_id`` alone: the ``user`` scope's templates that name the user.
 
@@ -74,8 +77,9 @@ def user_partitions(profile: Profile, dataset_id: str, user_id: str) -> tuple[st
 
 def _holds_records(conn: sqlite3.Connection, profile: Profile, partitions: tuple[str, ...]) -> bool:
     """Whether any record lies in ``partitions``: in the store, or in an app row not serialized yet."""
-    where, params = prefix_sql(partitions)
-    if conn.execute(f"SELECT EXISTS (SELECT 1 FROM bundlesync_store WHERE {where})", params).fetchone()[0]:
+    where, params = prefix_sql(partitions, column="p.name")
+    if conn.execute(f"SELECT EXISTS (SELECT 1 FROM bundlesync_versions s JOIN bundlesync_partitions p "
+                    f"ON p.n = s.part WHERE {where})", params).fetchone()[0]:
         return True
     for table in profile.tables:
         where, params = prefix_sql(partitions, column=f"({table.partition_sql('t')})")
@@ -118,29 +122,31 @@ def purge_user(device: Device, facility: str, user_id: str, plan: PurgePlan | No
     dataset_id, partitions = plan.dataset_id, plan.partitions
     now_ms = int(datetime.datetime.now(datetime.timezone.utc).timestamp() * 1000)
     me = device.instance_id
-    where, params = prefix_sql(partitions)
+    where, params = prefix_sql(partitions, column="p.name")
     with write_transaction(conn):
         serialize_changes(conn, profile)
         targets = conn.execute(
-            f"SELECT model, id, hlc, vv FROM bundlesync_store WHERE NOT purged AND ({where})", params
+            f"SELECT s.model, m.name, s.id, s.hlc, s.vv, w.name, s.ctr FROM {FROM_STORE} WHERE NOT s.purged AND ({where})",
+            params,
         ).fetchall()
         if not targets:
             return PurgeResult(dataset_id, user_id, partitions, 0, 0)
         counter = next_counter(conn)
+        me_n = name_ids(conn, "inst", [me])[me]
         rows = []
-        for model, record_id, hlc, vv_text in targets:
-            vv = json.loads(vv_text)
+        for model_n, _, record_id, hlc, vv_text, inst, ctr in targets:
+            vv = read_vector(vv_text, inst, ctr)
             vv[me] = counter
-            rows.append((max(now_ms << 16, hlc + 1), min(now_ms, WALL_MAX_MS), me, counter,
-                         json.dumps(vv, sort_keys=True, separators=(",", ":")), model, record_id))
+            rows.append((max(now_ms << 16, hlc + 1), min(now_ms, WALL_MAX_MS), me_n, counter,
+                         stored_vector(vv, me, counter), model_n, record_id))
         # The purge is a new edit: its wall-clock time is now, not that of the version it replaces.
         conn.executemany(
-            "UPDATE bundlesync_store SET data = '{}', deleted = 1, purged = 1, hlc = ?, wall = ?, inst = ?, ctr = ?, "
-            "vv = ?, dirty = 1, error = NULL, bundle_id = NULL WHERE model = ? AND id = ?",
-            rows,
+            "UPDATE bundlesync_versions SET data = '{}', hash = ?, deleted = 1, purged = 1, hlc = ?, wall = ?, "
+            "inst = ?, ctr = ?, vv = ?, dirty = 1, error = NULL, bundle = NULL WHERE model = ? AND id = ?",
+            [(EMPTY_HASH, *row) for row in rows],
         )
         conn.executemany("DELETE FROM bundlesync_conflicts WHERE model = ? AND record_id = ?",
-                         [(model, record_id) for model, record_id, _, _ in targets])
+                         [(model, record_id) for _, model, record_id, *_ in targets])
         with suppressed(conn):
             deleted = deserialize(conn, profile).deleted
     return PurgeResult(dataset_id, user_id, partitions, len(targets), deleted)

@@ -59,7 +59,8 @@ def device_status(device: Device) -> dict[str, Any]:
     waiting = [
         {"model": model, "count": count, "example": error}
         for model, count, error in conn.execute(
-            "SELECT model, count(*), min(error) FROM bundlesync_store WHERE dirty = 1 GROUP BY model ORDER BY model"
+            "SELECT m.name, count(*), min(s.error) FROM bundlesync_versions s JOIN bundlesync_models m ON m.n = s.model "
+            "WHERE s.dirty = 1 GROUP BY m.name ORDER BY m.name"
         )
     ]
     transfers = [
@@ -77,7 +78,7 @@ def device_status(device: Device) -> dict[str, Any]:
         "instance_id": device.instance_id,
         "counter": current_counter(conn),
         "pending_changes": pending_changes(conn),
-        "store_records": int(conn.execute("SELECT count(*) FROM bundlesync_store").fetchone()[0]),
+        "store_records": int(conn.execute("SELECT count(*) FROM bundlesync_versions").fetchone()[0]),
         "waiting_records": waiting,
         "conflicts": int(conn.execute("SELECT count(*) FROM bundlesync_conflicts").fetchone()[0]),
         "held_back": {"count": held_total, "rows": held},
@@ -91,7 +92,7 @@ def device_status(device: Device) -> dict[str, Any]:
 
 def _clocks_ahead(conn: sqlite3.Connection) -> dict[str, Any]:
     """Versions in the store stamped far ahead of this device's clock (a device's clock is or was wrong)."""
-    count, top = conn.execute("SELECT count(*), max(hlc) FROM bundlesync_store WHERE hlc > ?", (ahead_hlc(),)).fetchone()
+    count, top = conn.execute("SELECT count(*), max(hlc) FROM bundlesync_versions WHERE hlc > ?", (ahead_hlc(),)).fetchone()
     found: dict[str, Any] = {"records": int(count), "latest": iso_ms(int(top) >> 16) if top is not None else None}
     if count:
         found["warning"] = skew_warning(int(count), int(top), "in the store").removeprefix("warning: ")
