@@ -430,6 +430,19 @@ def test_bytes_after_the_frame_are_detected(tmp_path: Path) -> None:
     assert "4 bytes follow the end of the compressed data" in str(format_error(path))
 
 
+def test_every_byte_after_the_frame_is_counted_across_slices_and_chunks(tmp_path: Path) -> None:
+    """Junk longer than a decompression slice and a read chunk: the count adds all three parts."""
+    junk = b"j" * ((1 << 20) + 3000)
+    path = craft(tmp_path / "p.bsb", frame(b"a\n") + junk, summary_for([b"a\n"]))
+    assert f"bundle {path} payload is corrupt ({len(junk)} bytes follow the end of the compressed data)" in str(
+        format_error(path))
+
+
+def test_a_payload_that_is_not_zstd_is_refused_naming_the_file(tmp_path: Path) -> None:
+    path = craft(tmp_path / "p.bsb", b"a\n", summary_for([b"a\n"]))
+    assert str(format_error(path)).startswith(f"bundle {path} payload is not a zstd frame: ")
+
+
 def test_two_frames_are_rejected(tmp_path: Path) -> None:
     path = craft(tmp_path / "p.bsb", frame(b"a\n") + frame(b"b\n"), summary_for([b"a\n", b"b\n"]))
     assert "follow the end of the compressed data" in str(format_error(path))
@@ -451,7 +464,8 @@ def test_empty_payload_region_is_rejected(tmp_path: Path) -> None:
 def test_frame_without_checksum_is_rejected(tmp_path: Path) -> None:
     payload = zstd.ZstdCompressor(write_checksum=False).compress(b"a\n")
     path = craft(tmp_path / "p.bsb", payload, summary_for([b"a\n"]))
-    assert "content checksum" in str(format_error(path))
+    assert str(format_error(path)).startswith(
+        f"bundle {path} payload lacks a content checksum or needs a dictionary: ")
 
 
 def test_frame_needing_an_oversized_window_is_rejected(tmp_path: Path) -> None:
@@ -463,6 +477,11 @@ def test_frame_needing_an_oversized_window_is_rejected(tmp_path: Path) -> None:
     path = craft(tmp_path / "p.bsb", payload, summary_for([b"a\n"]))
     message = str(format_error(path))
     assert f"needs a {1 << 28} byte window, over the {1 << 27} limit" in message
+    # A frame at the limit itself is read.
+    params = zstd.ZstdCompressionParameters(window_log=27, write_checksum=1, write_content_size=0)
+    stream = zstd.ZstdCompressor(compression_params=params).compressobj()
+    at_limit = craft(tmp_path / "q.bsb", stream.compress(b"a\n") + stream.flush(), summary_for([b"a\n"]))
+    assert read_all(at_limit)[1] == [b"a\n"]
 
 
 def test_frame_needing_a_dictionary_is_rejected(tmp_path: Path) -> None:
@@ -505,7 +524,7 @@ def test_decompression_stops_at_the_announced_size(tmp_path: Path) -> None:
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert "more than the 1 bytes its summary says" in str(error)
+    assert f"bundle {path} payload is corrupt (it decompresses to more than the 1 bytes its summary says)" in str(error)
     assert peak < 40 << 20
 
 
@@ -720,3 +739,33 @@ def test_payload_decompresses_with_the_zstd_cli(tmp_path: Path) -> None:
     )
     result = subprocess.run(["sh", "-c", script], capture_output=True, check=True)
     assert result.stdout == b"".join(LINES * 100)
+
+
+def test_line_batches_stay_within_their_line_bound_without_shrinking_needlessly(tmp_path: Path) -> None:
+    """Tiny lines, then long ones, then tiny again: every batch holds at most ``max_lines`` lines."""
+    from bundlesync.format._payload import iter_line_blocks
+
+    lines = [b"a\n"] * 30_000 + [b"x" * 3000 + b"\n"] * 200 + [b"bb\n"] * 30_000
+    path = craft(tmp_path / "p.bsb", frame(b"".join(lines)), summary_for(lines))
+    info = B.read_info(path)
+    batches = list(iter_line_blocks(info, 1 << 16, max_lines=500))
+    assert [line for batch in batches for line in batch] == lines
+    # readlines() ends a batch with the line that crosses its byte window: at most one line over.
+    assert max(len(batch) for batch in batches) <= 501
+    # Tiny lines fill their batches: about 60,200 / 500 batches, not many more.
+    assert len(batches) <= 2 * (len(lines) // 500 + 1) + 20
+
+
+@pytest.mark.parametrize("over", [0, 1])
+def test_a_complete_record_over_the_limit_inside_a_block_is_refused(tmp_path: Path, over: int) -> None:
+    """A record of exactly MAX_RECORD bytes (newline included) is read; one byte more is refused."""
+    from bundlesync.format._frames import MAX_RECORD
+
+    # Random hex, so that the payload stays within the expansion a bundle may announce.
+    big = random.Random(over).randbytes(MAX_RECORD // 2).hex().encode()[: MAX_RECORD - 1 + over]
+    lines = [b"a\n", big.ljust(MAX_RECORD - 1 + over, b"0") + b"\n", b"b\n"]
+    path = craft(tmp_path / "p.bsb", frame(b"".join(lines), level=1), summary_for(lines))
+    if over:
+        assert str(format_error(path)).startswith(f"bundle {path} has a record over the {MAX_RECORD} byte limit: ")
+    else:
+        assert [len(line) for line in read_all(path)[1]] == [2, MAX_RECORD, 2]

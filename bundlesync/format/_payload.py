@@ -247,11 +247,12 @@ def check_declared(info: BundleInfo) -> None:
 
 
 def iter_line_blocks(info: BundleInfo, block_bytes: int, max_lines: int = MAX_BATCH_LINES) -> Iterator[list[bytes]]:
-    """Yield the payload's lines in lists of at most ~``block_bytes`` bytes and ``max_lines`` lines.
+    """Yield the payload's lines in lists of at most ~``block_bytes`` bytes and ``max_lines`` lines (+1).
 
     Memory stays bounded whatever the bundle declares: the announced sizes are checked first
     (:func:`check_declared`), the decompressed output may never exceed the announced size,
-    lines are split at most ``max_lines`` at a time, and the count of lines may never exceed
+    lines are split at most ``max_lines`` at a time (one more when the last line of a list crosses
+    its byte window), and the count of lines may never exceed
     the announced number of records.
 
     Raises:
