@@ -4,10 +4,14 @@
 # runs the tests that reach the edited function; a mutant no test notices "survives" and
 # points at a promise no test defends.
 #
-#   scripts/mutation.sh [--budget SECONDS] [MUTANT_GLOB...]
+#   scripts/mutation.sh [--budget SECONDS] [--tests 'TEST_PATH...'] [MUTANT_GLOB...]
 #
 #   --budget  stop after this many seconds (default 3600); results so far are kept in
 #             ./mutants/ and the next run carries on from them
+#   --tests   run with this test selection instead of pyproject's, in a scratch copy of the
+#             checkout (./mutants-tests/, kept between runs like ./mutants/): the format
+#             modules are reached by the slow multi-device tests, so they are run with
+#             --tests 'tests/test_bundle_format.py tests/test_bomb.py tests/test_fuzz_readers.py'
 #   MUTANT_GLOB  only these mutants, e.g. 'bundlesync.sync.dequeue.*' (default: all); named
 #             mutants are run again even if they have a result, so name a survivor to re-check it
 #
@@ -19,6 +23,24 @@ budget=3600
 if [ "${1:-}" = "--budget" ]; then
     budget="$2"
     shift 2
+fi
+if [ "${1:-}" = "--tests" ]; then
+    selection="$2"
+    shift 2
+    scratch="$ROOT/mutants-tests"
+    mkdir -p "$scratch"
+    git ls-files -z | tar --null -T - -cf - | (cd "$scratch" && tar xf -)
+    ln -sfn "$VENV" "$scratch/.venv"
+    SELECTION="$selection" python - "$scratch/pyproject.toml" <<'PY'
+import os, re, sys
+path = sys.argv[1]
+text = open(path).read()
+tests = ", ".join(f'"{t}"' for t in os.environ["SELECTION"].split())
+text = re.sub(r"pytest_add_cli_args_test_selection = \[.*?\n\]", f"pytest_add_cli_args_test_selection = [{tests}]",
+              text, flags=re.S)
+open(path, "w").write(text)
+PY
+    cd "$scratch"
 fi
 status=0
 timeout --signal=INT --kill-after=30 "$budget" \

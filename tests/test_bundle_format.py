@@ -769,3 +769,20 @@ def test_a_complete_record_over_the_limit_inside_a_block_is_refused(tmp_path: Pa
         assert str(format_error(path)).startswith(f"bundle {path} has a record over the {MAX_RECORD} byte limit: ")
     else:
         assert [len(line) for line in read_all(path)[1]] == [2, MAX_RECORD, 2]
+
+
+def test_a_file_cut_short_while_it_is_read_is_a_clear_format_error(tmp_path: Path) -> None:
+    """The size is checked before reading; a file truncated after that is caught by the reader."""
+    from bundlesync.format._payload import iter_payload
+
+    lines = [random.Random(i).randbytes(3000).hex().encode() + b"\n" for i in range(600)]  # ~3.6 MB, incompressible
+    path = craft(tmp_path / "p.bsb", frame(b"".join(lines), level=1), summary_for(lines))
+    info = B.read_info(path)
+    pieces = iter_payload(info)
+    next(pieces)
+    with open(path, "r+b") as file:
+        file.truncate(info.payload_offset + (1 << 20) + 10)  # the first chunk was read whole, the next is cut
+    with pytest.raises(FormatError) as caught:
+        for _ in pieces:
+            pass
+    assert str(caught.value).startswith(f"bundle {path} was truncated while being read: ")
