@@ -241,3 +241,24 @@ def test_a_local_edit_of_a_purged_record_is_never_exported_and_is_erased_at_the_
     assert final.keys() == purged.keys()
     for key, version in purged.items():  # the purge still wins; the learner's edits join its history only
         assert replace(final[key], vv=version.vv) == version and final[key].vv.items() >= version.vv.items()
+
+
+def test_a_purge_keeps_the_history_of_records_another_device_wrote(world: World) -> None:
+    """A record the learner's device created (vector ``{learner: 1}``) keeps that entry beside the purge's."""
+    a, user = world.devices[0], world.users[1]
+    first = world.export(0, world.root / "drive")
+    assert first is not None
+    world.deliver(first, 1)
+    new_log = "c" * 32
+    world.sql(1, f"INSERT INTO {LOGS} SELECT ?, user_id, content_id, channel_id, start_timestamp, end_timestamp, "
+                 f"time_spent, progress, kind, extra_fields, dataset_id FROM {LOGS} WHERE user_id = ? LIMIT 1",
+              (new_log, user))
+    late = world.export(1, world.root / "drive1")
+    assert late is not None
+    world.deliver(late, 0)
+    learner = world.devices[1].instance_id
+    created = _all_versions(a)[(LOGS, new_log)]
+    assert created.inst == learner and created.vv == {learner: created.ctr}
+    purge_user(a, world.facility, user)
+    purged = _all_versions(a)[(LOGS, new_log)]
+    assert purged.purged and purged.vv == {learner: created.ctr, a.instance_id: purged.ctr}
