@@ -262,3 +262,31 @@ def test_a_purge_keeps_the_history_of_records_another_device_wrote(world: World)
     purge_user(a, world.facility, user)
     purged = _all_versions(a)[(LOGS, new_log)]
     assert purged.purged and purged.vv == {learner: created.ctr, a.instance_id: purged.ctr}
+
+
+def test_a_purge_keeps_every_writer_in_the_vector_it_replaces(tmp_path: Path) -> None:
+    """A's purge over a record B created and the learner edited: all three writers stay in its vector."""
+    w = World.create(tmp_path / "w3", 3, users=4, logs=30, seed=7, learners=1)
+    try:
+        a, b, user = w.devices[0], w.devices[1], w.users[2]
+        start = w.export(0, tmp_path / "d0")
+        assert start is not None
+        w.deliver(start, 1), w.deliver(start, 2)
+        new_log = "d" * 32
+        w.sql(1, f"INSERT INTO {LOGS} SELECT ?, user_id, content_id, channel_id, start_timestamp, end_timestamp, "
+                 f"time_spent, progress, kind, extra_fields, dataset_id FROM {LOGS} WHERE user_id = ? LIMIT 1",
+              (new_log, user))
+        from_b = w.export(1, tmp_path / "d1")
+        assert from_b is not None
+        w.deliver(from_b, 2)
+        w.sql(2, f"UPDATE {LOGS} SET progress = 0.125 WHERE id = ?", (new_log,))
+        from_learner = w.export(2, tmp_path / "d2")
+        assert from_learner is not None
+        w.deliver(from_b, 0), w.deliver(from_learner, 0)
+        edited = _all_versions(a)[(LOGS, new_log)]
+        assert set(edited.vv) == {b.instance_id, w.devices[2].instance_id}
+        purge_user(a, w.facility, user)
+        purged = _all_versions(a)[(LOGS, new_log)]
+        assert purged.purged and purged.vv == {**edited.vv, a.instance_id: purged.ctr}
+    finally:
+        w.close()
