@@ -786,3 +786,34 @@ def test_a_file_cut_short_while_it_is_read_is_a_clear_format_error(tmp_path: Pat
         for _ in pieces:
             pass
     assert str(caught.value).startswith(f"bundle {path} was truncated while being read: ")
+
+
+def test_an_empty_file_and_a_short_file_get_their_own_messages(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.bsb"
+    empty.write_bytes(b"")
+    with pytest.raises(FormatError) as caught:
+        B.read_info(empty)
+    assert str(caught.value) == f"{empty} is empty, not a bundlesync bundle: check the file name"
+    one = tmp_path / "one.bsb"
+    one.write_bytes(b"x")
+    with pytest.raises(FormatError) as caught:
+        B.read_info(one)
+    assert "is empty" not in str(caught.value)
+    least = struct.calcsize(PREAMBLE_FMT) + struct.calcsize(FOOTER_FMT)
+    short = tmp_path / "short.bsb"
+    short.write_bytes(struct.pack(PREAMBLE_FMT, MAGIC, 1, 0, 0).ljust(least - 1, b"\0"))
+    assert str(format_error(short)).startswith(
+        f"bundle {short} is truncated ({least - 1} bytes, a bundle has at least {least}): ")
+    exact = tmp_path / "exact.bsb"  # long enough for the preamble and the footer: refused further on
+    exact.write_bytes(struct.pack(PREAMBLE_FMT, MAGIC, 1, 0, 0).ljust(least, b"\0"))
+    assert "bytes, a bundle has at least" not in str(format_error(exact))
+
+
+def test_a_manifest_longer_than_the_file_says_how_many_bytes_are_missing(tmp_path: Path) -> None:
+    least = struct.calcsize(PREAMBLE_FMT) + struct.calcsize(FOOTER_FMT)
+    cut = tmp_path / "cut.bsb"
+    cut.write_bytes(struct.pack(PREAMBLE_FMT, MAGIC, 1, 0, 500).ljust(least + 100, b"\0"))
+    assert str(format_error(cut)).startswith(f"bundle {cut} is truncated (expected at least 400 more bytes): ")
+    fits = tmp_path / "fits.bsb"  # the manifest and the footer exactly fill the file: not truncated
+    fits.write_bytes(struct.pack(PREAMBLE_FMT, MAGIC, 1, 0, 100).ljust(least + 100, b"\0"))
+    assert "more bytes" not in str(format_error(fits)) and "end marker is missing" in str(format_error(fits))
