@@ -7,9 +7,11 @@ so the tests check them themselves where the brief says "every flip is detected"
 
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import hmac
+import io
 import json
 import os
 import random
@@ -817,3 +819,107 @@ def test_a_manifest_longer_than_the_file_says_how_many_bytes_are_missing(tmp_pat
     fits = tmp_path / "fits.bsb"  # the manifest and the footer exactly fill the file: not truncated
     fits.write_bytes(struct.pack(PREAMBLE_FMT, MAGIC, 1, 0, 100).ljust(least + 100, b"\0"))
     assert "more bytes" not in str(format_error(fits)) and "end marker is missing" in str(format_error(fits))
+
+
+def test_every_damaged_layout_is_named_with_its_file_and_byte_count(tmp_path: Path) -> None:
+    """Each way the lengths can disagree gets its own message, naming the file and the count."""
+    good = craft(tmp_path / "good.bsb", frame(LINES[0]), summary_for(LINES[:1])).read_bytes()
+    footer_size = struct.calcsize(FOOTER_FMT)
+    body, footer = good[:-footer_size], good[-footer_size:]
+
+    def message(name: str, data: bytes) -> str:
+        path = tmp_path / name
+        path.write_bytes(data)
+        return str(format_error(path))
+
+    short = tmp_path / "short-summary.bsb"  # three bytes gone before an intact footer
+    assert message(short.name, body[:-3] + footer).startswith(
+        f"bundle {short} is truncated (expected 3 more bytes): ")
+    padded = tmp_path / "padded.bsb"  # five bytes slipped in before an intact footer
+    assert message(padded.name, body + b"\0" * 5 + footer).startswith(
+        f"bundle {padded} has 5 unexpected bytes (appended, or corrupt lengths): ")
+    no_end = tmp_path / "no-end.bsb"
+    assert message(no_end.name, good[:-1]).startswith(
+        f"bundle {no_end} is truncated or damaged (its end marker is missing): ")
+    huge = tmp_path / "huge-summary.bsb"
+    oversized = struct.pack(">QI", len(frame(LINES[0])), B.MAX_SUMMARY + 1) + footer[12:]
+    assert message(huge.name, body + oversized).startswith(f"{huge}: ")
+    newer = craft(tmp_path / "newer.bsb", frame(LINES[0]), summary_for(LINES[:1]), version=2)
+    assert str(format_error(newer)).startswith(f"{newer}: ")
+    least = struct.calcsize(PREAMBLE_FMT) + footer_size
+    one_short = tmp_path / "one-short.bsb"  # the manifest and the footer need one byte more
+    assert message(one_short.name, struct.pack(PREAMBLE_FMT, MAGIC, 1, 0, 101).ljust(least + 100, b"\0")).startswith(
+        f"bundle {one_short} is truncated (expected at least 1 more bytes): ")
+
+
+def test_a_digest_mismatch_names_the_file(tmp_path: Path) -> None:
+    path = craft(tmp_path / "flipped.bsb", frame(LINES[0]), summary_for(LINES[:1]))
+    data = bytearray(path.read_bytes())
+    data[struct.calcsize(PREAMBLE_FMT) + len(b"{}") + 5] ^= 1  # inside the payload: read_info passes
+    path.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError) as caught:
+        B.verify_digest(B.read_info(path))
+    assert str(caught.value).startswith(f"bundle {path} does not match its digest: ")
+
+
+class FailingDrive(io.BufferedReader):
+    """A bundle file on a drive whose byte ``at`` cannot be read: a read that reaches it fails (EIO)
+    or, with ``short``, ends just before it."""
+
+    def __init__(self, path: Path, at: int, *, short: bool) -> None:
+        super().__init__(io.FileIO(path, "rb"))
+        self.at, self.short = at, short
+
+    def _allowed(self, count: int) -> int:
+        here = self.tell()
+        if here <= self.at and (count < 0 or here + count > self.at):
+            if not self.short:
+                raise OSError(errno.EIO, "Input/output error")
+            return self.at - here
+        return count
+
+    def read(self, size: int | None = -1) -> bytes:
+        allowed = self._allowed(-1 if size is None else size)
+        return super().read(allowed) if allowed else b""
+
+    def readinto(self, buffer: Any) -> int:
+        allowed = self._allowed(len(buffer))
+        return super().readinto(memoryview(buffer)[:allowed]) if allowed else 0
+
+
+@pytest.mark.parametrize("short", [False, True], ids=["io-error", "short-read"])
+@pytest.mark.parametrize("where", ["manifest", "summary", "digest", "records", "copy"])
+def test_a_drive_failing_in_the_middle_of_a_read_gives_one_clear_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, short: bool
+) -> None:
+    """A USB drive that fails mid-read: an I/O error or a read that comes back empty, never a traceback,
+    and a copy publishes nothing."""
+    from bundlesync.format import _payload
+
+    path = craft(tmp_path / "b.bsb", frame(LINES[0] * 50), summary_for(LINES[:1] * 50), manifest=b'{"a":1}')
+    info = B.read_info(path)
+    at = {"manifest": struct.calcsize(PREAMBLE_FMT) + 2, "summary": info.payload_offset + info.payload_len + 2}.get(
+        where, info.payload_offset + 10)
+    for module in (B, _payload):
+        monkeypatch.setattr(module, "open_read", lambda p: FailingDrive(p, at, short=short))
+    out = tmp_path / "inbox"
+    out.mkdir()
+    with pytest.raises(BundleError) as caught:
+        if where == "digest":
+            B.verify_digest(info)
+        elif where == "records":
+            for _ in B.iter_records(info):
+                pass
+        elif where == "copy":
+            B.copy_verified(path, out / "b.bsb")
+        else:
+            B.read_info(path)
+    message = str(caught.value)
+    assert os.listdir(out) == []
+    if short:
+        assert type(caught.value) is FormatError
+        assert message.startswith(f"bundle {path} was truncated while being read: "), message
+    else:
+        assert type(caught.value) is BundleError
+        assert message == (f"cannot read bundle {path}: Input/output error: check the path and that the drive "
+                           "is still connected"), message
