@@ -2,12 +2,12 @@
 """Benchmark bundlesync's export, import, start-up, memory, store and bundle size (a benchmark, not a test).
 
 ``bench.py [--logs N | --sizes N1,N2,...] [--runs R] [--users U] [--seed S] [--changes C]
-[--workdir DIR] [--skip-zstd] [--skip-live] [--profile DIR] [--json]``
+[--settle S] [--workdir DIR] [--skip-zstd] [--skip-live] [--profile DIR] [--json]``
 
 For each size it writes a fixture facility (``scripts/make_facility_db.py``) and sets up
 two devices the way the CLI does (A: the facility's authority; B: an empty device with a
 full-scope certificate issued by A). Every timed step then runs as its own ``bundlesync``
-process (``python -m bundlesync``, start-up included), ``--runs`` times (default 3), each
+process (``python -m bundlesync``, start-up included, timed by a small launcher from its start to its exit), ``--runs`` times (default 3), each
 run from a copy of the same starting state; the table shows the median wall time, the
 CPU seconds (user + system) per 100k records and the largest peak RSS of the runs:
 
@@ -16,7 +16,8 @@ CPU seconds (user + system) per 100k records and the largest peak RSS of the run
 3. encryption cost (in this process: export --full with and without encryption, best of 2);
 4. a full export after 10% of the records changed, imported into B as it was after step 2
    (a device that holds 90% of the bundle);
-5. ``--changes`` plain-SQL edits, ``bundlesync export`` (basis: B's receipt) and ``bundlesync
+5. after a ``--settle`` pause (the CPU recovers from the long steps, as on a device cron wakes),
+   ``--changes`` plain-SQL edits, ``bundlesync export`` (basis: B's receipt) and ``bundlesync
    import``;
 6. start-up: ``bundlesync --version`` and an import of a bundle already imported;
 7. unless ``--skip-live``, the same first export and import run by the CLI on a third
@@ -282,22 +283,23 @@ class Measured:
 # process, every child would report at least this process's peak. So each command runs
 # under a small launcher; the launcher forks the command and reads its rusage with wait4.
 _LAUNCHER = """
-import json, os, subprocess, sys
+import json, os, subprocess, sys, time
+start = time.perf_counter()
 proc = subprocess.Popen(sys.argv[2:])
 _, status, usage = os.wait4(proc.pid, 0)
+wall = time.perf_counter() - start
 with open(sys.argv[1], "w") as f:
-    json.dump({"maxrss": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime}, f)
+    json.dump({"maxrss": usage.ru_maxrss, "cpu": usage.ru_utime + usage.ru_stime, "wall": wall}, f)
 code = os.waitstatus_to_exitcode(status)
 sys.exit(code if code >= 0 else 128 - code)
 """
 
 
 def run_measured(args: Sequence[str], env: dict[str, str]) -> Measured:
-    """Run one command and return its own peak RSS (not this process's, not other children's)."""
+    """Run one command and return its own wall time, CPU time and peak RSS (not the launcher's, not other children's)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
         report = Path(tmp) / "rusage.json"
-        start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(report), *args],
                                 stdout=out, stderr=err, env=env, cwd=ROOT, start_new_session=True)
         try:
@@ -310,13 +312,14 @@ def run_measured(args: Sequence[str], env: dict[str, str]) -> Measured:
                 pass
             proc.wait()
             raise
-        wall = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
         try:
             usage = json.loads(report.read_text())
             maxrss, cpu = usage["maxrss"], float(usage["cpu"])
+            # The command's own wall time, from its start to its exit, without the launcher's start-up.
+            wall = float(usage["wall"])
         except (OSError, ValueError, KeyError) as exc:
             raise BenchError(f"could not read the peak memory of {' '.join(args)} ({exc}); stderr: {stderr.strip()}") from exc
         # ru_maxrss is KiB on Linux, bytes on macOS.
@@ -552,6 +555,12 @@ def bench_size(run: Run, args: argparse.Namespace, base: Path) -> None:
     run.notes.append(f"90%-held import outcomes: {outcomes}")
 
     # 5. incremental: plain-SQL edits, `bundlesync export` (basis: the receiver's receipt), `bundlesync import`
+    if args.settle:
+        # A cron export starts on an idle device. This machine's CPUs slow down by about a third after
+        # some seconds of full load and take a while to recover, so the short commands that follow the
+        # long steps are timed after a pause, not on a CPU still throttled by the 90%-held imports.
+        say(f"{tag} settling for {args.settle:g} s before the short commands")
+        time.sleep(args.settle)
     say(f"{tag} incremental export and import of {changes:,} changes x{runs}")
     inc_out = base / "inc"
     clear(inc_out)
@@ -713,6 +722,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep all files under DIR (default: a temporary folder, removed afterwards)")
     parser.add_argument("--runs", type=positive, default=3, metavar="R",
                         help="runs of each timed step; the median is shown (default 3)")
+    parser.add_argument("--settle", type=float, default=20.0, metavar="SECONDS",
+                        help="pause before timing the short commands (incremental, start-up), so they do not "
+                             "run on a CPU still slowed by the long steps (default 20; 0: no pause)")
     parser.add_argument("--skip-zstd", action="store_true", help="skip the (slow) zstd -19 comparison")
     parser.add_argument("--skip-live", action="store_true",
                         help="skip the export and import beside a running app writer")

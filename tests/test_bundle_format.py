@@ -846,6 +846,18 @@ def test_every_damaged_layout_is_named_with_its_file_and_byte_count(tmp_path: Pa
     assert message(huge.name, body + oversized).startswith(f"{huge}: ")
     newer = craft(tmp_path / "newer.bsb", frame(LINES[0]), summary_for(LINES[:1]), version=2)
     assert str(format_error(newer)).startswith(f"{newer}: ")
+    bad_manifest = craft(tmp_path / "bad-manifest.bsb", frame(LINES[0]), summary_for(LINES[:1]), manifest=b"{")
+    assert str(format_error(bad_manifest)).startswith(f"bundle {bad_manifest} manifest is not valid canonical JSON")
+    bad_summary = craft(tmp_path / "bad-summary.bsb", frame(LINES[0]), b"[]")
+    assert str(format_error(bad_summary)).startswith(f"bundle {bad_summary} summary is not")
+    no_count = craft(tmp_path / "no-count.bsb", frame(LINES[0]), b'{"records":1}')
+    assert str(format_error(no_count)).startswith(
+        f"bundle {no_count} is damaged: its summary lacks a valid 'payload_raw_bytes' count: ")
+    for name, plain in (("no-plain", None), ("upper-plain", "A" * 64), ("x-plain", "X" * 64), ("short-plain", "a" * 63)):
+        summary = {"payload_raw_bytes": 1, "records": 1, **({} if plain is None else {"payload_plain_sha256": plain})}
+        sealed = craft(tmp_path / f"{name}.bsb", b"age", B.canonical_json(summary), flags=1)
+        assert str(format_error(sealed)).startswith(
+            f"bundle {sealed} is damaged: it is encrypted but its summary lacks a valid 'payload_plain_sha256': ")
     least = struct.calcsize(PREAMBLE_FMT) + footer_size
     one_short = tmp_path / "one-short.bsb"  # the manifest and the footer need one byte more
     assert message(one_short.name, struct.pack(PREAMBLE_FMT, MAGIC, 1, 0, 101).ljust(least + 100, b"\0")).startswith(
