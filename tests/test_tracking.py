@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from pathlib import Path
@@ -76,6 +77,23 @@ def test_every_write_path_is_tracked(tmp_path: Path) -> None:
     _sql(db, "UPDATE kolibriauth_facilityuser SET full_name = full_name WHERE id = ?", (other,))
     _versions(dev)
     assert dev.conn.execute("SELECT ctr FROM bundlesync_store WHERE id = ?", (other,)).fetchone()[0] == counter
+
+
+def test_numeric_looking_text_keeps_its_type_in_the_prior_copy_a_deletion_carries(tmp_path: Path) -> None:
+    """The prior table holds values as the app had them: text like "0012" or "1.50" stays text, not a number."""
+    dev, db = _device(tmp_path)
+    uid = sorted(_versions(dev))[0]
+    _sql(db, "UPDATE kolibriauth_facilityuser SET birth_year = '0012', id_number = '1.50', gender = '7' WHERE id = ?",
+         (uid,))
+    _versions(dev)
+    raw = dev.conn.execute("SELECT v.data FROM bundlesync_versions v JOIN bundlesync_models m ON m.n = v.model "
+                           "WHERE m.name = 'kolibriauth_facilityuser' AND v.id = ?", (uid,)).fetchone()
+    assert raw == (None,)  # the store leaves the data to the app row, so the deletion needs the prior copy
+    _sql(db, "DELETE FROM kolibriauth_facilityuser WHERE id = ?", (uid,))
+    deleted, data = _versions(dev)[uid]
+    row = json.loads(data)
+    assert deleted == 1
+    assert (row["birth_year"], row["id_number"], row["gender"]) == ("0012", "1.50", "7")
 
 
 def test_floats_blobs_and_non_finite_values_round_trip(tmp_path: Path) -> None:
