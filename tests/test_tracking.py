@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import time
@@ -13,7 +14,14 @@ from bundlesync.replica.db import write_transaction
 from bundlesync.device import Device, init_device
 from bundlesync.profile import TableSpec
 from bundlesync.replica.store import serialize_changes
-from bundlesync.replica.tracking import expected_triggers, install_table_triggers, installed_triggers, suppressed
+from bundlesync.replica.tracking import (
+    PRIOR_ID,
+    expected_triggers,
+    install_table_triggers,
+    installed_triggers,
+    prior_table,
+    suppressed,
+)
 
 
 def _device(tmp_path: Path) -> tuple[Device, Path]:
@@ -94,6 +102,25 @@ def test_numeric_looking_text_keeps_its_type_in_the_prior_copy_a_deletion_carrie
     row = json.loads(data)
     assert deleted == 1
     assert (row["birth_year"], row["id_number"], row["gender"]) == ("0012", "1.50", "7")
+
+
+def test_reinstalled_triggers_keep_prior_rows_and_new_columns_remake_the_prior_table(tmp_path: Path) -> None:
+    """A trigger repair keeps the rows the prior table holds; a changed column set makes the table again."""
+    dev, db = _device(tmp_path)
+    table = next(t for t in dev.profile.tables if t.name == "kolibriauth_facilityuser")
+    prior = f'"{prior_table(table)}"'
+    uid = sorted(_versions(dev))[0]
+    _sql(db, "UPDATE kolibriauth_facilityuser SET gender = 'x' WHERE id = ?", (uid,))
+    kept = dev.conn.execute(f"SELECT * FROM {prior}").fetchall()
+    assert [row[0] for row in kept] == [uid]
+    with write_transaction(dev.conn):
+        install_table_triggers(dev.conn, table)
+    assert dev.conn.execute(f"SELECT * FROM {prior}").fetchall() == kept
+    narrower = dataclasses.replace(table, columns=table.columns[:-1])
+    with write_transaction(dev.conn):
+        install_table_triggers(dev.conn, narrower)
+    assert [r[1] for r in dev.conn.execute(f"PRAGMA table_info({prior})")] == [PRIOR_ID, *table.columns[:-1]]
+    assert dev.conn.execute(f"SELECT count(*) FROM {prior}").fetchone()[0] == 0
 
 
 def test_floats_blobs_and_non_finite_values_round_trip(tmp_path: Path) -> None:
