@@ -693,22 +693,25 @@ def test_copy_verified_publishes_nothing_on_failure(
 # ----------------------------------------------------------------------- memory, tools
 
 
-def many_lines(count: int) -> Iterator[bytes]:
+def many_lines(count: int, *, note: int = 0) -> Iterator[bytes]:
+    """Record-like lines of about 95 bytes, plus a ``note`` of that many bytes (hex of the line number, repeated)."""
     for i in range(count):
-        yield b'{"id":"%032x","n":%d,"ts":"2024-01-01T00:00:%02dZ","p":0.%06d}\n' % (
+        pad = (b"%032x" % i * (note // 32 + 1))[:note]
+        yield b'{"id":"%032x","n":%d,"ts":"2024-01-01T00:00:%02dZ","p":0.%06d,"note":"%s"}\n' % (
             i * 2654435761,
             i,
             i % 60,
             i % 999983,
+            pad,
         )
 
 
 def test_streaming_does_not_materialise_records(tmp_path: Path) -> None:
-    count = 500_000
+    count = 180_000  # lines of about 330 bytes (59 MB): the size that matters, in fewer Python iterations
     tracemalloc.start()
     try:
         with B.BundleWriter(tmp_path, "big.bsb", {}, signer) as writer:
-            writer.write_records(many_lines(count))
+            writer.write_records(many_lines(count, note=220))
             path = writer.finish({})
         write_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
