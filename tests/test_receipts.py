@@ -267,3 +267,40 @@ def test_a_receipt_under_a_certificate_without_instance_id_is_ignored_with_a_hin
     conn.close()
     res = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb))
     assert f"ignored receipt {receipt}" in res.err and legacy.cert_id in res.err and "re-issue" in res.err
+
+
+def test_of_several_receipts_of_one_device_on_a_drive_the_newest_counts(pair: Pair) -> None:
+    """Two receipts of B on one drive, the older sorting last: A's basis comes from the newer."""
+    from bundlesync.device import Device
+    from bundlesync.replica.store import instance_id
+    from bundlesync.trust.receipts import find_receipts, read_receipt
+
+    def export_and_import() -> Path:
+        for old in pair.usb.glob("*"):
+            old.unlink()
+        bundle = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb)).last_line
+        run_cli(pair.b, "import", bundle)
+        (receipt,) = pair.usb.glob("receipt-*.json")
+        return receipt
+
+    first = export_and_import().read_bytes()
+    conn = sqlite3.connect(pair.a_db)
+    conn.execute("UPDATE kolibriauth_facilityuser SET full_name = full_name || ' (edited)'")
+    conn.commit()
+    conn.close()
+    second = export_and_import().read_bytes()
+    dev = Device.open(pair.a)
+    try:
+        drive = pair.tmp / "drive"
+        drive.mkdir()
+        dataset = json.loads(second)["receipt"]["dataset_id"]
+        (drive / f"receipt-{dataset[:8]}-a-newer.json").write_bytes(second)
+        (drive / f"receipt-{dataset[:8]}-z-older.json").write_bytes(first)
+        newer = read_receipt(drive / f"receipt-{dataset[:8]}-a-newer.json", dev.keys, dev.profile)
+        older = read_receipt(drive / f"receipt-{dataset[:8]}-z-older.json", dev.keys, dev.profile)
+        assert older.created_at < newer.created_at and older.fsic != newer.fsic
+        found, skipped = find_receipts(drive, dev.keys, dev.profile, dataset, instance_id(dev.conn))
+    finally:
+        dev.conn.close()
+    assert skipped == []
+    assert found == [newer]
