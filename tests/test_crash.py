@@ -66,7 +66,9 @@ def start_import(home: Path, bundle: Path) -> subprocess.Popen[bytes]:
 
 
 def test_kill_9_during_import_leaves_a_valid_state_that_the_next_import_completes(tmp_path: Path) -> None:
-    p = build_pair(tmp_path, users=40, logs=5_000, seed=3)
+    # Enough records that the import needs several transactions even while the app is quiet (one
+    # transaction then holds up to half a second of work), so some kill lands between two of them.
+    p = build_pair(tmp_path, users=40, logs=15_000, seed=3)
     bundle = Path(run_cli(p.a, "export", "--facility", p.facility, "--out", str(p.usb)).last_line)
     journal = Path(f"{p.b_db}-journal")
     pristine = tmp_path / "b.pristine.sqlite3"
