@@ -7,9 +7,10 @@
 For each size it writes a fixture facility (``scripts/make_facility_db.py``) and sets up
 two devices the way the CLI does (A: the facility's authority; B: an empty device with a
 full-scope certificate issued by A). Every timed step then runs as its own ``bundlesync``
-process (``python -m bundlesync``, start-up included, timed by a small launcher from its start to its exit), ``--runs`` times (default 3), each
-run from a copy of the same starting state; the table shows the median wall time, the
-CPU seconds (user + system) per 100k records and the largest peak RSS of the runs:
+process (``python -m bundlesync``, start-up included; a small launcher times it from its start
+to its exit), ``--runs`` times (default 3), each run from a copy of the same starting state;
+the table shows the median wall time, the CPU seconds (user + system) per 100k records and the
+largest peak RSS of the runs:
 
 1. the first export after ``init`` (every row serialized, then the bundle written and read back);
 2. its import into the empty device B;
@@ -321,7 +322,7 @@ def run_measured(args: Sequence[str], env: dict[str, str]) -> Measured:
             # The command's own wall time, from its start to its exit, without the launcher's start-up.
             wall = float(usage["wall"])
         except (OSError, ValueError, KeyError) as exc:
-            raise BenchError(f"could not read the peak memory of {' '.join(args)} ({exc}); stderr: {stderr.strip()}") from exc
+            raise BenchError(f"could not read the measurements of {' '.join(args)} ({exc}); stderr: {stderr.strip()}") from exc
         # ru_maxrss is KiB on Linux, bytes on macOS.
         scale = 1 / (1 << 20) if sys.platform == "darwin" else 1 / 1024
         return Measured(code, stdout, stderr, wall, maxrss * scale, cpu)

@@ -28,6 +28,7 @@ import zstandard as zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bundlesync.format import _payload
 from bundlesync.format import container as B
 from bundlesync.errors import BundleError, FormatError, IntegrityError, SyncError
 
@@ -845,7 +846,8 @@ def test_every_damaged_layout_is_named_with_its_file_and_byte_count(tmp_path: Pa
     assert message(no_end.name, good[:-1]).startswith(
         f"bundle {no_end} is truncated or damaged (its end marker is missing): ")
     huge = tmp_path / "huge-summary.bsb"
-    oversized = struct.pack(">QI", len(frame(LINES[0])), B.MAX_SUMMARY + 1) + footer[12:]
+    lengths = struct.calcsize(">QI")  # the footer's payload and summary lengths come first
+    oversized = struct.pack(">QI", len(frame(LINES[0])), B.MAX_SUMMARY + 1) + footer[lengths:]
     assert message(huge.name, body + oversized).startswith(f"{huge}: ")
     newer = craft(tmp_path / "newer.bsb", frame(LINES[0]), summary_for(LINES[:1]), version=2)
     assert str(format_error(newer)).startswith(f"{newer}: ")
@@ -909,8 +911,6 @@ def test_a_drive_failing_in_the_middle_of_a_read_gives_one_clear_line(
 ) -> None:
     """A USB drive that fails mid-read: an I/O error or a read that comes back empty, never a traceback,
     and a copy publishes nothing."""
-    from bundlesync.format import _payload
-
     path = craft(tmp_path / "b.bsb", frame(LINES[0] * 50), summary_for(LINES[:1] * 50), manifest=b'{"a":1}')
     info = B.read_info(path)
     at = {"manifest": struct.calcsize(PREAMBLE_FMT) + 2, "summary": info.payload_offset + info.payload_len + 2}.get(

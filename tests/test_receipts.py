@@ -294,10 +294,12 @@ def test_of_several_receipts_of_one_device_on_a_drive_the_newest_counts(pair: Pa
         drive = pair.tmp / "drive"
         drive.mkdir()
         dataset = json.loads(second)["receipt"]["dataset_id"]
-        (drive / f"receipt-{dataset[:8]}-a-newer.json").write_bytes(second)
-        (drive / f"receipt-{dataset[:8]}-z-older.json").write_bytes(first)
-        newer = read_receipt(drive / f"receipt-{dataset[:8]}-a-newer.json", dev.keys, dev.profile)
-        older = read_receipt(drive / f"receipt-{dataset[:8]}-z-older.json", dev.keys, dev.profile)
+        newer_path = drive / f"receipt-{dataset[:8]}-a-newer.json"
+        older_path = drive / f"receipt-{dataset[:8]}-z-older.json"  # sorts last: read after the newer
+        newer_path.write_bytes(second)
+        older_path.write_bytes(first)
+        newer = read_receipt(newer_path, dev.keys, dev.profile)
+        older = read_receipt(older_path, dev.keys, dev.profile)
         assert older.created_at < newer.created_at and older.fsic != newer.fsic
         found, skipped = find_receipts(drive, dev.keys, dev.profile, dataset, instance_id(dev.conn))
     finally:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from conftest import PROFILE, make_db, store_rows
 
-from bundlesync.replica.db import write_transaction
+from bundlesync.replica.db import q, write_transaction
 from bundlesync.device import Device, init_device
 from bundlesync.profile import TableSpec
 from bundlesync.replica.store import serialize_changes
@@ -108,7 +108,7 @@ def test_reinstalled_triggers_keep_prior_rows_and_new_columns_remake_the_prior_t
     """A trigger repair keeps the rows the prior table holds; a changed column set makes the table again."""
     dev, db = _device(tmp_path)
     table = next(t for t in dev.profile.tables if t.name == "kolibriauth_facilityuser")
-    prior = f'"{prior_table(table)}"'
+    prior = q(prior_table(table))
     uid = sorted(_versions(dev))[0]
     _sql(db, "UPDATE kolibriauth_facilityuser SET gender = 'x' WHERE id = ?", (uid,))
     kept = dev.conn.execute(f"SELECT * FROM {prior}").fetchall()
