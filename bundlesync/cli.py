@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from bundlesync._version import __version__
-from bundlesync import runlog, schedule
+from bundlesync import runlog
 from bundlesync.runlock import DEFAULT_WAIT_S, home_lock
 from bundlesync.errors import EXIT_PARTIAL, BundlesyncError
 from bundlesync.format.volumes import DEFAULT_MAX_SIZE
@@ -732,6 +732,7 @@ def _fsic_text(fsic: Any) -> str:
 def schedule_cmd(ctx: click.Context, facility_id: str, out_dir: str, at: str | None, every: str | None,
                  do_install: bool) -> None:
     """Print (or install) the crontab line for unattended exports onto a drive."""
+    from bundlesync import schedule
     from bundlesync.device import resolve_home
 
     home = resolve_home(ctx.obj["home"])

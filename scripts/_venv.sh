@@ -12,3 +12,7 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"
+# An editable install leaves bundlesync's own modules uncompiled; where PYTHONDONTWRITEBYTECODE is set
+# (some CI machines set it) every `bundlesync` process would then compile them again, about 0.1 s of
+# CPU per command (the tests start about a thousand). compileall rewrites only what changed.
+"$VENV/bin/python" -m compileall -q "$ROOT/bundlesync"

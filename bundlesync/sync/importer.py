@@ -59,7 +59,6 @@ import os
 import secrets
 import sqlite3
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +269,7 @@ def opened_bundle(device: Device, path: Path) -> Iterator[VerifiedBundle]:
     info = container.read_info(path)
     container.verify_digest(info)  # integrity first: damage must not be reported as a trust problem
     verified = check_trust(device, info)
-    plain = device.staging / f"{path.name}.{uuid.uuid4().hex[:8]}.plain"
+    plain = device.staging / f"{path.name}.{secrets.token_hex(4)}.plain"
     try:
         readable = open_payload(device, verified, plain, shown_as=path.name)
         _check_records(readable.info)
