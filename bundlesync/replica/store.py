@@ -62,6 +62,8 @@ __all__ = [
     "stored_lines",
     "stored_vector",
     "upsert_versions",
+    "Write",
+    "Written",
 ]
 
 BATCH = 5000
@@ -318,12 +320,12 @@ _UPSERT = (
     "wall = excluded.wall"
 )
 
-_Write = tuple[str, str, str, str, int, int, int, str, int, Mapping[str, int], int, "str | None", "int | None", bool]
+Write = tuple[str, str, str, str, int, int, int, str, int, Mapping[str, int], int, "str | None", "int | None", bool]
 """A version to write, with its names: model, id, partition, data, deleted, purged, hlc, writer, counter,
 vector, dirty, bundle id, wall, and whether the app row encodes to the data (then the store leaves it out)."""
 
 
-def _write(conn: sqlite3.Connection, rows: Sequence[_Write]) -> None:
+def _write(conn: sqlite3.Connection, rows: Sequence[Write]) -> None:
     """Upsert versions given with their names (ids looked up, or added, per call)."""
     if not rows:
         return
@@ -592,8 +594,14 @@ def _no_partition(table: TableSpec, pk: object) -> str:
             "and export again")
 
 
+Written = Callable[[str, Sequence[Write], Sequence[tuple[str, int]]], None]
+"""Told, after each batch a serialization writes: the table, its new versions, and ``(id, counter)`` of the
+versions of this device they replaced."""
+
+
 def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Callable[[], bool] | None = None,
-                      up_to: int | None = None, batch: int | None = None) -> SerializeResult:
+                      up_to: int | None = None, batch: int | None = None,
+                      on_batch: Written | None = None) -> SerializeResult:
     """Turn logged app changes into store versions (must run in a write transaction).
 
     One new counter value serves every version this run writes. A version's
@@ -607,7 +615,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
     there (``done`` is False) and the rest stays logged for the next run, which takes
     its own counter in its own transaction. Each change leaves the log in the transaction
     that turns it into a version, so an edit the app makes in between is logged afresh and
-    never lost.
+    never lost. ``on_batch``: told each batch written (in the transaction, which may still roll back).
     """
     result = SerializeResult()
     up_to = 2**63 - 1 if up_to is None else up_to
@@ -628,7 +636,8 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
         # Rows held back earlier are let go as soon as a later change of theirs serializes.
         any_held = conn.execute("SELECT EXISTS (SELECT 1 FROM bundlesync_held WHERE model = ?)", (name,)).fetchone()[0]
         for rows in _changed_rows(conn, table, model_n, up_to, batch):
-            writes: list[_Write] = []
+            writes: list[Write] = []
+            replaced: list[tuple[str, int]] = []
             redo: list[tuple[int, str]] = []
             held: list[tuple[object, ...]] = []
             # Prior rows (the app row as the stored version has it) of changes that are done with here; a change
@@ -699,10 +708,14 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                     continue
                 vv = read_vector(s_vv, s_inst, s_ctr)
                 vv[me] = counter
+                if s_inst == me:
+                    replaced.append((pk, s_ctr))
                 writes.append((name, pk, partition, data, deleted, 0, hlc, me, counter, vv, 0, None, at_ms,
                                data == fresh))
             conn.executemany(forget_prior, priors)
             _write(conn, writes)
+            if on_batch is not None:
+                on_batch(name, writes, replaced)
             conn.executemany("UPDATE bundlesync_versions SET dirty = 1, error = NULL WHERE model = ? AND id = ?", redo)
             conn.executemany("DELETE FROM bundlesync_held WHERE model = ? AND pk = ?", released)
             conn.executemany("INSERT INTO bundlesync_held (model, pk, reason, at) VALUES (?, ?, ?, ?) "

@@ -41,6 +41,7 @@ from bundlesync.replica import fsic as fsic_mod
 from bundlesync.replica import knowledge as kn
 from bundlesync.replica.knowledge import Knowledge
 from bundlesync.sync.basis import choose_basis
+from bundlesync.sync.spool import LineSpool
 from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import fetch_all, q, read_transaction, write_transaction
 from bundlesync.replica.pacing import Pacer
@@ -153,15 +154,16 @@ STRETCH = 2000
 _ROWID_MIN, _ROWID_MAX = -(2**63), 2**63 - 1
 
 
-def _stretches(conn: sqlite3.Connection, model: int, inst: int, floor: int) -> Iterator[tuple[int, int, int]]:
+def _stretches(conn: sqlite3.Connection, model: int, inst: int, floor: int,
+               below: int | None = None) -> Iterator[tuple[int, int, int]]:
     """``(counter, after rowid, up to rowid)``: one writer's versions above ``floor``, :data:`STRETCH` at a time.
 
     In index order (counter, then rowid), each found by a short statement on the
-    ``(model, inst, ctr)`` index, so no statement holds a read lock for long.
+    ``(model, inst, ctr)`` index, so no statement holds a read lock for long. ``below``: only counters under it.
     """
     row = conn.execute("SELECT min(ctr) FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr > ?",
                        (model, inst, floor)).fetchone()
-    while row[0] is not None:
+    while row[0] is not None and (below is None or row[0] < below):
         ctr, after = int(row[0]), _ROWID_MIN
         while True:
             end = conn.execute("SELECT rowid FROM bundlesync_versions WHERE model = ? AND inst = ? AND ctr = ? AND "
@@ -190,7 +192,7 @@ def _held_sql(floor: int, finer: Sequence[tuple[str, int]]) -> tuple[str, list[o
 
 def outgoing_lines(
     conn: sqlite3.Connection, profile: Profile, prefixes: Sequence[str], basis: Mapping[str, Mapping[str, int]],
-    counts: dict[str, int],
+    counts: dict[str, int], spool: LineSpool | None = None,
 ) -> Iterator[list[bytes]]:
     """Batches of record lines (``head JSON \\t data JSON \\n``) inside the filter the basis does not hold.
 
@@ -204,6 +206,8 @@ def outgoing_lines(
     Each batch is read by its own short statements, outside any transaction (see
     :func:`_stretches`): the store only changes under the home's run lock (serialization,
     import, purge), which the export holds, so reading it piecewise reads one state of it.
+    ``spool``: the lines of the versions this export serialized (its writer's counters from
+    ``spool.first`` on), which come from there instead of the store, in their writer's place.
     """
     where, params = prefix_sql(prefixes, column="p.name")
     at_filter = [kn.effective(basis, p) for p in prefixes]
@@ -220,11 +224,21 @@ def outgoing_lines(
             floor = min(view.get(inst_name, 0) for view in at_filter)
             held, held_params = _held_sql(floor, finer.get(inst_name, []))
             sql = line_sql.format(prefixes=where, held=held)
-            for ctr, after, upto in _stretches(conn, model, inst, floor):
+            spooled = False
+            if spool is not None and spool.first is not None and inst_name == spool.instance:
+                mine = conn.execute("SELECT count(*) FROM bundlesync_versions WHERE model = ? AND inst = ? AND "
+                                    "ctr >= ?", (model, inst, spool.first)).fetchone()[0]
+                spooled = spool.holds(table.name, int(mine))
+            below = spool.first if spool is not None and spooled else None
+            for ctr, after, upto in _stretches(conn, model, inst, floor, below):
                 rows = fetch_all(conn, sql, [model, inst, ctr, after, upto, *params, *held_params])
                 if rows:
                     counts[table.name] = counts.get(table.name, 0) + len(rows)
                     yield _lines(conn, table, rows)
+            if spool is not None and spooled:
+                for lines in spool.lines(table.name):
+                    counts[table.name] = counts.get(table.name, 0) + len(lines)
+                    yield lines
 
 
 Progress = Callable[[int, int], None]
@@ -284,6 +298,7 @@ class ExportWork(FacilityDataSyncHook):
         self.clock_warning: str | None = None
         self.key = key
         self.writer: container.BundleWriter | None = None
+        self.spool: LineSpool | None = None
         self.path: Path | None = None
         self.result = ExportResult(None, uuid.uuid4().hex, "")
         self.initializing_operations = [Step("choose filter and basis", self.initialize)]
@@ -353,9 +368,13 @@ class ExportWork(FacilityDataSyncHook):
         up_to = last_change(conn)
         pacer = Pacer(conn)
         serialized = SerializeResult(done=False)
+        self.spool = LineSpool(self.device.staging, instance=ctx.instance_id, prefixes=ctx.filter,
+                               basis=self.result.basis, sql_value=lambda sql, args: conn.execute(sql, args).fetchone()[0])
+        pacer.meanwhile = self.spool.work  # the spool's lines are made while the export rests
         while not serialized.done:
             with pacer.transaction() as over:
-                serialized.add(serialize_changes(conn, ctx.profile, until=over, up_to=up_to))
+                serialized.add(serialize_changes(conn, ctx.profile, until=over, up_to=up_to, on_batch=self.spool.add))
+        self.spool.finish()
         self.result.serialized = serialized.versions
         if serialized.clamped:
             self.clock_warning = (
@@ -420,7 +439,7 @@ class ExportWork(FacilityDataSyncHook):
             encrypt_to=manifest.recipients or (), scratch_dir=self.device.staging)
         counts = self.result.counts
         try:
-            for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts):
+            for lines in outgoing_lines(conn, ctx.profile, ctx.filter, self.result.basis, counts, self.spool):
                 self.writer.write_records(lines)
                 if self.progress is not None:
                     self.progress(self.writer.records, max(total, self.writer.records))
@@ -603,6 +622,9 @@ def export_bundle(
     except BaseException:
         work.discard()
         raise
+    finally:
+        if work.spool is not None:
+            work.spool.close()
     work.result.path = work.path
     if work.path is not None:
         work.replace_superseded()  # only now: the new bundle is verified and its transfer recorded
