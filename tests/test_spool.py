@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from conftest import PROFILE, Pair, make_db, run_cli
 
 from bundlesync.device import Device
+from bundlesync.errors import EnvError
 from bundlesync.format import container
 from bundlesync.format.records import COUNTER_MAX, HLC_MAX, WALL_MAX_MS, Version
 from bundlesync.profile import Profile, bind_profile, load_profile
@@ -145,3 +146,9 @@ def test_an_export_sends_the_same_lines_from_the_spool_as_from_the_store(pair: P
     again = Path(run_cli(pair.a, "export", "--facility", pair.facility, "--full", "--out", str(again_dir)).last_line)
     spooled, stored = _record_lines(first, pair.a), _record_lines(again, pair.a)
     assert len(spooled) > 200 and spooled == stored
+
+
+def test_a_spool_that_cannot_be_kept_says_where_and_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(EnvError, match=r"cannot keep the export's record lines in .*missing \(No such file or "
+                                       r"directory\): free space on the disk"):
+        LineSpool(tmp_path / "missing", instance="me", prefixes=["D"], basis={}, sql_value=lambda sql, args: b"")

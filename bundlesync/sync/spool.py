@@ -28,6 +28,7 @@ from typing import IO
 import msgspec
 import zstandard
 
+from bundlesync.errors import EnvError
 from bundlesync.partitions import within
 from bundlesync.replica import knowledge as kn
 from bundlesync.replica.store import Write, stored_vector
@@ -73,7 +74,11 @@ class LineSpool:
         self._sql_value = sql_value
         # The basis can hold back a version of this export only where it claims that counter of this device.
         self._basis_mine = max((view.get(instance, 0) for view in basis.values()), default=0)
-        self._file: IO[bytes] = tempfile.TemporaryFile(dir=folder, prefix="bundlesync-spool-")
+        self.folder = folder
+        try:
+            self._file: IO[bytes] = tempfile.TemporaryFile(dir=folder, prefix="bundlesync-spool-")
+        except OSError as exc:
+            raise self._failed(exc) from exc
         self._compress = zstandard.ZstdCompressor(level=_LEVEL).compress
         self._runs: dict[str, list[tuple[int, int, int]]] = {}  # model -> (file offset, size, lines) per batch
         self._replaced: dict[str, set[tuple[str, int]]] = {}
@@ -147,8 +152,11 @@ class LineSpool:
                 lines.append(self._line(w))
         if lines:
             frame = self._compress(b"".join(lines))
-            self._runs.setdefault(model, []).append((self._file.tell(), len(frame), len(lines)))
-            self._file.write(frame)
+            try:
+                self._runs.setdefault(model, []).append((self._file.tell(), len(frame), len(lines)))
+                self._file.write(frame)
+            except OSError as exc:
+                raise self._failed(exc) from exc
 
     def holds(self, model: str, stored: int) -> bool:
         """Whether the store's ``stored`` versions of this device from counter :attr:`first` on are exactly
@@ -166,11 +174,16 @@ class LineSpool:
         replaced = self._replaced.get(model)
         decompress = zstandard.ZstdDecompressor().decompress
         for position, size, count in self._runs.pop(model, []):
-            self._file.seek(position)
+            try:
+                self._file.seek(position)
+                frame = self._file.read(size)
+            except OSError as exc:
+                raise self._failed(exc) from exc
             # Split at newlines only: a record line holds none but its last (JSON escapes the others).
-            batch = [line + b"\n" for line in decompress(self._file.read(size)).split(b"\n")[:-1]]
+            batch = [line + b"\n" for line in decompress(frame).split(b"\n")[:-1]]
             if len(batch) != count:
-                raise OSError(f"the export's temporary spool gave back {len(batch)} lines instead of {count}")
+                raise EnvError(f"the export's record lines kept in {self.folder} read back {len(batch)} lines instead "
+                               f"of {count}: check that disk, then export again")
             if replaced:
                 batch = [line for line in batch if _key(line) not in replaced]
             if batch:
@@ -178,6 +191,10 @@ class LineSpool:
 
     def close(self) -> None:
         self._file.close()
+
+    def _failed(self, exc: OSError) -> EnvError:
+        return EnvError(f"cannot keep the export's record lines in {self.folder} ({exc.strerror or exc}): "
+                        "free space on the disk that holds bundlesync's home, then export again")
 
 
 def _key(line: bytes) -> tuple[str, int]:
