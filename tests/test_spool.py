@@ -13,6 +13,9 @@ from conftest import PROFILE, Pair, make_db, run_cli
 
 from bundlesync.device import Device
 from bundlesync.errors import EnvError
+from bundlesync.plugins.hooks import FacilityDataSyncHook
+from bundlesync.plugins.loader import LoadedPlugin, PluginSet
+from bundlesync.plugins.operations import LocalOperation, SyncContext
 from bundlesync.format import container
 from bundlesync.format.records import COUNTER_MAX, HLC_MAX, WALL_MAX_MS, Version
 from bundlesync.profile import Profile, bind_profile, load_profile
@@ -21,7 +24,7 @@ from bundlesync.replica.pacing import Pacer
 from bundlesync.replica.store import (Write, current_counter, ensure_identity, reconcile_table, serialize_changes,
                                       upsert_versions)
 from bundlesync.replica.tracking import install_table_triggers
-from bundlesync.sync.exporter import outgoing_lines
+from bundlesync.sync.exporter import export_bundle, outgoing_lines
 from bundlesync.sync.spool import LineSpool
 
 # Names JSON spells as they are, and names it must escape (quotes, backslashes, control and non-ASCII characters).
@@ -98,29 +101,35 @@ def test_a_version_replaced_in_the_same_export_is_left_out_and_the_store_holds_t
         reconcile_table(conn, table)
     user = conn.execute("SELECT id FROM kolibriauth_facilityuser ORDER BY id LIMIT 1").fetchone()[0]
     spool = _spool(tmp_path, conn, me, [""])
-    pacer = Pacer(conn)
-    with pacer.transaction():
-        serialize_changes(conn, profile, on_batch=spool.add)
-    first = current_counter(conn)
-    _edit(conn, "kolibriauth_facilityuser", user, "full_name", "Edited between two transactions")
-    with pacer.transaction():
-        serialize_changes(conn, profile, on_batch=spool.add)
-    spool.finish()
-    assert spool.first == first and current_counter(conn) == first + 1
-    users = [line for batch in spool.lines("kolibriauth_facilityuser") for line in batch]
-    mine = [line for line in users if f'"id":"{user}"'.encode() in line]
-    assert len(mine) == 1 and b"Edited between two transactions" in mine[0] and f'"c":{first + 1}'.encode() in mine[0]
-    assert spool.holds("kolibriauth_facilityuser", int(conn.execute(
-        "SELECT count(*) FROM bundlesync_store WHERE model = 'kolibriauth_facilityuser' AND inst = ?",
-        (me,)).fetchone()[0]))
-    # A version of this writer the export did not make (relayed back to a restored database): not the spool's.
-    upsert_versions(conn, [(Version("kolibriauth_facilityuser", "relayed", "x", "{}", False, False, 1, me,
-                                    first + 1, {me: first + 1}), False)], None)
-    stored = int(conn.execute("SELECT count(*) FROM bundlesync_store WHERE model = 'kolibriauth_facilityuser' "
-                              "AND inst = ?", (me,)).fetchone()[0])
-    assert not spool.holds("kolibriauth_facilityuser", stored)
-    spool.close()
-    conn.close()
+    try:
+        pacer = Pacer(conn)
+        with pacer.transaction():
+            serialize_changes(conn, profile, on_batch=spool.add)
+        first = current_counter(conn)
+        _edit(conn, "kolibriauth_facilityuser", user, "full_name", "Edited between two transactions")
+        with pacer.transaction():
+            serialize_changes(conn, profile, on_batch=spool.add)
+        spool.finish()
+        assert spool.first == first and current_counter(conn) == first + 1
+
+        def stored_versions() -> int:
+            return int(conn.execute("SELECT count(*) FROM bundlesync_store WHERE model = 'kolibriauth_facilityuser' "
+                                    "AND inst = ?", (me,)).fetchone()[0])
+
+        assert spool.holds("kolibriauth_facilityuser", stored_versions())
+        # A version of this writer the export did not make (relayed back to a restored database): not the spool's.
+        upsert_versions(conn, [(Version("kolibriauth_facilityuser", "relayed", "x", "{}", False, False, 1, me,
+                                        first + 1, {me: first + 1}), False)], None)
+        assert not spool.holds("kolibriauth_facilityuser", stored_versions())
+        users = [line for batch in spool.lines("kolibriauth_facilityuser") for line in batch]
+        mine = [line for line in users if f'"id":"{user}"'.encode() in line]
+        assert len(mine) == 1 and b"Edited between two transactions" in mine[0]
+        assert f'"c":{first + 1}'.encode() in mine[0]
+        # A table's lines are given once: after that the store stands for them.
+        assert not spool.holds("kolibriauth_facilityuser", stored_versions() - 1)
+    finally:
+        spool.close()
+        conn.close()
 
 
 def _record_lines(bundle: Path, home: Path) -> list[bytes]:
@@ -152,3 +161,47 @@ def test_a_spool_that_cannot_be_kept_says_where_and_what_to_do(tmp_path: Path) -
     with pytest.raises(EnvError, match=r"cannot keep the export's record lines in .*missing \(No such file or "
                                        r"directory\): free space on the disk"):
         LineSpool(tmp_path / "missing", instance="me", prefixes=["D"], basis={}, sql_value=lambda sql, args: b"")
+
+
+class _EditAndSerialize(LocalOperation):
+    """A QUEUING operation that edits an app row and makes a version of it at once."""
+
+    def handle_initial(self, context: SyncContext) -> None:
+        conn = context.connection
+        conn.execute("UPDATE kolibriauth_facilityuser SET full_name = 'edited while queuing' "
+                     "WHERE id = (SELECT min(id) FROM kolibriauth_facilityuser)")
+        serialize_changes(conn, context.profile)
+
+
+class _QueuingHook(FacilityDataSyncHook):
+    queuing_operations = [_EditAndSerialize()]
+
+
+def test_versions_written_after_the_serialization_make_the_export_read_the_store(pair: Pair) -> None:
+    """A plugin operation of the QUEUING stage replaced a spooled version: the bundle carries the store's."""
+    plugins = PluginSet([LoadedPlugin("edit", None, "test", (_QueuingHook(),))])
+    with Device.open(pair.a) as dev:
+        result = export_bundle(dev, pair.facility, pair.usb, plugins=plugins)
+        assert result.path is not None
+        store = sorted(line for batch in outgoing_lines(dev.conn, dev.profile, result.filter, result.basis, {})
+                       for line in batch)
+    sent = _record_lines(result.path, pair.a)
+    assert [line for line in sent if b"edited while queuing" in line]
+    assert sent == store
+
+
+def test_a_row_whose_primary_key_is_a_blob_is_held_back_not_sent_under_a_made_up_id(pair: Pair) -> None:
+    conn = sqlite3.connect(pair.a_db, isolation_level=None)
+    cursor = conn.execute("SELECT * FROM kolibriauth_facilityuser LIMIT 1")
+    columns = [d[0] for d in cursor.description]
+    values = list(cursor.fetchone())
+    values[columns.index("id")], values[columns.index("username")] = b"abc", "blobby"
+    conn.execute(f"INSERT INTO kolibriauth_facilityuser ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                 values)
+    conn.close()
+    out = run_cli(pair.a, "export", "--facility", pair.facility, "--out", str(pair.usb))
+    assert "held back" in out.err or "held back" in out.out
+    sent = _record_lines(Path(out.last_line), pair.a)
+    assert len(sent) > 200 and not [line for line in sent if b"blobby" in line or b"b'abc'" in line]
+    status = run_cli(pair.a, "status")
+    assert "is a BLOB (bytes 616263)" in status.out, status.out

@@ -495,6 +495,9 @@ def _why_held(table: TableSpec, pk: object, partition: object, data: str | None)
     """Why a changed row cannot become a record (None: it can)."""
     if isinstance(pk, RawText):
         return f"its primary key {table.primary_key} is not valid UTF-8 text (bytes {pk.hex()}); correct it in the app"
+    if isinstance(pk, bytes):
+        return (f"its primary key {table.primary_key} is a BLOB (bytes {pk.hex()}), which no record id can be; "
+                "correct it in the app")
     if isinstance(partition, RawText):
         return "a column its partition is made of is not valid UTF-8 text; correct it in the app"
     if data is not None and len(data) > MAX_DATA_BYTES // 4:  # cheap test first: a character is 1-4 bytes
@@ -649,7 +652,7 @@ def serialize_changes(conn: sqlite3.Connection, profile: Profile, *, until: Call
                 if present and partition is None:
                     raise ProfileError(_no_partition(table, pk))
                 fresh = data = encode_data(columns, row[18:]) if present else None
-                reason = _why_held(table, pk, partition, data) if present or isinstance(pk, RawText) else None
+                reason = _why_held(table, pk, partition, data) if present or isinstance(pk, bytes) else None
                 if reason is not None:
                     # It cannot travel in a bundle: peers keep its last good version; the rest goes on.
                     held.append((name, pk, reason, now))

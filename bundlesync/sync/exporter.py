@@ -41,7 +41,7 @@ from bundlesync.replica import fsic as fsic_mod
 from bundlesync.replica import knowledge as kn
 from bundlesync.replica.knowledge import Knowledge
 from bundlesync.sync.basis import choose_basis
-from bundlesync.sync.spool import LineSpool
+from bundlesync.sync.spool import MAX_PENDING, LineSpool
 from bundlesync.trust.crypto import SigningKey, verify
 from bundlesync.replica.db import fetch_all, q, read_transaction, write_transaction
 from bundlesync.replica.pacing import Pacer
@@ -207,7 +207,10 @@ def outgoing_lines(
     :func:`_stretches`): the store only changes under the home's run lock (serialization,
     import, purge), which the export holds, so reading it piecewise reads one state of it.
     ``spool``: the lines of the versions this export serialized (its writer's counters from
-    ``spool.first`` on), which come from there instead of the store, in their writer's place.
+    ``spool.first`` on), which come from there instead of the store, in their writer's place
+    (by counter, then in the order they were serialized, not by rowid). The store's check of
+    each line against its app row (:func:`_lines`) is not needed for them: a spooled line's data
+    is the very text its stored hash was computed from, in the transaction that stored it.
     """
     where, params = prefix_sql(prefixes, column="p.name")
     at_filter = [kn.effective(basis, p) for p in prefixes]
@@ -299,6 +302,7 @@ class ExportWork(FacilityDataSyncHook):
         self.key = key
         self.writer: container.BundleWriter | None = None
         self.spool: LineSpool | None = None
+        self.spool_counter: int | None = None  # the counter the last serialization took
         self.path: Path | None = None
         self.result = ExportResult(None, uuid.uuid4().hex, "")
         self.initializing_operations = [Step("choose filter and basis", self.initialize)]
@@ -374,7 +378,10 @@ class ExportWork(FacilityDataSyncHook):
         while not serialized.done:
             with pacer.transaction() as over:
                 serialized.add(serialize_changes(conn, ctx.profile, until=over, up_to=up_to, on_batch=self.spool.add))
+            if self.spool.pending > MAX_PENDING:  # rests too short for the spool (a busy app): catch up, holding no lock
+                self.spool.finish()
         self.spool.finish()
+        self.spool_counter = serialized.counter
         self.result.serialized = serialized.versions
         if serialized.clamped:
             self.clock_warning = (
@@ -397,6 +404,11 @@ class ExportWork(FacilityDataSyncHook):
         with read_transaction(conn):
             held = kn.clip(fsic_mod.read_knowledge(conn), (*self.scope_prefixes, *ctx.filter))
             counter = current_counter(conn)
+        if self.spool is not None and counter != self.spool_counter:
+            # Something wrote versions since the serialization (a plugin operation of this stage can): the
+            # spool may hold versions the store has replaced, so every line comes from the store.
+            self.spool.close()
+            self.spool = None
         result = kn.clip(held, ctx.filter)
         created = self.created = (self.now or datetime.datetime.now(datetime.timezone.utc)).strftime(
             "%Y-%m-%dT%H:%M:%S.%fZ")

@@ -33,13 +33,13 @@ from bundlesync.partitions import within
 from bundlesync.replica import knowledge as kn
 from bundlesync.replica.store import Write, stored_vector
 
-__all__ = ["LineSpool"]
+__all__ = ["MAX_PENDING", "LineSpool"]
 
 _LEVEL = 1
 """zstd level of the spool: it is read back once, minutes later at most; speed matters, not size."""
 
 MAX_PENDING = 20_000
-"""Versions added but not yet made into lines beyond which :meth:`LineSpool.add` makes them at once (memory bound)."""
+"""Versions added whose lines are not made yet, beyond which the export makes them after its next commit."""
 
 _PLAIN = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.:")
 
@@ -86,6 +86,7 @@ class LineSpool:
         self._pending: collections.deque[tuple[str, Sequence[Write], Sequence[tuple[str, int]]]] = collections.deque()
         self._pending_versions = 0
         self._inside: dict[str, bool] = {}
+        self._given: set[str] = set()  # tables whose lines were read (a spool gives them once)
         self._plain = _Plain()
         self.first: int | None = None
         """The lowest counter spooled (this export's first serialization); None while nothing was."""
@@ -101,7 +102,7 @@ class LineSpool:
         shown_wall = hlc >> 16 if wall is None else wall
         plain = self._plain
         if (plain[model] and plain[partition] and plain[inst] and all([plain[k] for k in vv])
-                and (record_id.isascii() and record_id.isalnum() or _plain(record_id))):
+                and type(record_id) is str and (record_id.isascii() and record_id.isalnum() or _plain(record_id))):
             # Nothing to escape: the head is the names and numbers in the field order of the store's SQL.
             vector = ",".join([f'"{k}":{v}' for k, v in sorted(vv.items())])
             return (f'{{"m":"{model}","id":"{record_id}","p":"{partition}","h":{hlc},"w":{shown_wall},'
@@ -116,12 +117,16 @@ class LineSpool:
         """One serialized batch of a table: its versions, and the versions of this device they replaced ``(id, ctr)``.
 
         Kept as it is until :meth:`work` (while the export rests between transactions, holding no lock)
-        or :meth:`finish` makes the lines, so the spool adds nothing to the time the app waits.
+        or :meth:`finish` makes the lines: making them never lengthens a write transaction.
         """
         self._pending.append((model, writes, replaced))
         self._pending_versions += len(writes)
-        if self._pending_versions > MAX_PENDING:
-            self.work(float("inf"))
+
+    @property
+    def pending(self) -> int:
+        """Versions added whose lines are not made yet (the caller finishes them after a commit beyond
+        :data:`MAX_PENDING`, when rests have been too short for them: memory stays bounded)."""
+        return self._pending_versions
 
     def work(self, until: float) -> bool:
         """Make lines of the batches added until ``time.monotonic()`` reaches ``until`` (a pacer's ``meanwhile``).
@@ -162,15 +167,21 @@ class LineSpool:
         """Whether the store's ``stored`` versions of this device from counter :attr:`first` on are exactly
         this export's (each spooled, or left out by filter or basis), so the spool can stand in for them.
 
-        They are unless some came from elsewhere: a database restored with its home from a backup can
-        hold versions of its own writer above its counter (relayed back by a peer). The queue then
-        reads that table from the store as usual.
+        The count tells unless a version came from elsewhere: a database restored with its home from
+        a backup can hold versions of its own writer above its counter (relayed back by a peer). The
+        queue then reads that table from the store as usual; so it does once a table's lines were given.
+        (Whatever writes versions takes a counter: the exporter drops the whole spool if anything took
+        one after its serialization, so a count is enough here.)
         """
-        return stored == self._versions.get(model, 0) - len(self._replaced.get(model, ()))
+        return model not in self._given and stored == self._versions.get(model, 0) - len(self._replaced.get(model, ()))
 
     def lines(self, model: str) -> Iterator[list[bytes]]:
-        """Batches of a table's spooled lines, in the order they were serialized (once, after :meth:`finish`)."""
+        """Batches of a table's spooled lines, in the order they were serialized (after :meth:`finish`).
+
+        Each table's lines are given once: they leave the spool as they are read.
+        """
         assert not self._pending, "finish() first"
+        self._given.add(model)
         replaced = self._replaced.get(model)
         decompress = zstandard.ZstdDecompressor().decompress
         for position, size, count in self._runs.pop(model, []):
