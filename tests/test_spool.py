@@ -50,7 +50,7 @@ def _spool(tmp: Path, conn: sqlite3.Connection, instance: str, prefixes: list[st
                      sql_value=lambda sql, args: conn.execute(sql, args).fetchone()[0])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(versions=st.lists(st.tuples(
     _NAMES, _NAMES, _NAMES, st.dictionaries(_NAMES, _COUNTERS, max_size=3), _COUNTERS, st.integers(0, HLC_MAX),
     st.one_of(st.none(), st.integers(0, WALL_MAX_MS)), st.booleans(), st.booleans(),
