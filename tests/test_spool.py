@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import sqlite3
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -34,15 +37,25 @@ _NAMES = st.one_of(st.text("abcdef0123456789", min_size=1, max_size=12),
 _COUNTERS = st.integers(1, COUNTER_MAX)
 
 
+_EMPTY_STORES: dict[str, Path] = {}
+
+
 def _store(tmp: Path) -> tuple[sqlite3.Connection, Profile]:
+    """A copy of an empty app database with bundlesync's store and triggers (made once per test process)."""
+    if "path" not in _EMPTY_STORES:
+        template = Path(tempfile.mkdtemp(prefix="bundlesync-spool-test-")) / "empty.db"
+        atexit.register(shutil.rmtree, template.parent, True)
+        make_db(template, schema_only=True)
+        conn = sqlite3.connect(template, isolation_level=None)
+        db.migrate(conn)
+        for table in bind_profile(load_profile(PROFILE), conn).tables:
+            install_table_triggers(conn, table)
+        conn.close()
+        _EMPTY_STORES["path"] = template
     path = tmp / "s.db"
-    make_db(path, schema_only=True)
+    shutil.copyfile(_EMPTY_STORES["path"], path)
     conn = sqlite3.connect(path, isolation_level=None)
-    db.migrate(conn)
-    profile = bind_profile(load_profile(PROFILE), conn)
-    for table in profile.tables:
-        install_table_triggers(conn, table)
-    return conn, profile
+    return conn, bind_profile(load_profile(PROFILE), conn)
 
 
 def _spool(tmp: Path, conn: sqlite3.Connection, instance: str, prefixes: list[str]) -> LineSpool:
@@ -50,7 +63,7 @@ def _spool(tmp: Path, conn: sqlite3.Connection, instance: str, prefixes: list[st
                      sql_value=lambda sql, args: conn.execute(sql, args).fetchone()[0])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(versions=st.lists(st.tuples(
     _NAMES, _NAMES, _NAMES, st.dictionaries(_NAMES, _COUNTERS, max_size=3), _COUNTERS, st.integers(0, HLC_MAX),
     st.one_of(st.none(), st.integers(0, WALL_MAX_MS)), st.booleans(), st.booleans(),
