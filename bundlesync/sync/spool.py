@@ -29,6 +29,7 @@ import msgspec
 import zstandard
 
 from bundlesync.errors import EnvError
+from bundlesync.format.records import head_sql
 from bundlesync.partitions import within
 from bundlesync.replica import knowledge as kn
 from bundlesync.replica.store import Write, stored_vector
@@ -43,9 +44,9 @@ MAX_PENDING = 20_000
 
 _PLAIN = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_.:")
 
-_HEAD_SQL = ("SELECT CAST(json_object('m', ?, 'id', ?, 'p', ?, 'h', ?, 'w', ?, 'i', ?, 'c', ?, "
-             "'v', coalesce(json(?), json_object(?, ?)), 'f', ?) AS BLOB)")
-"""The head as the store's line query spells it (:func:`~bundlesync.format.records.head_sql`), from values."""
+_HEAD_SQL = (f"SELECT CAST({head_sql('model', 'id', 'partition', 'inst')} AS BLOB) FROM (SELECT ? AS model, "
+             "? AS id, ? AS partition, ? AS inst, ? AS hlc, ? AS wall, ? AS ctr, ? AS vv, ? AS deleted, ? AS purged)")
+"""The head as the store's line query spells it (the same :func:`~bundlesync.format.records.head_sql`), from values."""
 
 SqlValue = Callable[[str, Sequence[object]], bytes]
 """Runs one SELECT of one value with parameters and returns it."""
@@ -109,8 +110,8 @@ class LineSpool:
                     f'"i":"{inst}","c":{ctr},"v":{{{vector}}},"f":{deleted + 2 * purged}}}\t{data}\n'
                     ).encode("utf-8", "surrogatepass")
         # A name JSON must escape: SQLite's own spelling, as the store's line query would give it.
-        head = self._sql_value(_HEAD_SQL, (model, record_id, partition, hlc, shown_wall, inst, ctr,
-                                           stored_vector(vv, inst, ctr), inst, ctr, deleted + 2 * purged))
+        head = self._sql_value(_HEAD_SQL, (model, record_id, partition, inst, hlc, wall, ctr,
+                                           stored_vector(vv, inst, ctr), deleted, purged))
         return b"%s\t%s\n" % (head, data.encode("utf-8", "surrogatepass"))
 
     def add(self, model: str, writes: Sequence[Write], replaced: Sequence[tuple[str, int]]) -> None:
